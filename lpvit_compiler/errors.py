@@ -1,0 +1,25 @@
+"""Errors raised for user mistakes.
+
+Every error a user can cause derives from :class:`LpvitError`; its message names what was wrong and how to
+fix it. Anything else escaping ``lpvit.compile`` is a bug in lpvit-compiler.
+"""
+
+
+class LpvitError(ValueError):
+    """A problem with the user's model, data or options (message says what and how to fix it)."""
+
+
+class ConfigError(LpvitError):
+    """An option passed to ``lpvit.compile`` is out of range or inconsistent."""
+
+
+class CaptureError(LpvitError):
+    """The model could not be captured as a graph (neither torch.fx nor torch.export)."""
+
+
+class CalibrationError(LpvitError):
+    """The calibration data does not fit the model."""
+
+
+class ModelFileError(LpvitError):
+    """A saved compiled-model file is missing, corrupt or not an lpvit-compiler file."""

@@ -1,0 +1,179 @@
+"""Hardware profiles and the analytic cost model the budget solve uses.
+
+A profile is data (peak FLOP/s, memory bandwidth, preferred block, power figures); the cost of one linear
+layer follows from it by a roofline model of a block-sparse GEMM — no measured look-up tables:
+
+    flops   = 2 * rows * kept_blocks * bh * bw                      (rows = batch_size * tokens)
+    bytes   = 4 * (kept_blocks*bh*bw + rows*(in + out)) + 8 * (kept_blocks + out/bh + 1)   (values, X, Y, indices)
+    eff     = sparse_efficiency * min(1, bh/min_efficient_block) * min(1, bw/min_efficient_block)
+    latency = call_overhead_s + max(flops / (peak_flops * eff), bytes / memory_bandwidth)
+    energy  = static_power_w * latency + energy_per_flop_j * flops + energy_per_byte_j * bytes
+
+A dense layer uses eff = 1 and stores the whole weight without indices. The rest of the model (attention
+matmuls, norms, patch embedding: ``other_flops``) costs ``other_flops / peak_flops`` at the same power.
+
+LPViT's power proxy (``power_model="lpvit"``) is kept_blocks * floor(in_features / 16).
+
+To change the cost model, edit :meth:`HardwareProfile.linear_cost`; to add a target, add a profile to
+``PROFILES``. The figures below are vendor peak numbers with published-typical efficiency/power estimates,
+stated per field; ``hw="native"`` (calibrated from measurement) comes with the kernel benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    peak_flops: float  # dense fp32 GEMM throughput, FLOP/s
+    memory_bandwidth: float  # bytes/s
+    block_shape: tuple[int, int]  # preferred (bh, bw), used when compile() gets no block_shape
+    min_efficient_block: int  # block edge below which a sparse kernel loses throughput proportionally
+    sparse_efficiency: float  # block-sparse kernel throughput with full-size blocks, relative to dense
+    call_overhead_s: float  # fixed cost of one layer call (kernel launch, thread-pool fork/join)
+    static_power_w: float  # power drawn while busy regardless of work
+    energy_per_flop_j: float
+    energy_per_byte_j: float
+    batch_size: int  # images per inference that predictions are made for
+    bytes_per_value: int = 4  # fp32
+
+    def linear_cost(
+        self,
+        tokens: int,
+        kept_blocks: np.ndarray,
+        block_shape: tuple[int, int],
+        in_features: int,
+        out_features: int,
+        sparse: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(latency seconds, energy joules) of one linear layer per inference, for each kept-block count."""
+        bh, bw = block_shape
+        kept = np.asarray(kept_blocks, dtype=np.float64)
+        rows = self.batch_size * tokens
+        flops = 2.0 * rows * kept * bh * bw
+        activation_bytes = self.bytes_per_value * rows * (in_features + out_features)
+        if sparse:
+            eff = (
+                self.sparse_efficiency
+                * min(1.0, bh / self.min_efficient_block)
+                * min(1.0, bw / self.min_efficient_block)
+            )
+            weight_bytes = self.bytes_per_value * kept * bh * bw + INDEX_BYTES * (kept + out_features / bh + 1)
+        else:
+            eff = 1.0
+            weight_bytes = self.bytes_per_value * kept * bh * bw
+        total_bytes = weight_bytes + activation_bytes
+        latency = self.call_overhead_s + np.maximum(flops / (self.peak_flops * eff), total_bytes / self.memory_bandwidth)
+        energy = self.static_power_w * latency + self.energy_per_flop_j * flops + self.energy_per_byte_j * total_bytes
+        return latency, energy
+
+    def other_cost(self, flops_per_image: float) -> tuple[float, float]:
+        """(latency, energy) per inference of the non-prunable FLOPs, at dense throughput."""
+        flops = flops_per_image * self.batch_size
+        latency = flops / self.peak_flops
+        return latency, self.static_power_w * latency + self.energy_per_flop_j * flops
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HardwareProfile":
+        return cls(**{**data, "block_shape": tuple(data["block_shape"])})
+
+
+def lpvit_power_proxy(kept_blocks: np.ndarray, in_features: int) -> np.ndarray:
+    """LPViT's power proxy of a layer: kept blocks * floor(in_features / 16)."""
+    return np.asarray(kept_blocks, dtype=np.float64) * (in_features // 16)
+
+
+def _cpu(name: str, cores: int, avx512: bool) -> HardwareProfile:
+    lanes = 16 if avx512 else 8  # fp32 lanes per vector
+    clock_hz = 2.5e9
+    peak = cores * clock_hz * lanes * 2 * 2  # 2 FMA units, 2 FLOP per FMA
+    return HardwareProfile(
+        name=name,
+        description=f"x86-64 CPU, {cores} cores, {'AVX-512' if avx512 else 'AVX2'}/FMA, 2.5 GHz, fp32",
+        peak_flops=peak,
+        memory_bandwidth=20e9 * max(1, cores // 4),  # ~20 GB/s per DDR channel pair
+        block_shape=(16, 16),
+        min_efficient_block=16,  # register tile of the micro-kernel
+        sparse_efficiency=0.85,
+        call_overhead_s=5e-6,
+        static_power_w=5.0 * cores,
+        energy_per_flop_j=10.0 * cores / peak,  # ~10 W per busy core
+        energy_per_byte_j=1.5e-10,  # DDR4/5 access, ~20 pJ/bit
+        batch_size=8,
+    )
+
+
+def _this_cpu() -> HardwareProfile:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = "avx512f" in f.read()
+    except OSError:
+        avx512 = False
+    return _cpu("cpu", cores, avx512)
+
+
+PROFILES: dict[str, HardwareProfile] = {
+    "a100": HardwareProfile(
+        name="a100",
+        description="NVIDIA A100 SXM 80GB, fp32 CUDA cores",
+        peak_flops=19.5e12,
+        memory_bandwidth=2.039e12,
+        block_shape=(32, 32),
+        min_efficient_block=32,
+        sparse_efficiency=0.7,
+        call_overhead_s=5e-6,
+        static_power_w=60.0,
+        energy_per_flop_j=(400.0 - 60.0) * 0.8 / 19.5e12,  # 400 W TDP, ~80% of dynamic power in compute
+        energy_per_byte_j=2.0e-11,  # HBM2e, ~2.5 pJ/bit
+        batch_size=64,
+    ),
+    "h100": HardwareProfile(
+        name="h100",
+        description="NVIDIA H100 SXM 80GB, fp32 CUDA cores",
+        peak_flops=67e12,
+        memory_bandwidth=3.35e12,
+        block_shape=(64, 64),
+        min_efficient_block=64,
+        sparse_efficiency=0.7,
+        call_overhead_s=4e-6,
+        static_power_w=90.0,
+        energy_per_flop_j=(700.0 - 90.0) * 0.8 / 67e12,
+        energy_per_byte_j=1.8e-11,  # HBM3
+        batch_size=64,
+    ),
+    "cpu-avx2": _cpu("cpu-avx2", cores=8, avx512=False),
+    "cpu-avx512": _cpu("cpu-avx512", cores=8, avx512=True),
+}
+
+
+def known_profiles() -> list[str]:
+    return sorted([*PROFILES, "cpu"])
+
+
+def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
+    """A profile by name (``"cpu"`` is this machine's cores and ISA) or the profile object itself."""
+    if isinstance(hw, HardwareProfile):
+        return hw
+    if not isinstance(hw, str):
+        raise ConfigError(f"hw must be a profile name or a HardwareProfile, got {type(hw).__name__}")
+    if hw == "cpu":
+        return _this_cpu()
+    if hw not in PROFILES:
+        raise ConfigError(f"unknown hardware profile {hw!r}; known profiles: {', '.join(known_profiles())} "
+                          "(or pass a lpvit_compiler.HardwareProfile)")
+    return PROFILES[hw]

@@ -1,0 +1,60 @@
+"""Modules the compiled graph is made of."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.lpvit.bsr_linear)
+from .blocks import BlockGrid
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x W^T + b with W [out_features, in_features] held in BSR buffers.
+
+    Buffers: ``row_ptr`` [block_rows + 1] int64, ``col_idx`` [nnz_blocks] int64, ``values`` [nnz_blocks, bh, bw]
+    (W's [out, in] orientation, edge blocks zero-padded), ``bias`` [out_features] or None.
+    Input x [..., in_features] -> output [..., out_features], via ``torch.ops.lpvit.bsr_linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                 values: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_masked_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
+                           block_shape: tuple[int, int]) -> "BlockSparseLinear":
+        """Store ``weight * element_mask``: every block with a kept element, zero elsewhere in it."""
+        grid = BlockGrid(weight.shape[0], weight.shape[1], block_shape)
+        block_mask = grid.reduce_any(element_mask)
+        values = grid.as_blocks(weight.detach() * element_mask)[block_mask].contiguous()
+        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), block_mask.sum(1).cumsum(0)])
+        col_idx = block_mask.nonzero()[:, 1].contiguous()
+        return cls(weight.shape[1], weight.shape[0], row_ptr, col_idx, values,
+                   bias.detach().clone() if bias is not None else None)
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape[1:])
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.values.shape[0]
+
+    def to_dense(self) -> torch.Tensor:
+        return ops.bsr_to_dense(self.row_ptr, self.col_idx, self.values, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lpvit.bsr_linear(x, self.row_ptr, self.col_idx, self.values, self.bias,
+                                          self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        bh, bw = self.block_shape
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_shape=({bh}, {bw}), "
+                f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}")

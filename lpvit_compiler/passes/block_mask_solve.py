@@ -1,0 +1,221 @@
+"""Block-mask solve: how many blocks each layer keeps, under one hardware-aware budget (LPViT's equal slope).
+
+Input: per-layer curves over k = blocks pruned — distortion d_l(k) (importance), flops/latency/power
+(hardware). Output: the graph unchanged; ``pruned_blocks`` and a ``block_mask`` (True = kept) per layer, the
+first k blocks of its importance order removed.
+
+Each layer's cost is C_l(k) = d_l(k) + beta * P_l(k), with P_l the power the *kept* layer draws (so beta > 0
+favours removing power-hungry blocks; a negative beta reproduces the official LPViT code's direction).
+``beta="auto"`` is LPViT's scaling, beta = mean_l max_a d_l'(a) / mean_l max_a |P_l'(a)| over ratios a.
+
+The budget limits one resource R (``flops_keep``: FLOPs of the prunable linears; ``target_speedup``: the
+predicted model latency; ``power_keep``: P). Minimising sum_l C_l(k_l) s.t. sum_l R_l(k_l) <= target is solved
+by its Lagrangian: for a common slope lambda every layer independently takes
+
+    k_l(lambda) = argmin_{0 <= k <= k_max,l} C_l(k) + lambda * R_l(k)
+
+which is the point where the slope -dC_l/dR_l equals lambda in every layer (LPViT's equal-slope condition,
+taken over each curve's convex hull, and per unit of resource rather than per pruning ratio, so layers of
+different cost compare fairly). lambda is found by bisection in log space; the discrete gap between the two
+bracketing allocations is closed by single-block steps of least dC/dR until the budget is met, so the
+achieved budget ends within one block of the target. k_max,l keeps at least ``min_density`` of every layer.
+Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import fx
+
+from ..context import CompileContext
+from ..errors import ConfigError
+from ..pass_manager import PassResult
+from .importance import RATIO_GRID, sample_at_ratios
+
+BUDGET_TOLERANCE = 0.01  # relative: the achieved budget must be within 1% of the target
+
+
+def _allocate(costs, resources, max_pruned, slope: float) -> np.ndarray:
+    return np.array([int(np.argmin(c[: m + 1] + slope * r[: m + 1])) for c, r, m in zip(costs, resources, max_pruned)])
+
+
+def _total(resources, ks) -> float:
+    return float(sum(r[k] for r, k in zip(resources, ks)))
+
+
+def equal_slope_solve(costs: list[np.ndarray], resources: list[np.ndarray], max_pruned: list[int], target: float
+                      ) -> tuple[np.ndarray, float]:
+    """Pruned-block counts k_l minimising sum C_l(k_l) with sum R_l(k_l) <= target; returns (k, lambda).
+
+    The caller guarantees feasibility: sum_l min_k R_l(k) <= target.
+    """
+    if _total(resources, np.zeros(len(costs), int)) <= target:
+        return np.zeros(len(costs), int), 0.0
+    scale = sum(float(np.ptp(c)) for c in costs) / max(sum(float(np.ptp(r)) for r in resources), 1e-300)
+    lo, hi = math.log(max(scale, 1e-300)) - 60.0, math.log(max(scale, 1e-300)) + 60.0
+    for _ in range(100):  # invariant: allocation at exp(lo) exceeds the target, at exp(hi) meets it
+        mid = 0.5 * (lo + hi)
+        if _total(resources, _allocate(costs, resources, max_pruned, math.exp(mid))) > target:
+            lo = mid
+        else:
+            hi = mid
+    ks = _allocate(costs, resources, max_pruned, math.exp(lo))
+    while _total(resources, ks) > target:
+        best, best_rate = -1, math.inf
+        for layer, (c, r, m) in enumerate(zip(costs, resources, max_pruned)):
+            k = ks[layer]
+            if k < m and r[k] - r[k + 1] > 0:
+                rate = (c[k + 1] - c[k]) / (r[k] - r[k + 1])
+                if rate < best_rate:
+                    best, best_rate = layer, rate
+        if best < 0:
+            break
+        ks[best] += 1
+    return ks, math.exp(hi)
+
+
+def lpvit_beta(distortions: list[np.ndarray], powers: list[np.ndarray]) -> float:
+    """LPViT's automatic power weight: mean of max distortion slopes over mean of max power slopes."""
+    def max_slope(curve):
+        return float(np.max(np.abs(np.gradient(sample_at_ratios(curve), RATIO_GRID))))
+    power_slope = np.mean([max_slope(p) for p in powers])
+    return float(np.mean([max_slope(d) for d in distortions]) / power_slope) if power_slope > 0 else 0.0
+
+
+def _marginal_rates(cost: np.ndarray, resource: np.ndarray, k: int, k_max: int) -> tuple[float | None, float | None]:
+    """dC/dR for pruning one more block (forward) and for the last block pruned (backward)."""
+    forward = (cost[k + 1] - cost[k]) / (resource[k] - resource[k + 1]) \
+        if k < k_max and resource[k] > resource[k + 1] else None
+    backward = (cost[k] - cost[k - 1]) / (resource[k - 1] - resource[k]) \
+        if k > 0 and resource[k - 1] > resource[k] else None
+    return forward, backward
+
+
+def block_mask_solve(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    opts = ctx.options
+    layers = list(ctx.layers.values())
+    if opts.power_weight == "auto":
+        beta = lpvit_beta([l.distortion for l in layers], [l.power for l in layers])
+    else:
+        beta = float(opts.power_weight)
+    costs = [l.distortion + beta * l.power for l in layers]
+    max_pruned = [l.num_blocks - max(1, math.ceil(opts.min_density * l.num_blocks)) for l in layers]
+
+    if opts.budget == "flops":
+        resources = [l.flops for l in layers]
+        dense_total = sum(l.flops[0] for l in layers)
+        offset = 0.0
+    elif opts.budget == "latency":
+        resources = [l.latency for l in layers]
+        dense_total = ctx.summary["dense_latency_s"]
+        offset = ctx.summary["other_latency_s"]
+    else:
+        resources = [l.power for l in layers]
+        dense_total = sum(l.dense_energy if opts.power_model == "energy" else l.power[0] for l in layers)
+        offset = 0.0
+    target = opts.budget_target * dense_total
+    reachable = offset + sum(r[m] for r, m in zip(resources, max_pruned))
+    if reachable > target:
+        raise ConfigError(_infeasible_message(opts, reachable / dense_total))
+
+    ks, slope = equal_slope_solve(costs, resources, max_pruned, target - offset)
+    achieved = (offset + _total(resources, ks)) / dense_total
+    if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target:
+        warnings.warn(f"the {opts.budget} budget reached {achieved:.4f} of dense for a target of "
+                      f"{opts.budget_target:.4f}: blocks are too coarse for this model; use a smaller block_shape")
+
+    per_layer, masks = {}, {}
+    for layer, k, cost, resource, k_max in zip(layers, ks, costs, resources, max_pruned):
+        layer.pruned_blocks = int(k)
+        flat = torch.ones(layer.num_blocks, dtype=torch.bool)
+        flat[torch.from_numpy(layer.prune_order[:k])] = False
+        layer.block_mask = flat.reshape(layer.grid.block_rows, layer.grid.block_cols)
+        masks[layer.name] = layer.block_mask
+        forward, backward = _marginal_rates(cost, resource, int(k), k_max)
+        per_layer[layer.name] = {
+            "blocks": layer.num_blocks,
+            "pruned_blocks": int(k),
+            "keep_ratio": 1 - k / layer.num_blocks,
+            "flops_keep": layer.flops[k] / layer.flops[0],
+            "distortion": layer.distortion[k],
+            "power_term": beta * layer.power[k],
+            "cost_per_resource_next_block": forward,
+            "cost_per_resource_last_block": backward,
+            "at_min_density": bool(k == k_max),
+            "why": _why(int(k), k_max, forward, backward, slope),
+        }
+    _summarise(ctx, layers, ks)
+    ctx.summary.update(beta=beta, slope=slope, budget=opts.budget, budget_target=opts.budget_target,
+                       budget_achieved=achieved)
+    decisions = {
+        "budget": opts.budget,
+        "budget_target": opts.budget_target,
+        "budget_achieved": achieved,
+        "beta": beta,
+        "equal_slope_lambda": slope,
+        "min_density": opts.min_density,
+        "summary": dict(ctx.summary),
+        "how_to_read": "A layer keeps blocks while removing the next one costs more distortion per unit of "
+                       "budget resource (cost_per_resource_next_block) than the common slope lambda; it is "
+                       "pruned further when that rate is below lambda, down to min_density.",
+        "layers": per_layer,
+    }
+    return PassResult(gm, True, decisions, masks=masks,
+                      figures={"distortion_curves": lambda: _curves_figure(layers, ks)})
+
+
+def _why(k: int, k_max: int, forward, backward, slope: float) -> str:
+    if k == k_max:
+        return "pruned down to min_density: every block removed cost less than lambda per unit of budget"
+    if k == 0:
+        return f"kept whole: even its cheapest block costs {forward:.3g} per unit of budget, above lambda={slope:.3g}"
+    return (f"stopped where the next block would cost {forward:.3g} per unit of budget (> lambda={slope:.3g})"
+            if forward is not None else "stopped at the last block")
+
+
+def _summarise(ctx: CompileContext, layers, ks) -> None:
+    flops_kept = sum(l.flops[k] for l, k in zip(layers, ks))
+    flops_dense = sum(l.flops[0] for l in layers)
+    latency = ctx.summary["other_latency_s"] + sum(l.latency[k] for l, k in zip(layers, ks))
+    energy = ctx.summary["other_energy_j"] + sum(l.energy[k] for l, k in zip(layers, ks))
+    ctx.summary.update(
+        flops_keep_achieved=flops_kept / flops_dense,
+        model_flops_keep=(ctx.other_flops + flops_kept) / ctx.model_flops if ctx.model_flops else None,
+        predicted_latency_s=latency,
+        predicted_speedup=ctx.summary["dense_latency_s"] / latency,
+        predicted_energy_j=energy,
+        predicted_energy_ratio=energy / ctx.summary["dense_energy_j"],
+    )
+
+
+def _infeasible_message(opts, reachable: float) -> str:
+    what = {"flops": f"flops_keep={opts.budget_target:g}",
+            "latency": f"target_speedup={1 / opts.budget_target:g}",
+            "power": f"power_keep={opts.budget_target:g}"}[opts.budget]
+    limit = {"flops": f"{reachable:.3f} of the FLOPs", "latency": f"a speedup of {1 / reachable:.2f}x",
+             "power": f"{reachable:.3f} of the power"}[opts.budget]
+    return (f"{what} cannot be met: with min_density={opts.min_density:g} (every layer keeps that share of its "
+            f"blocks) the most pruning reaches {limit}; relax the budget or lower min_density")
+
+
+def _curves_figure(layers, ks):
+    import matplotlib.pyplot as plt
+
+    cols = min(6, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
+    for ax, layer, k in zip(axes.flat, layers, ks):
+        ax.plot(RATIO_GRID, sample_at_ratios(layer.distortion), lw=1)
+        ax.plot([k / layer.num_blocks], [layer.distortion[k]], "o", color="C3")
+        ax.set_title(layer.name, fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    figure.supxlabel("pruning ratio (fraction of blocks removed)")
+    figure.supylabel("distortion")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,46 @@
+"""Layout rewrite to BSR: every pruned nn.Linear becomes a BlockSparseLinear calling torch.ops.lpvit.bsr_linear.
+
+Input: graph with nn.Linear modules (possibly shrunk by dead-block elimination) and each layer's live element
+mask. Output: the same graph with those modules swapped for :class:`~lpvit_compiler.modules.BlockSparseLinear`
+holding ``row_ptr``, ``col_idx``, ``values [nnz_blocks, bh, bw]`` and ``bias``: a block is stored when any of its
+elements is kept, masked elements inside it are zero, and edge blocks of dims that do not divide by the
+block are zero-padded (never skipped). y = x (W (.) M)^T + b exactly.
+
+Also records the FLOPs the compiled model really executes (after elimination):
+    flops_keep_executed = sum_l 2 * tokens_l * |live kept elements_l| / sum_l 2 * tokens_l * |W_l|
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..context import CompileContext
+from ..modules import BlockSparseLinear
+from ..pass_manager import PassResult
+
+
+def bsr_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    per_layer = {}
+    executed = dense = 0.0
+    for name, layer in ctx.layers.items():
+        linear = gm.get_submodule(name)
+        live_mask = layer.live_mask()
+        bsr = BlockSparseLinear.from_masked_weight(linear.weight, linear.bias, live_mask, layer.grid.block_shape)
+        parent, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(parent), leaf, bsr)
+        layer.nnz_blocks = bsr.nnz_blocks
+        executed += 2.0 * layer.tokens * float(live_mask.sum())
+        dense += 2.0 * layer.tokens * layer.out_features * layer.in_features
+        per_layer[name] = {
+            "shape": [bsr.out_features, bsr.in_features],
+            "block_shape": list(bsr.block_shape),
+            "nnz_blocks": bsr.nnz_blocks,
+            "block_rows": bsr.row_ptr.numel() - 1,
+            "padded": bsr.out_features % bsr.block_shape[0] != 0 or bsr.in_features % bsr.block_shape[1] != 0,
+            "bytes_dense": 4 * linear.weight.numel(),
+            "bytes_bsr": 4 * bsr.values.numel() + 8 * (bsr.row_ptr.numel() + bsr.col_idx.numel()),
+        }
+    gm.recompile()
+    ctx.summary["flops_keep_executed"] = executed / dense
+    decisions = {"flops_keep_executed": ctx.summary["flops_keep_executed"], "layers": per_layer}
+    return PassResult(gm, True, decisions)

@@ -1,0 +1,168 @@
+"""Importance analysis: per-block saliency and a distortion curve for every prunable linear.
+
+Input: the canonical GraphModule, ``ctx.layers`` (names, block grids) and ``ctx.calibration``.
+Output: the graph unchanged; every layer gets ``tokens`` (per image), ``block_scores`` [block_rows,
+block_cols] (higher = more important), ``prune_order`` (flat block indices, least important first) and
+``distortion[k]``, the estimated damage of pruning the first k blocks of that order (k = 0 .. num_blocks).
+Pruning a block means dW = -W on it. Criteria (``importance=``):
+
+``taylor`` — LPViT (ECCV 2024). No labels: G = mean over batches of dL/dW with L = mean(logits^2).
+    saliency  s_b = mean_{(i,j) in b} |W (.) G|_ij
+    distortion  d(k) = sum (dW (.) G)^2 + 1/2 <G, dW>^2 + 1/2 lambda ||dW||^2        (lambda = ``damping``)
+    i.e. a first-order term plus the second-order term of the rank-1 Fisher H ~ g g^T + lambda I, in closed
+    form from per-block sums accumulated in pruning order: O(num_blocks) for the whole curve.
+
+``hessian`` — layer Hessian H = E[x x^T] of the layer's input over all calibration tokens.
+    s_b = sum_{r in rows(b)} W[r, C_b] H[C_b, C_b] W[r, C_b]^T       (expected squared output error from
+                                                                         zeroing block b alone)
+    d(k) = sum_{b pruned} s_b / tr(W H W^T)                            (relative output error; additive,
+                                                                         ignoring cross-block terms of a row)
+
+``magnitude`` — baseline: s_b = mean_b |W|,  d(k) = sum_{b pruned} ||W_b||^2 / ||W||^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import fx
+
+from ..calibration import logits_of
+from ..context import CompileContext, PrunableLayer
+from ..pass_manager import PassResult
+
+RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
+
+
+@dataclass
+class CalibrationStats:
+    tokens: dict[str, int] = field(default_factory=dict)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # mean dL/dW
+    input_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x x^T], float64
+    images: int = 0
+
+
+def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: bool, need_hessians: bool
+                       ) -> CalibrationStats:
+    """Run the calibration batches once, recording per-layer tokens and what the criterion needs."""
+    stats = CalibrationStats()
+    modules = {name: gm.get_submodule(name) for name in ctx.layers}
+    rows: dict[str, int] = dict.fromkeys(modules, 0)
+    batch_size = [0]
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0].detach()
+            stats.tokens[name] = x.numel() // x.shape[-1] // batch_size[0]
+            if need_hessians:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                moment = (flat.T @ flat).double()
+                stats.input_moments[name] = stats.input_moments.get(name, 0) + moment
+                rows[name] += flat.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    requires_grad = {p: p.requires_grad for p in gm.parameters()}
+    try:
+        for p in gm.parameters():
+            p.requires_grad_(need_gradients and any(p is m.weight for m in modules.values()))
+        for batch in track(ctx.calibration, description="importance: calibration", disable=not ctx.progress,
+                           transient=True):
+            batch_size[0] = batch.shape[0]
+            stats.images += batch.shape[0]
+            with torch.set_grad_enabled(need_gradients):
+                logits = logits_of(gm(batch))
+            if need_gradients:
+                logits.float().pow(2).mean().backward()
+                for name, m in modules.items():
+                    stats.gradients[name] = stats.gradients.get(name, 0) + m.weight.grad
+                    m.weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+    for name in stats.gradients:
+        stats.gradients[name] = stats.gradients[name] / len(ctx.calibration)
+    for name in stats.input_moments:
+        stats.input_moments[name] = stats.input_moments[name] / rows[name]
+    return stats
+
+
+def _taylor(layer: PrunableLayer, weight: torch.Tensor, grad: torch.Tensor, damping: float):
+    grid = layer.grid
+    wg = (weight * grad).double()
+    saliency = grid.block_mean(wg.abs())
+    order = torch.argsort(saliency.flatten(), stable=True)
+    first_order = grid.block_sum(wg.square()).flatten()[order]
+    inner = grid.block_sum(wg).flatten()[order]
+    norm = grid.block_sum(weight.double().square()).flatten()[order]
+    zero = torch.zeros(1, dtype=torch.float64)
+    distortion = (torch.cat([zero, first_order.cumsum(0)]) + 0.5 * torch.cat([zero, inner.cumsum(0)]).square()
+                  + 0.5 * damping * torch.cat([zero, norm.cumsum(0)]))
+    return saliency, order, distortion
+
+
+def _hessian(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor):
+    grid = layer.grid
+    bw = grid.block_shape[1]
+    w = weight.double()
+    per_row = torch.zeros(grid.out_features, grid.block_cols, dtype=torch.float64)
+    for c in range(grid.block_cols):
+        cols = slice(c * bw, min((c + 1) * bw, grid.in_features))
+        wc = w[:, cols]
+        per_row[:, c] = ((wc @ moment[cols, cols]) * wc).sum(1)
+    bh = grid.block_shape[0]
+    padded = torch.nn.functional.pad(per_row, (0, 0, 0, grid.block_rows * bh - grid.out_features))
+    scores = padded.reshape(grid.block_rows, bh, grid.block_cols).sum(1)
+    total = ((w @ moment) * w).sum().clamp_min(1e-30)
+    order = torch.argsort(scores.flatten(), stable=True)
+    distortion = torch.cat([torch.zeros(1, dtype=torch.float64), scores.flatten()[order].cumsum(0)]) / total
+    return scores, order, distortion
+
+
+def _magnitude(layer: PrunableLayer, weight: torch.Tensor):
+    grid = layer.grid
+    w = weight.double()
+    saliency = grid.block_mean(w.abs())
+    order = torch.argsort(saliency.flatten(), stable=True)
+    energy = grid.block_sum(w.square()).flatten()[order]
+    distortion = torch.cat([torch.zeros(1, dtype=torch.float64), energy.cumsum(0)]) / w.square().sum().clamp_min(1e-30)
+    return saliency, order, distortion
+
+
+def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
+    """A per-k curve sampled at LPViT's pruning ratios 0, 0.01, ..., 1."""
+    n = len(curve) - 1
+    return curve[np.rint(RATIO_GRID * n).astype(int)]
+
+
+def importance(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    criterion = ctx.options.importance
+    stats = collect_statistics(gm, ctx, need_gradients=criterion == "taylor", need_hessians=criterion == "hessian")
+    per_layer = {}
+    for name, layer in ctx.layers.items():
+        weight = gm.get_submodule(name).weight.detach()
+        layer.tokens = stats.tokens[name]
+        if criterion == "taylor":
+            scores, order, distortion = _taylor(layer, weight, stats.gradients[name], ctx.options.damping)
+        elif criterion == "hessian":
+            scores, order, distortion = _hessian(layer, weight, stats.input_moments[name])
+        else:
+            scores, order, distortion = _magnitude(layer, weight)
+        layer.block_scores = scores.float()
+        layer.prune_order = order.numpy()
+        layer.distortion = distortion.numpy()
+        per_layer[name] = {
+            "tokens": layer.tokens,
+            "weight_shape": [layer.out_features, layer.in_features],
+            "blocks": layer.num_blocks,
+            "block_score_min_median_max": [scores.min().item(), scores.median().item(), scores.max().item()],
+            "distortion_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.distortion),
+        }
+    decisions = {"criterion": criterion, "calibration_images": stats.images,
+                 "calibration_batches": len(ctx.calibration), "layers": per_layer}
+    return PassResult(gm, False, decisions)
