@@ -71,6 +71,10 @@ def expected_input_shape(model: torch.nn.Module) -> str:
     if isinstance(cfg, Mapping) and "input_size" in cfg:
         c, h, w = cfg["input_size"]
         return f"[B, {c}, {h}, {w}]"
+    patch_embed = getattr(model, "patch_embed", None)  # timm models built without a pretrained config
+    img_size, proj = getattr(patch_embed, "img_size", None), getattr(patch_embed, "proj", None)
+    if img_size is not None and hasattr(proj, "in_channels"):
+        return f"[B, {proj.in_channels}, {img_size[0]}, {img_size[1]}]"
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "image_size"):
         return f"[B, {getattr(hf, 'num_channels', 3)}, {hf.image_size}, {hf.image_size}]"

@@ -112,6 +112,8 @@ def capture(model: nn.Module, example: torch.Tensor, leaf_modules: Sequence = ()
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    batch_shape = tuple(example.shape)
+    example = example[:2]  # two images: enough to check the graph, and a batch dim torch.export keeps dynamic
     try:
         with torch.no_grad():
             reference = logits_of(model(example))
@@ -119,7 +121,7 @@ def capture(model: nn.Module, example: torch.Tensor, leaf_modules: Sequence = ()
         raise
     except Exception as e:
         raise CalibrationError(
-            f"the model fails on a calibration batch of shape {tuple(example.shape)} ({_first_line(e)}); "
+            f"the model fails on a calibration batch of shape {batch_shape} ({_first_line(e)}); "
             f"it expects images {expected_input_shape(model)}"
         ) from e
 

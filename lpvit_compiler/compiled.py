@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import platform
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,7 +105,9 @@ class CompiledModel(nn.Module):
         exported = torch.export.export(self.graph_module, (example,),
                                        dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
         extra = dict(zip(EXTRA_FILES, (self.plan.to_json(), self.report.to_json(), _encode_masks(self._block_masks))))
-        torch.export.save(exported, path, extra_files=extra)
+        with warnings.catch_warnings():  # torch's archive writer warns about CUDA placement; all is on the CPU
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(exported, path, extra_files=extra)
 
 
 def load(path) -> CompiledModel:

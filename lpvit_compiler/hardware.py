@@ -85,7 +85,7 @@ class HardwareProfile:
         return latency, self.static_power_w * latency + self.energy_per_flop_j * flops
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "block_shape": list(self.block_shape)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareProfile":

@@ -4,7 +4,7 @@ A pass is a plain function ``(GraphModule, CompileContext) -> PassResult`` named
 manager runs the passes in order, checks each result (a linted GraphModule), times them and — when a dump
 directory is set — writes a numbered dump after each, like ``--mlir-print-ir-after-all``:
 
-    <dump_dir>/00-capture/graph.txt        the readable graph (GraphModule.print_readable)
+    <dump_dir>/00-capture/graph.txt        the readable graph (GraphModule.print_readable) and its modules
     <dump_dir>/00-capture/decisions.json   what the pass saw and decided, with its wall time
     <dump_dir>/03-block_mask_solve/masks/<layer>.png   kept blocks (white) of each layer, for mask passes
     <dump_dir>/03-block_mask_solve/<figure>.png        figures a pass adds (e.g. distortion curves)
@@ -56,6 +56,15 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=_to_json) + "\n")
 
 
+def _readable(gm: fx.GraphModule) -> str:
+    """The graph's code, then every module it calls with its shapes (the code shows only their names)."""
+    lines = [gm.print_readable(print_output=False), "# Modules the graph calls:"]
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            lines.append(f"#   {node.target}: {' '.join(repr(gm.get_submodule(node.target)).split())}")
+    return "\n".join(lines) + "\n"
+
+
 def _safe_name(layer: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
 
@@ -79,7 +88,7 @@ class PassManager:
             return
         out = self.dump_dir / folder
         out.mkdir(parents=True, exist_ok=True)
-        (out / "graph.txt").write_text(result.graph_module.print_readable(print_output=False))
+        (out / "graph.txt").write_text(_readable(result.graph_module))
         write_json(out / "decisions.json", {"pass": name, "seconds": seconds, "modified": result.modified,
                                             **result.decisions})
         if result.masks:

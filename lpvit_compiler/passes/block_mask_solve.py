@@ -16,7 +16,8 @@ by its Lagrangian: for a common slope lambda every layer independently takes
 
 which is the point where the slope -dC_l/dR_l equals lambda in every layer (LPViT's equal-slope condition,
 taken over each curve's convex hull, and per unit of resource rather than per pruning ratio, so layers of
-different cost compare fairly). lambda is found by bisection in log space; the discrete gap between the two
+different cost compare fairly). lambda is found by bisection (over lambda = s*sinh(u), so it may turn negative
+when a power term alone would prune past the budget); the discrete gap between the two
 bracketing allocations is closed by single-block steps of least dC/dR until the budget is met, so the
 achieved budget ends within one block of the target. k_max,l keeps at least ``min_density`` of every layer.
 Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid).
@@ -49,21 +50,29 @@ def _total(resources, ks) -> float:
 
 def equal_slope_solve(costs: list[np.ndarray], resources: list[np.ndarray], max_pruned: list[int], target: float
                       ) -> tuple[np.ndarray, float]:
-    """Pruned-block counts k_l minimising sum C_l(k_l) with sum R_l(k_l) <= target; returns (k, lambda).
+    """Pruned-block counts k_l minimising sum C_l(k_l) with sum R_l(k_l) <= target (as close as the blocks allow);
+    returns (k, lambda).
 
-    The caller guarantees feasibility: sum_l min_k R_l(k) <= target.
+    The used resource falls as lambda grows. lambda may be negative: when the costs themselves reward pruning
+    (a power term), lambda < 0 holds pruning back so that the budget is met, not undercut. The caller
+    guarantees feasibility: sum_l R_l(max_pruned_l) <= target.
     """
     if _total(resources, np.zeros(len(costs), int)) <= target:
         return np.zeros(len(costs), int), 0.0
     scale = sum(float(np.ptp(c)) for c in costs) / max(sum(float(np.ptp(r)) for r in resources), 1e-300)
-    lo, hi = math.log(max(scale, 1e-300)) - 60.0, math.log(max(scale, 1e-300)) + 60.0
-    for _ in range(100):  # invariant: allocation at exp(lo) exceeds the target, at exp(hi) meets it
+    scale = scale if scale > 0 else 1.0
+
+    def slope(u: float) -> float:  # sinh spans +-1e26 * scale and is linear around 0
+        return scale * math.sinh(u)
+
+    lo, hi = -60.0, 60.0  # invariant: allocation at slope(lo) exceeds the target, at slope(hi) meets it
+    for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if _total(resources, _allocate(costs, resources, max_pruned, math.exp(mid))) > target:
+        if _total(resources, _allocate(costs, resources, max_pruned, slope(mid))) > target:
             lo = mid
         else:
             hi = mid
-    ks = _allocate(costs, resources, max_pruned, math.exp(lo))
+    ks = _allocate(costs, resources, max_pruned, slope(lo))
     while _total(resources, ks) > target:
         best, best_rate = -1, math.inf
         for layer, (c, r, m) in enumerate(zip(costs, resources, max_pruned)):
@@ -75,7 +84,7 @@ def equal_slope_solve(costs: list[np.ndarray], resources: list[np.ndarray], max_
         if best < 0:
             break
         ks[best] += 1
-    return ks, math.exp(hi)
+    return ks, slope(hi)
 
 
 def lpvit_beta(distortions: list[np.ndarray], powers: list[np.ndarray]) -> float:

@@ -35,6 +35,7 @@ from ..context import CompileContext, PrunableLayer
 from ..pass_manager import PassResult
 
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
+CHUNK_IMAGES = 8
 
 
 @dataclass
@@ -47,36 +48,43 @@ class CalibrationStats:
 
 def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: bool, need_hessians: bool
                        ) -> CalibrationStats:
-    """Run the calibration batches once, recording per-layer tokens and what the criterion needs."""
+    """Run the calibration batches once, recording per-layer tokens and what the criterion needs.
+
+    Batches run in chunks of at most ``CHUNK_IMAGES`` images (autograd memory grows with the batch, and small
+    chunks are faster on CPU); chunk losses are weighted so that gradients equal the whole batch's. When the
+    criterion needs neither gradients nor input moments, one image suffices to count tokens.
+    """
     stats = CalibrationStats()
     modules = {name: gm.get_submodule(name) for name in ctx.layers}
     rows: dict[str, int] = dict.fromkeys(modules, 0)
-    batch_size = [0]
+    images_in_chunk = [0]
 
     def make_hook(name):
         def hook(module, args):
             x = args[0].detach()
-            stats.tokens[name] = x.numel() // x.shape[-1] // batch_size[0]
+            stats.tokens[name] = x.numel() // x.shape[-1] // images_in_chunk[0]
             if need_hessians:
                 flat = x.reshape(-1, x.shape[-1]).float()
-                moment = (flat.T @ flat).double()
-                stats.input_moments[name] = stats.input_moments.get(name, 0) + moment
+                stats.input_moments[name] = stats.input_moments.get(name, 0) + (flat.T @ flat).double()
                 rows[name] += flat.shape[0]
         return hook
 
+    batches = ctx.calibration if need_gradients or need_hessians else [ctx.calibration[0][:1]]
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     requires_grad = {p: p.requires_grad for p in gm.parameters()}
     try:
         for p in gm.parameters():
             p.requires_grad_(need_gradients and any(p is m.weight for m in modules.values()))
-        for batch in track(ctx.calibration, description="importance: calibration", disable=not ctx.progress,
+        for batch in track(batches, description="importance: calibration", disable=not ctx.progress,
                            transient=True):
-            batch_size[0] = batch.shape[0]
             stats.images += batch.shape[0]
-            with torch.set_grad_enabled(need_gradients):
-                logits = logits_of(gm(batch))
+            for chunk in batch.split(CHUNK_IMAGES):
+                images_in_chunk[0] = chunk.shape[0]
+                with torch.set_grad_enabled(need_gradients):
+                    logits = logits_of(gm(chunk))
+                if need_gradients:
+                    (logits.float().pow(2).mean() * (chunk.shape[0] / batch.shape[0])).backward()
             if need_gradients:
-                logits.float().pow(2).mean().backward()
                 for name, m in modules.items():
                     stats.gradients[name] = stats.gradients.get(name, 0) + m.weight.grad
                     m.weight.grad = None
@@ -86,7 +94,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
     for name in stats.gradients:
-        stats.gradients[name] = stats.gradients[name] / len(ctx.calibration)
+        stats.gradients[name] = stats.gradients[name] / len(batches)
     for name in stats.input_moments:
         stats.input_moments[name] = stats.input_moments[name] / rows[name]
     return stats
@@ -94,7 +102,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
 
 def _taylor(layer: PrunableLayer, weight: torch.Tensor, grad: torch.Tensor, damping: float):
     grid = layer.grid
-    wg = (weight * grad).double()
+    wg = weight.double() * grad.double()
     saliency = grid.block_mean(wg.abs())
     order = torch.argsort(saliency.flatten(), stable=True)
     first_order = grid.block_sum(wg.square()).flatten()[order]

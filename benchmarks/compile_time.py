@@ -1,0 +1,78 @@
+"""Wall time and peak memory of ``lpvit.compile`` on DeiT-S and DeiT-B (random weights, random calibration).
+
+Each compile runs in a fresh subprocess so its peak RSS is its own. Goal (compiler issue): DeiT-S with 256
+calibration images at 224 px in <= 60 s with peak RSS <= 4 GB on 2 CPU cores.
+
+    python benchmarks/compile_time.py [--models deit_small_patch16_224 deit_base_patch16_224] [--images 256]
+
+Writes benchmarks/results/compile_time.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_one(model_name: str, images: int, importance: str) -> dict:
+    import timm
+    import torch
+
+    import lpvit_compiler as lpvit
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name).eval()
+    calib = torch.randn(images, 3, 224, 224)
+    start = time.perf_counter()
+    compiled = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, importance=importance, progress=False)
+    seconds = time.perf_counter() - start
+    return {
+        "model": model_name,
+        "importance": importance,
+        "calibration_images": images,
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "passes": {p["pass"]: p["seconds"] for p in compiled.report.passes},
+        "flops_keep_achieved": compiled.report.flops_keep_achieved,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--importance", nargs="+", default=["taylor"])
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "IMPORTANCE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.images, args.one[1])))
+        return
+    rows = []
+    for model in args.models:
+        for importance in args.importance:
+            out = subprocess.run([sys.executable, __file__, "--one", model, importance, "--images", str(args.images)],
+                                 check=True, capture_output=True, text=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compile_time.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| model | importance | calib images | threads | wall s | peak RSS GB | slowest pass |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        slowest = max(r["passes"], key=r["passes"].get)
+        lines.append(f"| {r['model']} | {r['importance']} | {r['calibration_images']} | {r['threads']} | "
+                     f"{r['seconds']} | {r['peak_rss_gb']} | {slowest} {r['passes'][slowest]:.1f} s |")
+    (RESULTS / "compile_time.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

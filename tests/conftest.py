@@ -1,0 +1,39 @@
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import lpvit_compiler as lpvit
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    """A 2-block ViT on 32x32 images: every linear dim a multiple of 16, compiles in about a second."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4, num_classes=10)
+    return VisionTransformer(**{**kwargs, **overrides}).eval()
+
+
+def masked_reference(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The dense model with every mask applied to its weight: what a compiled model must reproduce."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            reference.get_submodule(name).weight.mul_(mask)
+    return reference
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_vit()
+
+
+@pytest.fixture(scope="session")
+def calib():
+    torch.manual_seed(1)
+    return torch.randn(16, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def compiled(model, calib):
+    return lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, progress=False)

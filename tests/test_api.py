@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.modules import BlockSparseLinear
+
+from conftest import masked_reference
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hw="tpu9"), r"unknown hardware profile 'tpu9'; known profiles: a100, cpu, cpu-avx2, cpu-avx512, h100"),
+    (dict(flops_keep=1.5), r"flops_keep must be in \(0, 1\], got 1.5"),
+    (dict(flops_keep=0), r"flops_keep must be in \(0, 1\], got 0"),
+    (dict(flops_keep="half"), r"flops_keep must be a number, got 'half'"),
+    (dict(flops_keep=0.5, target_speedup=2.0), r"give one budget, not flops_keep and target_speedup"),
+    (dict(target_speedup=0.5), r"target_speedup must be in \[1, inf\], got 0.5"),
+    (dict(block_shape=128), r"block_shape \(128, 128\) is larger than layer 'blocks.0.attn.qkv' "
+                            r"\(out_features=192, in_features=64\)"),
+    (dict(block_shape="axb"), r"block_shape must be an int, \(rows, cols\) or 'RxC', got"),
+    (dict(importance="fisher"), r"unknown importance 'fisher'; choose one of taylor, hessian, magnitude"),
+    (dict(min_density=0.0), r"min_density must be in \(0, 1\]"),
+    (dict(layers=["blocks.0.attn.qkv", "nope"]), r"layers=\['nope'\] are not linear layers of the model"),
+])
+def test_bad_options_get_clear_errors(model, calib, kwargs, message):
+    with pytest.raises(lpvit.ConfigError, match=message):
+        lpvit.compile(model, calib=calib, progress=False, **{"block_shape": 16, **kwargs})
+
+
+@pytest.mark.parametrize("calib,message", [
+    (torch.randn(4, 3, 28, 28), r"the model fails on a calibration batch of shape \(4, 3, 28, 28\).*expects images "
+                                r"\[B, 3, 32, 32\]"),
+    (torch.randn(4, 32, 32), r"calibration batch 0 has shape \(4, 32, 32\); expected images \[B, C, H, W\]"),
+    ([torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)], r"calibration batch 1 has shape \(2, 1, 32, 32\) but "
+                                                             r"batch 0 has \(2, 3, 32, 32\)"),
+    (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), r"has dtype torch.uint8; expected float images"),
+    ([], r"calib is empty"),
+    (None, r"calib is required"),
+    (["not a batch"], r"calibration batch of type str is not understood"),
+])
+def test_bad_calibration_data_gets_clear_errors(model, calib, message):
+    with pytest.raises(lpvit.CalibrationError, match=message):
+        lpvit.compile(model, calib=calib, block_shape=16, progress=False)
+
+
+def test_model_without_linear_layers(calib):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(lpvit.ConfigError, match=r"the model has no nn.Linear layer"):
+        lpvit.compile(model, calib=calib, progress=False)
+
+
+def test_not_a_module():
+    with pytest.raises(lpvit.CaptureError, match="expected a torch.nn.Module, got str"):
+        lpvit.compile("deit_small_patch16_224", calib=torch.randn(2, 3, 32, 32), progress=False)
+
+
+def test_compiled_model_matches_masked_dense_and_replaces_every_block_linear(model, calib, compiled):
+    reference = masked_reference(model, compiled.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-6)
+    for name in compiled.masks:
+        assert isinstance(compiled.graph_module.get_submodule(name), BlockSparseLinear)
+    assert isinstance(compiled.graph_module.get_submodule("head"), nn.Linear)
+
+
+def test_masks_are_shaped_like_the_original_weights(model, compiled):
+    assert set(compiled.masks) == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1",
+                                                                                 "mlp.fc2")}
+    for name, mask in compiled.masks.items():
+        assert mask.dtype == torch.bool and mask.shape == model.get_submodule(name).weight.shape
+    kept = sum(m.sum().item() for m in compiled.masks.values())
+    total = sum(m.numel() for m in compiled.masks.values())
+    assert 0.3 < kept / total < 0.7
+
+
+def test_report_prints_and_converts(compiled):
+    text = str(compiled.report)
+    assert "blocks.0.mlp.fc1" in text and "achieved 0.500" in text
+    data = json.loads(compiled.report.to_json())
+    assert data["summary"]["flops_keep_achieved"] == pytest.approx(0.5, rel=0.01)
+    assert [row["name"] for row in data["layers"]] == list(compiled.masks)
+    assert [p["pass"] for p in data["passes"]] == ["capture", "importance", "hardware", "block_mask_solve",
+                                                    "dead_block_elimination", "bsr_layout"]
+
+
+def test_plan_is_json_and_reproducible(compiled, tmp_path, model, calib):
+    compiled.plan.save(tmp_path / "plan.json")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["options"]["budget"] == "flops" and plan["options"]["block_shape"] == [16, 16]
+    assert plan["versions"]["torch"] == torch.__version__ and plan["input_shape"] == [3, 32, 32]
+    again = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, progress=False)
+    assert again.plan.layers == compiled.plan.layers
+
+
+def test_dumps_one_numbered_folder_per_pass(model, calib, tmp_path):
+    lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert folders == ["00-capture", "01-importance", "02-hardware", "03-block_mask_solve",
+                       "04-dead_block_elimination", "05-bsr_layout"]
+    for folder in folders:
+        assert (tmp_path / folder / "graph.txt").read_text().startswith("class ")
+        assert json.loads((tmp_path / folder / "decisions.json").read_text())["pass"] == folder[3:]
+    solve = json.loads((tmp_path / "03-block_mask_solve" / "decisions.json").read_text())
+    assert solve["budget_achieved"] == pytest.approx(0.5, rel=0.01)
+    assert "why" in solve["layers"]["blocks.0.mlp.fc1"]
+    heatmap = tmp_path / "03-block_mask_solve" / "masks" / "blocks.0.mlp.fc1.png"
+    assert heatmap.read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "03-block_mask_solve" / "distortion_curves.png").exists()
+    assert "BlockSparseLinear" in (tmp_path / "05-bsr_layout" / "graph.txt").read_text()
+    assert [p["pass"] for p in json.loads((tmp_path / "passes.json").read_text())][0] == "capture"
+
+
+def test_dump_dir_from_environment(model, calib, tmp_path, monkeypatch):
+    monkeypatch.setenv("LPVIT_DUMP_DIR", str(tmp_path / "env"))
+    lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, importance="magnitude", progress=False)
+    assert (tmp_path / "env" / "05-bsr_layout" / "decisions.json").exists()
+
+
+@pytest.mark.parametrize("importance", ["hessian", "magnitude"])
+def test_other_criteria_compile_exactly(model, calib, importance):
+    compiled = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, importance=importance,
+                             progress=False)
+    assert compiled.report.flops_keep_achieved == pytest.approx(0.4, rel=0.01)
+    reference = masked_reference(model, compiled.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-6)
+
+
+def test_save_and_load_round_trip(compiled, calib, tmp_path):
+    compiled.save(tmp_path / "model.pt2")
+    loaded = lpvit.load(tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib[:3]), compiled(calib[:3]))
+    assert loaded.report.to_dict() == compiled.report.to_dict()
+    assert all(torch.equal(loaded.masks[k], v) for k, v in compiled.masks.items())
+    assert loaded.plan == compiled.plan
+
+
+def test_loading_bad_files_gets_clear_errors(tmp_path, compiled):
+    with pytest.raises(lpvit.ModelFileError, match="the file does not exist"):
+        lpvit.load(tmp_path / "missing.pt2")
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip archive at all")
+    with pytest.raises(lpvit.ModelFileError, match="is not a readable compiled model"):
+        lpvit.load(junk)
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(nn.Linear(4, 4), (torch.randn(2, 4),)), plain)
+    with pytest.raises(lpvit.ModelFileError, match="not an lpvit-compiler model"):
+        lpvit.load(plain)
+    good = tmp_path / "good.pt2"
+    compiled.save(good)
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(lpvit.ModelFileError):
+        lpvit.load(truncated)

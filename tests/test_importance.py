@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.context import PrunableLayer
+from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor
+
+
+def _layer(out_features=40, in_features=48, block=(16, 16)):
+    return PrunableLayer("layer", BlockGrid(out_features, in_features, block))
+
+
+def _pruned_delta(layer, weight, order, k):
+    flat = torch.ones(layer.num_blocks, dtype=torch.bool)
+    flat[order[:k]] = False
+    mask = layer.grid.expand(flat.reshape(layer.grid.block_rows, layer.grid.block_cols))
+    return -weight.double() * ~mask
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9])
+def test_taylor_curve_matches_direct_formula(k):
+    torch.manual_seed(0)
+    layer, weight, grad = _layer(), torch.randn(40, 48), torch.randn(40, 48)
+    damping = 0.3
+    saliency, order, distortion = _taylor(layer, weight, grad, damping)
+    delta = _pruned_delta(layer, weight, order, k)
+    g = grad.double()
+    direct = (delta * g).square().sum() + 0.5 * (delta * g).sum() ** 2 + 0.5 * damping * delta.square().sum()
+    assert distortion[k].item() == pytest.approx(direct.item(), rel=1e-9)
+    torch.testing.assert_close(saliency[1, 2], (weight * grad)[16:32, 32:48].abs().double().mean())
+    assert torch.all(saliency.flatten()[order].diff() >= 0)  # least important first
+
+
+def test_hessian_score_is_expected_output_error_of_zeroing_the_block():
+    torch.manual_seed(0)
+    layer, weight = _layer(), torch.randn(40, 48)
+    x = torch.randn(500, 48) * torch.linspace(0.1, 3, 48)  # uneven input channels
+    moment = (x.T @ x).double() / x.shape[0]
+    scores, order, distortion = _hessian(layer, weight, moment)
+    for block in range(layer.num_blocks):
+        delta = _pruned_delta(layer, weight, torch.tensor([block]), 1)
+        error = (x.double() @ delta.T).square().sum(1).mean()
+        assert scores.flatten()[block].item() == pytest.approx(error.item(), rel=1e-6)
+    total = (x.double() @ weight.double().T).square().sum(1).mean()
+    assert distortion[-1] == pytest.approx(scores.sum().item() / total.item(), rel=1e-6)
+    assert np.all(np.diff(distortion.numpy()) >= 0)
+
+
+def test_magnitude_distortion_is_relative_energy_removed():
+    torch.manual_seed(0)
+    layer, weight = _layer(block=(16, 32)), torch.randn(40, 48)
+    saliency, order, distortion = _magnitude(layer, weight)
+    assert distortion[0] == 0 and distortion[-1].item() == pytest.approx(1.0)
+    delta = _pruned_delta(layer, weight, order, 3)
+    assert distortion[3].item() == pytest.approx((delta.square().sum() / weight.double().square().sum()).item())
+
+
+def test_importance_pass_records_tokens_and_curves(compiled):
+    layers = compiled.report.layers
+    assert all(row.tokens == 17 for row in layers)  # 16 patches + class token
+    assert all(row.distortion >= 0 for row in layers)
