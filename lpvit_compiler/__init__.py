@@ -3,6 +3,7 @@
     import lpvit_compiler as lpvit
     compiled = lpvit.compile(model, hw="a100", flops_keep=0.5, calib=batches, dump_dir="dumps/")
     print(compiled.report)
+    compiled.export("model.onnx")                 # run with lpvit.InferenceSession("model.onnx")
 """
 
 __version__ = "0.1.0"
@@ -10,10 +11,13 @@ __version__ = "0.1.0"
 from .api import compile
 from .compiled import CompiledModel, Plan, load
 from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
+from .export import InferenceSession
 from .hardware import PROFILES, HardwareProfile, get_profile, known_profiles
+from .kernels import KernelLibraryError, kernel_isa, kernels_library_path
 from .modules import BlockSparseLinear
 
 __all__ = [
     "compile", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile", "known_profiles",
-    "BlockSparseLinear", "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",
+    "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa", "KernelLibraryError",
+    "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",
 ]

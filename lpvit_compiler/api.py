@@ -134,7 +134,7 @@ def compile(
     batches = calibration_batches(calib, calib_batch_size)
     start = time.perf_counter()
     gm, method = capture(model, batches[0], leaf_modules, concrete_args)
-    prunable, selection = select_prunable_layers(gm, options)
+    prunable, selection = select_prunable_layers(gm, options, batches[0])
     ctx = CompileContext(options=options, calibration=batches, layers=prunable, capture_method=method,
                          progress=progress)
     manager = PassManager(PIPELINE, dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV))

@@ -154,24 +154,29 @@ def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
 
 
-def _head_names(gm: fx.GraphModule, linears: list[fx.Node]) -> set[str]:
-    """Linears whose output reaches the graph output without passing through another linear."""
+def _head_names(gm: fx.GraphModule, linears: list[fx.Node], example: torch.Tensor) -> set[str]:
+    """Classifier heads: linears on pooled features ([batch, features] input) that feed no other linear.
+
+    Both conditions matter: a headless model's last fc2 feeds no linear either, but it sees every token.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example[:2])
     linear_set = set(linears)
-    heads, stack, seen = set(), [n for n in gm.graph.nodes if n.op == "output"], set()
-    while stack:
-        node = stack.pop()
-        for parent in node.all_input_nodes:
-            if parent in seen:
-                continue
-            seen.add(parent)
-            if parent in linear_set:
-                heads.add(parent.target)
-            else:
-                stack.append(parent)
+    feeds_linear: dict[fx.Node, bool] = {}
+    for node in reversed(gm.graph.nodes):
+        feeds_linear[node] = any(user in linear_set or feeds_linear.get(user, False) for user in node.users)
+    heads = set()
+    for node in linears:
+        meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+        if not feeds_linear[node] and meta is not None and len(meta.shape) == 2:
+            heads.add(node.target)
     return heads
 
 
-def select_prunable_layers(gm: fx.GraphModule, options: CompileOptions) -> tuple[dict[str, PrunableLayer], dict]:
+def select_prunable_layers(gm: fx.GraphModule, options: CompileOptions, example: torch.Tensor
+                           ) -> tuple[dict[str, PrunableLayer], dict]:
     """The layers to prune, and a record of why each linear was or was not chosen."""
     linears = linear_nodes(gm)
     if not linears:
@@ -180,7 +185,7 @@ def select_prunable_layers(gm: fx.GraphModule, options: CompileOptions) -> tuple
     calls: dict[str, int] = {}
     for n in linears:
         calls[n.target] = calls.get(n.target, 0) + 1
-    heads = _head_names(gm, linears)
+    heads = _head_names(gm, linears, example)
     if options.layers is not None:
         unknown = [name for name in options.layers if name not in calls]
         if unknown:

@@ -54,6 +54,13 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def export(self, path, target: str = "lpvit"):
+        """Write an ONNX model: ``target="lpvit"`` with ai.lpvit::BlockSparseLinear nodes (run it with
+        :func:`lpvit_compiler.InferenceSession`), ``"portable"`` with standard ops only. Returns the path."""
+        from .export import export_onnx
+
+        return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target)
+
     def save(self, path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
@@ -98,6 +105,13 @@ class CompiledModel(nn.Module):
     def masks(self) -> dict[str, torch.Tensor]:
         """{module name in the original model: bool tensor shaped like its weight, True = kept}."""
         return {name: grid.expand(mask) for name, (grid, mask) in self._block_masks.items()}
+
+    def export(self, path, target: str = "lpvit"):
+        """Write an ONNX model: ``target="lpvit"`` with ai.lpvit::BlockSparseLinear nodes (run it with
+        :func:`lpvit_compiler.InferenceSession`), ``"portable"`` with standard ops only. Returns the path."""
+        from .export import export_onnx
+
+        return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target)
 
     def save(self, path) -> None:
         """Write a .pt2 archive loadable by :func:`lpvit_compiler.load`."""

@@ -5,18 +5,22 @@
       col_idx [nnz_blocks] int64       block-column of each block
       values  [nnz_blocks, bh, bw]     each block in W's [out, in] orientation, zero-padded at the edges
 
-This is the same contract as the ONNX op ``ai.lpvit::BlockSparseLinear``. The CPU implementation here is the
-pure-torch reference (scatter the blocks into a dense W, then one dense GEMM); indexing is bounds-checked by
-torch, so malformed buffers raise instead of reading out of bounds. The fake implementation gives shapes to
-torch.export and the ONNX exporter.
+This is the same contract as the ONNX op ``ai.lpvit::BlockSparseLinear``. On CPU float32 the op runs the native
+kernel (kernels/, through :mod:`lpvit_compiler.kernels`); elsewhere, or when the library is not built (with a
+one-time warning), it runs the pure-torch reference: scatter the blocks into a dense W, then one GEMM. Both
+validate the buffers, so malformed ones raise instead of reading out of bounds. The fake implementation gives
+shapes to torch.export and the ONNX exporter.
 """
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
 
 
 def bsr_to_dense(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features: int, in_features: int) -> Tensor:
@@ -30,11 +34,22 @@ def bsr_to_dense(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features:
     return dense[:out_features, :in_features]
 
 
+def bsr_linear_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
+                         out_features: int, in_features: int) -> Tensor:
+    weight = bsr_to_dense(row_ptr, col_idx, values, out_features, in_features)
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
 @torch.library.custom_op("lpvit::bsr_linear", mutates_args=())
 def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                out_features: int, in_features: int) -> Tensor:
-    weight = bsr_to_dense(row_ptr, col_idx, values, out_features, in_features)
-    return F.linear(x, weight.to(x.dtype), bias)
+    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features)
+    if y is None:
+        if not kernels.native_available():
+            warnings.warn("lpvit: the native kernel library is not built; block-sparse layers run the slow "
+                          "pure-torch reference (reinstall with `pip install .` to build it)", stacklevel=2)
+        y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features)
+    return y
 
 
 @bsr_linear.register_fake

@@ -20,7 +20,7 @@ def _options(**overrides):
 
 def _selected(model, example):
     gm, method = capture(model, example)
-    layers, decisions = select_prunable_layers(gm, _options())
+    layers, decisions = select_prunable_layers(gm, _options(), example)
     return gm, method, layers, decisions
 
 
@@ -131,3 +131,19 @@ def test_functional_linears_become_modules():
     gm, _ = capture(model, example)
     assert [n.target for n in linear_nodes(gm)] == ["proj"]
     torch.testing.assert_close(gm(example), model(example))
+
+
+@pytest.mark.parametrize("name,img_size", [("deit_tiny_patch16_224", 64), ("deit_tiny_distilled_patch16_224", 64),
+                                           ("vit_small_patch14_dinov2", 56)])
+def test_timm_model_zoo_compiles_exactly(name, img_size):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=img_size).eval()
+    calib = torch.randn(4, 3, img_size, img_size)
+    compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, progress=False)
+    assert compiled.plan.capture == "torch.fx" and len(compiled.masks) == 48
+    reference = masked_reference(model, compiled.masks)
+    with torch.no_grad():
+        ours, expected = compiled(calib), reference(calib)
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() <= 1e-4

@@ -4,7 +4,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.ops import bsr_linear_reference
 from lpvit_compiler.modules import BlockSparseLinear
 
 
@@ -41,8 +43,11 @@ def test_empty_block_rows_give_bias():
 def test_malformed_indices_raise_instead_of_reading_out_of_bounds():
     layer = BlockSparseLinear.from_masked_weight(torch.randn(32, 32), None, torch.ones(32, 32, dtype=torch.bool), (16, 16))
     layer.col_idx[0] = 7
+    x = torch.randn(2, 32)
     with pytest.raises(IndexError):
-        layer(torch.randn(2, 32))
+        bsr_linear_reference(x, layer.row_ptr, layer.col_idx, layer.values, None, 32, 32)
+    with pytest.raises(lpvit.KernelLibraryError, match=r"col_idx\[0\] = 7 is out of range \[0, 2\)"):
+        layer(x)
 
 
 def test_op_exports_with_fake_impl():

@@ -1,0 +1,23 @@
+// AVX-512F path (compiled with -mavx512f): 12 rows x 16 outputs = 12 zmm accumulators.
+#include <immintrin.h>
+
+#include "microkernel.h"
+
+namespace lpvit {
+namespace {
+struct Avx512 {
+  using Reg = __m512;
+  static constexpr int kWidth = 16;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static Reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+};
+}  // namespace
+
+void run_task_avx512(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
+  run_task<Avx512, 12>(job, m0, m1, block_row, panel);
+}
+
+}  // namespace lpvit

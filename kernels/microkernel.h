@@ -1,0 +1,76 @@
+// The block-sparse micro-kernel, written once over a vector type and compiled once per ISA
+// (kernel_scalar.cc, kernel_avx2.cc, kernel_avx512.cc, each with its own compiler flags).
+//
+// A tile is ROWS rows of X times one 16-output panel of a block row. For every kept block of the row and every
+// column j inside it, the panel's 16 weights W^T[j][0:16] are loaded once and multiplied by the broadcast
+// X[m][j] of each of the ROWS rows: ROWS x 16 accumulators stay in registers for the whole block row.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "tile_job.h"
+
+namespace lpvit {
+
+template <class V, int ROWS>
+inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, int64_t blocks,
+                       const float* packed, float out[][kPanel]) {
+  constexpr int kVecs = kPanel / V::kWidth;
+  typename V::Reg acc[ROWS][kVecs];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = V::zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t col0 = cols[b] * job.bw;
+    const int64_t width = std::min(job.bw, job.k - col0);  // edge block: never read X past column k
+    const float* w = packed + b * job.block_stride;
+    const float* xb = x + col0;
+    for (int64_t j = 0; j < width; ++j) {
+      typename V::Reg wv[kVecs];
+      for (int v = 0; v < kVecs; ++v) wv[v] = V::load(w + j * job.bh_padded + v * V::kWidth);
+      for (int r = 0; r < ROWS; ++r) {
+        const typename V::Reg xv = V::broadcast(xb + r * job.k + j);
+        for (int v = 0; v < kVecs; ++v) acc[r][v] = V::fma(xv, wv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < kVecs; ++v) V::store(&out[r][v * V::kWidth], acc[r][v]);
+}
+
+// Rows [m, m + rows) with rows < ROWS: pick the instantiation that fits.
+template <class V, int ROWS>
+inline void panel_tail(const TileJob& job, int rows, const float* x, const int64_t* cols, int64_t blocks,
+                       const float* packed, float out[][kPanel]) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) return panel_tile<V, ROWS>(job, x, cols, blocks, packed, out);
+    panel_tail<V, ROWS - 1>(job, rows, x, cols, blocks, packed, out);
+  }
+}
+
+// One task: rows [m0, m1) of X against panel `panel` of block row `block_row`.
+template <class V, int ROWS>
+inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
+  const int64_t first = job.row_ptr[block_row];
+  const int64_t blocks = job.row_ptr[block_row + 1] - first;
+  const int64_t* cols = job.col_idx + first;
+  const float* packed = job.packed + first * job.block_stride + panel * kPanel;
+  const int64_t out0 = block_row * job.bh + panel * kPanel;
+  const int64_t width = std::min<int64_t>({kPanel, job.bh - panel * kPanel, job.n - out0});
+  alignas(64) float out[ROWS][kPanel];
+  for (int64_t m = m0; m < m1; m += ROWS) {
+    const int rows = static_cast<int>(std::min<int64_t>(ROWS, m1 - m));
+    const float* x = job.x + m * job.k;
+    if (rows == ROWS)
+      panel_tile<V, ROWS>(job, x, cols, blocks, packed, out);
+    else
+      panel_tail<V, ROWS - 1>(job, rows, x, cols, blocks, packed, out);
+    for (int r = 0; r < rows; ++r) {
+      float* y = job.y + (m + r) * job.n + out0;
+      const float* bias = job.bias + out0;
+      for (int64_t i = 0; i < width; ++i) y[i] = out[r][i] + bias[i];
+    }
+  }
+}
+
+}  // namespace lpvit

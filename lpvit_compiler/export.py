@@ -1,0 +1,128 @@
+"""Lowering a compiled model to ONNX, and onnxruntime sessions that can run it.
+
+``target="lpvit"``: every BlockSparseLinear becomes one ``ai.lpvit::BlockSparseLinear`` node (opset
+``ai.lpvit`` 1) whose ``row_ptr``/``col_idx``/``values``/``bias`` are initializers — the custom-op library's
+contract (kernels/ort_op.cc). ``target="portable"``: standard ONNX ops only, each block-sparse layer as a dense
+MatMul on its masked weight (zeros included). Dense-with-zeros rather than a gather formulation because every
+runtime's GEMM is its fastest path and a gather of blocks would cost more than it saves without a sparse
+kernel; the file runs on stock onnxruntime or any other ONNX runtime.
+
+The graph comes from ``torch.onnx.export(dynamo=True)`` with a translation of ``torch.ops.lpvit.bsr_linear``,
+is cleaned with onnx-graphsurgeon (constants folded, dead nodes dropped) and checked with ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import fx, nn
+
+from .errors import LpvitError, ModelFileError
+from .kernels import kernels_library_path
+from .modules import BlockSparseLinear
+
+DOMAIN = "ai.lpvit"
+OPSET = 18
+TARGETS = ("lpvit", "portable")
+
+
+def _register_schema() -> None:
+    """Declare ai.lpvit::BlockSparseLinear to onnx, so onnxscript can emit it and onnx.checker knows it."""
+    if onnx.defs.has("BlockSparseLinear", DOMAIN):
+        return
+    schema = onnx.defs.OpSchema
+    parameter = schema.FormalParameter
+    onnx.defs.register_schema(schema(
+        "BlockSparseLinear", DOMAIN, 1,
+        doc="Y[..., N] = X[..., K] * W^T + bias, W [N, K] in BSR (row_ptr, col_idx, values [nnz, bh, bw])",
+        inputs=[parameter("X", "T"), parameter("row_ptr", "tensor(int64)"), parameter("col_idx", "tensor(int64)"),
+                parameter("values", "T"), parameter("bias", "T", param_option=schema.FormalParameterOption.Optional)],
+        outputs=[parameter("Y", "T")],
+        type_constraints=[("T", ["tensor(float)"], "fp32")],
+        attributes=[schema.Attribute("block_shape", schema.AttrType.INTS, "[bh, bw]"),
+                    schema.Attribute("N", schema.AttrType.INT, "out features"),
+                    schema.Attribute("K", schema.AttrType.INT, "in features")],
+    ))
+
+
+def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0):
+    import onnxscript
+
+    lpvit_opset = onnxscript.values.Opset(DOMAIN, 1)
+    return lpvit_opset.BlockSparseLinear(x, row_ptr, col_idx, values, bias,
+                                         block_shape=[int(values.shape[1]), int(values.shape[2])],
+                                         N=out_features, K=in_features)
+
+
+def _densified(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy with every BlockSparseLinear replaced by the nn.Linear of its masked dense weight."""
+    dense = copy.deepcopy(gm)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, BlockSparseLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = nn.Parameter(module.to_dense(), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, linear)
+    dense.recompile()
+    return dense
+
+
+def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "lpvit") -> Path:
+    """Write ``gm`` as ONNX to ``path``; returns the path."""
+    if target not in TARGETS:
+        raise LpvitError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    _register_schema()
+    model = gm if target == "lpvit" else _densified(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter narrates each of its steps as warnings
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx}, verbose=False,
+        )
+    proto = _clean(program.model_proto)
+    onnx.checker.check_model(proto, full_check=False)
+    path = Path(path)
+    onnx.save(proto, path)
+    return path
+
+
+def _clean(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(proto)
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    cleaned.ir_version = proto.ir_version
+    del cleaned.opset_import[:]
+    cleaned.opset_import.extend(proto.opset_import)
+    return cleaned
+
+
+def InferenceSession(path, intra_op_num_threads: int | None = None, providers=None, **options):
+    """An ``onnxruntime.InferenceSession`` with the lpvit custom-op library registered.
+
+    ``options`` are set on the ``onnxruntime.SessionOptions`` (e.g. ``graph_optimization_level``).
+    """
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    session_options.register_custom_ops_library(kernels_library_path())
+    if intra_op_num_threads is not None:
+        session_options.intra_op_num_threads = intra_op_num_threads
+    for name, value in options.items():
+        if not hasattr(session_options, name):
+            raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
+        setattr(session_options, name, value)
+    if not Path(path).is_file():
+        raise ModelFileError(f"no ONNX model at {path}: the file does not exist")
+    try:
+        return ort.InferenceSession(str(path), session_options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelFileError(f"onnxruntime could not load {path}: {str(e).strip().splitlines()[0]}") from e

@@ -1,0 +1,117 @@
+"""The native kernel library (kernels/, built by ``pip install``): where it is, and calling it from torch.
+
+``liblpvit_kernels.so`` holds the block-sparse kernel behind two front ends: the onnxruntime custom-op library
+(``RegisterCustomOps``, domain ``ai.lpvit``) and a small C API (``lpvit_bsr_create/run/destroy``) that
+``torch.ops.lpvit.bsr_linear`` calls through ctypes. ``LPVIT_KERNELS_LIBRARY`` points at another build (e.g.
+one with AddressSanitizer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import weakref
+from pathlib import Path
+
+import torch
+
+from .errors import LpvitError
+
+LIBRARY_NAME = "liblpvit_kernels.so"
+LIBRARY_ENV = "LPVIT_KERNELS_LIBRARY"
+ERROR_BYTES = 512
+
+
+class KernelLibraryError(LpvitError):
+    """The native kernel library is missing or rejected its input."""
+
+
+def kernels_library_path() -> str:
+    """Path of the custom-op library, for onnxruntime sessions in any language and Triton's ORT backend."""
+    if os.environ.get(LIBRARY_ENV):
+        path = Path(os.environ[LIBRARY_ENV])
+        if not path.is_file():
+            raise KernelLibraryError(f"{LIBRARY_ENV}={path} does not exist")
+        return str(path)
+    import lpvit_compiler
+
+    for folder in lpvit_compiler.__path__:
+        if (Path(folder) / LIBRARY_NAME).is_file():
+            return str(Path(folder) / LIBRARY_NAME)
+    raise KernelLibraryError(f"the native kernel library ({LIBRARY_NAME}) is not built; reinstall with "
+                             "`pip install .` (needs a C++17 compiler and CMake >= 3.18)")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(kernels_library_path())
+    except (KernelLibraryError, OSError):
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lpvit_bsr_create.restype = ptr
+    lib.lpvit_bsr_create.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_char_p, i64]
+    lib.lpvit_bsr_run.restype = None
+    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.lpvit_bsr_destroy.restype = None
+    lib.lpvit_bsr_destroy.argtypes = [ptr]
+    lib.lpvit_kernel_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def native_available() -> bool:
+    return _library() is not None
+
+
+def kernel_isa() -> str:
+    """The instruction set the kernel uses on this CPU: ``avx512``, ``avx2`` or ``scalar``."""
+    lib = _library()
+    return lib.lpvit_kernel_isa().decode() if lib else "unavailable"
+
+
+class _PackedWeights:
+    """A validated, repacked BSR weight inside the native library; freed with this object."""
+
+    def __init__(self, lib, row_ptr, col_idx, values, bias, out_features: int, in_features: int):
+        self._lib = lib
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        bh, bw = values.shape[1], values.shape[2]
+        self.handle = lib.lpvit_bsr_create(
+            out_features, in_features, bh, bw, row_ptr.data_ptr(), row_ptr.numel(), col_idx.data_ptr(),
+            col_idx.numel(), values.data_ptr(), values.numel(), bias.data_ptr() if bias is not None else None,
+            bias.numel() if bias is not None else 0, error, ERROR_BYTES)
+        if not self.handle:
+            raise KernelLibraryError(f"malformed block-sparse weight: {error.value.decode()}")
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self._lib.lpvit_bsr_destroy(self.handle)
+
+
+# id(values tensor) -> (identity of all the weight's buffers, packed weights); dropped when the tensor dies
+_packed: dict[int, tuple] = {}
+
+
+def native_bsr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                      bias: torch.Tensor | None, out_features: int, in_features: int) -> torch.Tensor | None:
+    """y = x W^T + b with the native kernel, or None when it cannot run these tensors (the caller falls back)."""
+    lib = _library()
+    tensors = (row_ptr, col_idx, values) + ((bias,) if bias is not None else ())
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or values.dtype != torch.float32 or \
+            row_ptr.dtype != torch.int64 or col_idx.dtype != torch.int64 or \
+            (bias is not None and bias.dtype != torch.float32) or not all(t.is_contiguous() for t in tensors):
+        return None
+    identity = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors) + ((out_features, in_features),)
+    cached = _packed.get(id(values))
+    if cached is None or cached[0] != identity:
+        if cached is None:
+            weakref.finalize(values, _packed.pop, id(values), None)
+        cached = (identity, _PackedWeights(lib, row_ptr, col_idx, values, bias, out_features, in_features))
+        _packed[id(values)] = cached
+    if x.shape[-1] != in_features:
+        raise KernelLibraryError(f"input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
+    x2 = x.reshape(-1, in_features).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    lib.lpvit_bsr_run(cached[1].handle, x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], out_features)
