@@ -68,6 +68,8 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
     if (row_ptr[r + 1] < row_ptr[r] || row_ptr[r + 1] > nnz_blocks)
       return fail("row_ptr must be non-decreasing and within [0, nnz_blocks]: row_ptr[" + std::to_string(r + 1) +
                   "] = " + std::to_string(row_ptr[r + 1]));
+  }
+  for (int64_t r = 0; r < block_rows; ++r) {  // row_ptr is now known to index col_idx safely
     for (int64_t b = row_ptr[r]; b < row_ptr[r + 1]; ++b) {
       if (col_idx[b] < 0 || col_idx[b] >= block_cols)
         return fail("col_idx[" + std::to_string(b) + "] = " + std::to_string(col_idx[b]) + " is out of range [0, " +

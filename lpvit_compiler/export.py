@@ -126,3 +126,27 @@ def InferenceSession(path, intra_op_num_threads: int | None = None, providers=No
         return ort.InferenceSession(str(path), session_options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
         raise ModelFileError(f"onnxruntime could not load {path}: {str(e).strip().splitlines()[0]}") from e
+
+
+def single_layer_model(layer: BlockSparseLinear, dense: bool = False) -> onnx.ModelProto:
+    """One layer as an ONNX model, input ``X`` [M, K] -> ``Y`` [M, N]: the ai.lpvit op on the layer's BSR
+    buffers, or (``dense=True``) MatMul + Add on the same weights densified. For kernel tests and benchmarks."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", layer.in_features])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", layer.out_features])
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+    if dense:
+        nodes = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "bias"], ["Y"])]
+        tensors = {"W": layer.to_dense().T.contiguous(), "bias": bias}
+        opsets = [helper.make_opsetid("", OPSET)]
+    else:
+        names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if layer.bias is not None else [])
+        nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN,
+                                  block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features)]
+        tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values}
+        if layer.bias is not None:
+            tensors["bias"] = layer.bias
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+    initializers = [numpy_helper.from_array(t.numpy(), name) for name, t in tensors.items()]
+    return helper.make_model(helper.make_graph(nodes, "layer", [x], [y], initializers), opset_imports=opsets)

@@ -1,0 +1,60 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+import lpvit_compiler as lpvit
+
+
+@pytest.fixture(scope="module")
+def deit_tiny():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    calib = torch.randn(4, 3, 224, 224)
+    compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, importance="magnitude", block_shape=16,
+                             progress=False)
+    return compiled, calib
+
+
+def test_deit_tiny_onnx_with_custom_op_matches_torch(deit_tiny, tmp_path):
+    compiled, calib = deit_tiny
+    path = compiled.export(tmp_path / "deit_tiny.onnx")
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    custom = [n for n in model.graph.node if n.domain == "ai.lpvit"]
+    assert len(custom) == 48 and all(n.op_type == "BlockSparseLinear" for n in custom)
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("ai.lpvit", 1)}
+    session = lpvit.InferenceSession(path, intra_op_num_threads=2)
+    for batch in (1, 3):  # the batch dimension stays dynamic
+        images = calib[:batch]
+        got = session.run(None, {"pixel_values": images.numpy()})[0]
+        with torch.no_grad():
+            expected = compiled(images).numpy()
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_portable_export_runs_on_stock_onnxruntime(deit_tiny, tmp_path):
+    compiled, calib = deit_tiny
+    path = compiled.export(tmp_path / "portable.onnx", target="portable")
+    model = onnx.load(path)
+    assert not [n for n in model.graph.node if n.domain == "ai.lpvit"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # no custom-op library
+    got = session.run(None, {"pixel_values": calib.numpy()})[0]
+    with torch.no_grad():
+        expected = compiled(calib).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_bad_export_target_and_missing_model(compiled, tmp_path):
+    with pytest.raises(lpvit.LpvitError, match=r"unknown export target 'tensorrt'; choose one of lpvit, portable"):
+        compiled.export(tmp_path / "x.onnx", target="tensorrt")
+    with pytest.raises(lpvit.ModelFileError, match="no ONNX model at .*missing.onnx"):
+        lpvit.InferenceSession(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(lpvit.ModelFileError, match="onnxruntime could not load"):
+        lpvit.InferenceSession(junk)
+    with pytest.raises(lpvit.LpvitError, match="SessionOptions has no option 'turbo'"):
+        lpvit.InferenceSession(junk, turbo=True)
