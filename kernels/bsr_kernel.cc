@@ -11,7 +11,7 @@ namespace {
 
 constexpr int64_t kMaxDim = int64_t{1} << 31;  // N, K: with kMaxBlock, every size product fits in int64
 constexpr int64_t kMaxBlock = 4096;
-constexpr int64_t kRowTile = 64;                // X rows per task: a panel's weights stay in L1 meanwhile
+constexpr int64_t kRowTile = 60;  // X rows per task (a multiple of every micro-kernel height: 4, 6, 12)
 
 std::string describe(const char* what, int64_t got, int64_t expected) {
   return std::string(what) + " is " + std::to_string(got) + ", expected " + std::to_string(expected);

@@ -1,0 +1,160 @@
+"""Block-sparse linear kernel vs dense, per layer shape, density, block size and batch.
+
+Side by side in one process (interleaved, median of --repeats): our op ai.lpvit::BlockSparseLinear in
+onnxruntime, onnxruntime's dense MatMul+Add on the same (masked) weights, torch dense F.linear, and torch's own
+CPU BSR linear. Speedups are ratios against onnxruntime dense.
+
+    python benchmarks/kernel_bench.py [--models deit_s deit_b] [--threads 2] [--repeats 7]
+
+Writes benchmarks/results/kernel_bench.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, ort_session  # noqa: E402
+
+import lpvit_compiler as lpvit  # noqa: E402
+from lpvit_compiler.blocks import BlockGrid  # noqa: E402
+from lpvit_compiler.export import single_layer_model  # noqa: E402
+from lpvit_compiler.modules import BlockSparseLinear  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {  # name: (out_features, in_features) of the block linears
+    "deit_s": {"qkv": (1152, 384), "proj": (384, 384), "fc1": (1536, 384), "fc2": (384, 1536)},
+    "deit_b": {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)},
+}
+TOKENS = 197
+
+
+def measure(out_features, in_features, block, density, batch, threads, repeats, torch_bsr: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    grid = BlockGrid(out_features, in_features, (block, block))
+    block_mask = torch.rand(grid.block_rows, grid.block_cols, generator=g) < density
+    weight, bias = torch.randn(out_features, in_features, generator=g), torch.randn(out_features, generator=g)
+    layer = BlockSparseLinear.from_masked_weight(weight, bias, grid.expand(block_mask), (block, block))
+    ours = ort_session(single_layer_model(layer).SerializeToString(), threads, custom_ops=True)
+    dense = ort_session(single_layer_model(layer, dense=True).SerializeToString(), threads, custom_ops=False)
+    x = torch.randn(batch * TOKENS, in_features)
+    feed = {"X": x.numpy()}
+    dense_weight = layer.to_dense()
+    np.testing.assert_allclose(ours.run(None, feed)[0], dense.run(None, feed)[0], rtol=1e-3, atol=1e-3)
+    torch.set_num_threads(threads)
+    candidates = {
+        "ort_lpvit": lambda: ours.run(None, feed),
+        "ort_dense": lambda: dense.run(None, feed),
+        "torch_dense": lambda: F.linear(x, dense_weight, bias),
+    }
+    times = interleaved(candidates, repeats)
+    if torch_bsr:
+        bsr_weight = dense_weight.to_sparse_bsr((block, block)) if out_features % block == 0 and \
+            in_features % block == 0 else None
+        if bsr_weight is not None:
+            times.update(interleaved({"torch_bsr": lambda: F.linear(x, bsr_weight, bias)}, max(1, repeats // 3)))
+    return {
+        "out_features": out_features, "in_features": in_features, "block": block, "density": density,
+        "actual_density": layer.nnz_blocks / grid.num_blocks, "batch": batch, "rows": batch * TOKENS,
+        "threads": threads, "ms": {k: v * 1e3 for k, v in times.items()},
+        "speedup_vs_ort_dense": times["ort_dense"] / times["ort_lpvit"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25, 0.1])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[16, 32, 64])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's (slow) CPU BSR linear")
+    args = parser.parse_args()
+
+    rows = []
+    for model in args.models:
+        for layer_name, (n, k) in SHAPES[model].items():
+            for block in args.blocks:
+                for density in args.densities:
+                    for batch in args.batches:
+                        row = {"model": model, "layer": layer_name,
+                               **measure(n, k, block, density, batch, args.threads, args.repeats,
+                                         not args.no_torch_bsr)}
+                        rows.append(row)
+                        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
+                              f"{row['speedup_vs_ort_dense']:.2f}x vs ORT dense", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
+    (RESULTS / "kernel_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "kernel_bench.md").write_text(_markdown(rows, meta))
+    _plot(rows, RESULTS / "kernel_bench.png")
+    print(_markdown(rows, meta))
+
+
+def _geomean(values):
+    return float(np.exp(np.mean(np.log(values)))) if values else float("nan")
+
+
+def _markdown(rows, meta) -> str:
+    lines = [f"Kernel ISA {meta['isa']}, {meta['threads']} threads, {meta['tokens']} tokens per image, median of "
+             f"{meta['repeats']} interleaved runs. Speedup = ORT dense MatMul+Add time / our op's time "
+             "(geometric mean over the four block linears of the model).", "",
+             "| model | block | batch | " + " | ".join(f"density {d:g}" for d in sorted({r['density'] for r in rows},
+                                                                                  reverse=True)) + " |",
+             "|---|---|---|" + "---|" * len({r["density"] for r in rows})]
+    densities = sorted({r["density"] for r in rows}, reverse=True)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for block in sorted({r["block"] for r in rows}):
+            for batch in sorted({r["batch"] for r in rows}):
+                cells = []
+                for d in densities:
+                    sel = [r["speedup_vs_ort_dense"] for r in rows if (r["model"], r["block"], r["batch"],
+                                                                       r["density"]) == (model, block, batch, d)]
+                    cells.append(f"{_geomean(sel):.2f}x" if sel else "")
+                lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
+    bsr = [r["ms"]["ort_dense"] / r["ms"]["torch_bsr"] for r in rows if "torch_bsr" in r["ms"]]
+    if bsr:
+        lines += ["", f"torch's own CPU BSR linear, same shapes: median {statistics.median(bsr):.2f}x the speed of "
+                      "ORT dense (below 1 = slower)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    densities = sorted({r["density"] for r in rows})
+    for ax, batch in zip(axes[0], batches):
+        grid = np.linspace(min(densities), 1.0, 50)
+        ax.plot(grid, 1 / grid, "k--", lw=1, label="1/density (ideal)")
+        for model in dict.fromkeys(r["model"] for r in rows):
+            for block in sorted({r["block"] for r in rows}):
+                ys = [_geomean([r["speedup_vs_ort_dense"] for r in rows if (r["model"], r["block"], r["batch"],
+                                                                            r["density"]) == (model, block, batch, d)])
+                      for d in densities]
+                ax.plot(densities, ys, "o-", label=f"{model} {block}x{block}")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_yscale("log")
+        ax.set_xlabel("block density")
+        ax.set_ylabel("speedup vs onnxruntime dense")
+        ax.set_title(f"batch {batch} ({batch * TOKENS} rows)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
