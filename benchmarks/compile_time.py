@@ -7,7 +7,7 @@ calibration images at 224 px in <= 60 s with peak RSS <= 4 GB on 2 CPU cores.
                                       [--importance taylor hessian magnitude] [--repeats 3]
 
 The machine is shared and noisy: each configuration runs ``--repeats`` times and the table gives the median
-wall time with the range. Writes benchmarks/results/compile_time.{md,json}.
+wall time with the range. Writes benchmarks/results/compile_time_<models>.{md,json}.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compile_time.json").write_text(json.dumps(rows, indent=2) + "\n")
+    stem = "compile_time_" + "_".join(args.models)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| model | importance | calib images | threads | wall s (median) | runs (s) | peak RSS GB | slowest pass |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -81,7 +82,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['importance']} | {r['calibration_images']} | {r['threads']} | "
                      f"{r['seconds']:.1f} | {', '.join(f'{t:.1f}' for t in r['seconds_runs'])} | {r['peak_rss_gb']} | "
                      f"{slowest} {r['passes'][slowest]:.1f} s |")
-    (RESULTS / "compile_time.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
