@@ -49,7 +49,7 @@ def _block_shape(block_shape, hw: HardwareProfile) -> tuple[int, int]:
 
 
 def make_options(hw, flops_keep, target_speedup, power_keep, block_shape, importance, min_density, power_weight,
-                 power_model, damping, prune_heads, layers, calib_batch_size) -> CompileOptions:
+                 power_model, damping, prune_heads, layers, calib_batch_size, dense_fallback=True) -> CompileOptions:
     profile = get_profile(hw)
     given = {k: v for k, v in (("flops_keep", flops_keep), ("target_speedup", target_speedup),
                                ("power_keep", power_keep)) if v is not None}
@@ -84,7 +84,7 @@ def make_options(hw, flops_keep, target_speedup, power_keep, block_shape, import
         power_weight=power_weight, power_model=power_model,
         damping=_number("damping", damping, 0.0, float("inf"), False, "lambda of the Taylor distortion"),
         prune_heads=bool(prune_heads), layers=tuple(layers) if layers is not None else None,
-        calib_batch_size=calib_batch_size,
+        calib_batch_size=calib_batch_size, dense_fallback=bool(dense_fallback),
     )
 
 
@@ -105,6 +105,7 @@ def compile(
     prune_heads: bool = False,
     layers: Sequence[str] | None = None,
     calib_batch_size: int = 32,
+    dense_fallback: bool = True,
     dump_dir=None,
     leaf_modules: Sequence = (),
     concrete_args: dict | None = None,
@@ -126,11 +127,14 @@ def compile(
         power_model: ``"energy"`` (the profile's energy model) or ``"lpvit"`` (the paper's proxy).
         damping: lambda of the Taylor distortion's 1/2*lambda*||dW||^2 term.
         prune_heads: also prune classifier heads; ``layers`` names the linears to prune explicitly instead.
+        dense_fallback: keep a pruned layer a dense GEMM on its masked weight where ``hw`` predicts the
+            block-sparse kernel would not be faster (too dense); False makes every pruned layer block-sparse.
         dump_dir: write a numbered dump after every pass here (or set ``LPVIT_DUMP_DIR``).
         leaf_modules / concrete_args: help torch.fx capture (module types or names to keep opaque).
     """
     options = make_options(hw, flops_keep, target_speedup, power_keep, block_shape, importance, min_density,
-                           power_weight, power_model, damping, prune_heads, layers, calib_batch_size)
+                           power_weight, power_model, damping, prune_heads, layers, calib_batch_size,
+                           dense_fallback)
     batches = calibration_batches(calib, calib_batch_size)
     start = time.perf_counter()
     gm, method = capture(model, batches[0], leaf_modules, concrete_args)

@@ -5,10 +5,10 @@ own fields of :class:`PrunableLayer` and reads only those of earlier passes:
 
     capture            -> name, out/in_features, grid
     importance         -> tokens, block_scores, prune_order, distortion
-    hardware           -> flops, latency, energy, power (curves over pruned-block count k)
+    hardware           -> flops, latency, energy, power, sparse_faster (curves over pruned-block count k)
     block_mask_solve   -> pruned_blocks, block_mask
     dead_block_elim.   -> kept_rows, kept_cols, folded_bias
-    bsr_layout         -> nnz_blocks
+    bsr_layout         -> nnz_blocks, layout
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class CompileOptions:
     prune_heads: bool  # also prune classifier heads (linears whose output reaches the model output)
     layers: tuple[str, ...] | None  # explicit module names to prune, overriding the default selection
     calib_batch_size: int
+    dense_fallback: bool  # keep a pruned layer dense (masked) where the hw model says the sparse kernel is slower
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class CompileOptions:
             "prune_heads": self.prune_heads,
             "layers": list(self.layers) if self.layers is not None else None,
             "calib_batch_size": self.calib_batch_size,
+            "dense_fallback": self.dense_fallback,
         }
 
 
@@ -71,6 +73,7 @@ class PrunableLayer:
     latency: np.ndarray | None = None
     energy: np.ndarray | None = None
     power: np.ndarray | None = None
+    sparse_faster: np.ndarray | None = None  # [num_blocks + 1] bool: the block-sparse kernel beats dense GEMM
     dense_latency: float = 0.0  # of the original dense layer, seconds per inference
     dense_energy: float = 0.0  # joules per inference
     # solve
@@ -81,6 +84,7 @@ class PrunableLayer:
     kept_cols: torch.Tensor | None = None
     # bsr layout
     nnz_blocks: int = 0
+    layout: str = ""  # "bsr", or "dense" where dense_fallback kept the masked layer a dense GEMM
 
     @property
     def out_features(self) -> int:

@@ -31,6 +31,7 @@ class LayerRow:
     rows_removed: int  # by dead-block elimination
     cols_removed: int
     nnz_blocks: int  # blocks stored in the BSR layout
+    layout: str  # "bsr", or "dense" (masked dense GEMM: the kernel would not be faster at this density)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Report:
                 cols_removed=layer.in_features - (len(layer.kept_cols) if layer.kept_cols is not None
                                                   else layer.in_features),
                 nnz_blocks=layer.nnz_blocks,
+                layout=layer.layout,
             ))
         opts = ctx.options
         return cls(hw=opts.hw.name, importance=opts.importance, budget=opts.budget,
@@ -99,12 +101,12 @@ class Report:
                    f" | model FLOPs kept {s['model_flops_keep']:.3f} | predicted on {self.hw} (batch "
                    f"{s['hw_batch_size']}): {s['predicted_speedup']:.2f}x faster, energy x{s['predicted_energy_ratio']:.2f}")
         table = Table(title=f"lpvit compile report — {self.importance} importance, hw={self.hw}", caption=caption)
-        for column in ("layer", "shape", "block", "kept/blocks", "keep", "distortion", "MFLOPs dense→kept",
+        for column in ("layer", "shape", "block", "layout", "kept/blocks", "keep", "distortion", "MFLOPs dense→kept",
                        "latency µs dense→pred", "energy mJ dense→pred", "rows/cols removed"):
             table.add_column(column, justify="left" if column == "layer" else "right")
         for r in self.layers:
             table.add_row(
-                r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}",
+                r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}", r.layout,
                 f"{r.kept_blocks}/{r.blocks}", f"{r.keep_ratio:.2f}", f"{r.distortion:.3g}",
                 f"{r.flops_dense / 1e6:.1f}→{r.flops_kept / 1e6:.1f}",
                 f"{r.latency_dense_us:.1f}→{r.latency_predicted_us:.1f}",

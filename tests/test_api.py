@@ -56,13 +56,28 @@ def test_not_a_module():
         lpvit.compile("deit_small_patch16_224", calib=torch.randn(2, 3, 32, 32), progress=False)
 
 
-def test_compiled_model_matches_masked_dense_and_replaces_every_block_linear(model, calib, compiled):
+def test_compiled_model_matches_masked_dense_and_rewrites_every_pruned_linear(model, calib, compiled):
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
         torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-6)
-    for name in compiled.masks:
-        assert isinstance(compiled.graph_module.get_submodule(name), BlockSparseLinear)
+    layouts = {row.name: row.layout for row in compiled.report.layers}
+    assert set(layouts.values()) == {"bsr", "dense"}  # blocks.0.mlp.fc1 keeps 94% of its blocks: dense GEMM wins
+    for name, layout in layouts.items():
+        module = compiled.graph_module.get_submodule(name)
+        if layout == "bsr":
+            assert isinstance(module, BlockSparseLinear)
+        else:
+            assert type(module) is nn.Linear and not module.weight[~compiled.masks[name]].any()
     assert isinstance(compiled.graph_module.get_submodule("head"), nn.Linear)
+
+
+def test_without_dense_fallback_every_pruned_linear_is_block_sparse(model, calib):
+    compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dense_fallback=False,
+                             progress=False)
+    assert all(isinstance(compiled.graph_module.get_submodule(n), BlockSparseLinear) for n in compiled.masks)
+    reference = masked_reference(model, compiled.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-6)
 
 
 def test_masks_are_shaped_like_the_original_weights(model, compiled):

@@ -25,7 +25,8 @@ class MLP(nn.Module):
 
 
 def _context(gm, fc1_blocks, fc2_blocks):
-    options = make_options("cpu", 0.5, None, None, 16, "magnitude", 0.05, 0.0, "energy", 1e-7, False, None, 8)
+    options = make_options("cpu", 0.5, None, None, 16, "magnitude", 0.05, 0.0, "energy", 1e-7, False, None, 8,
+                           dense_fallback=False)
     layers = {"fc1": PrunableLayer("fc1", BlockGrid(64, 32, (16, 16))),
               "fc2": PrunableLayer("fc2", BlockGrid(32, 64, (16, 16)))}
     layers["fc1"].block_mask, layers["fc2"].block_mask = fc1_blocks, fc2_blocks

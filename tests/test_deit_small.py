@@ -15,7 +15,8 @@ def test_deit_small_at_half_flops(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224").eval()
     calib = torch.randn(64, 3, 224, 224)
-    compiled = lpvit.compile(model, hw="a100", flops_keep=0.5, calib=calib, dump_dir=tmp_path, progress=False)
+    compiled = lpvit.compile(model, hw="a100", flops_keep=0.5, calib=calib, dump_dir=tmp_path,
+                             dense_fallback=False, progress=False)
 
     assert compiled.report.flops_keep_achieved == pytest.approx(0.5, rel=0.01)
     block_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]

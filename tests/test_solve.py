@@ -67,10 +67,13 @@ def test_flops_budget_is_met_within_one_percent_and_min_density_holds(model, cal
 
 
 def test_speedup_and_power_budgets(model, calib):
-    faster = lpvit.compile(model, hw="a100", target_speedup=1.1, calib=calib, block_shape=16, progress=False)
+    # dense_fallback off: with it the latency/power curves jump where a layer turns dense, in steps too coarse
+    # for this tiny model to land within 1%
+    faster = lpvit.compile(model, hw="a100", target_speedup=1.1, calib=calib, block_shape=16, dense_fallback=False,
+                           progress=False)
     assert faster.report.summary["predicted_speedup"] == pytest.approx(1.1, rel=0.01)
     frugal = lpvit.compile(model, hw="a100", power_keep=0.6, calib=calib, block_shape=16, power_weight="auto",
-                           progress=False)
+                           dense_fallback=False, progress=False)
     assert frugal.report.summary["budget_achieved"] == pytest.approx(0.6, rel=0.01)
     assert frugal.report.summary["beta"] > 0
 

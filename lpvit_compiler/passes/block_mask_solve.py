@@ -19,7 +19,7 @@ taken over each curve's convex hull, and per unit of resource rather than per pr
 different cost compare fairly). lambda is found by bisection (over lambda = s*sinh(u), so it may turn negative
 when a power term alone would prune past the budget); the discrete gap between the two
 bracketing allocations is closed by single-block steps of least dC/dR until the budget is met, so the
-achieved budget ends within one block of the target. k_max,l keeps at least ``min_density`` of every layer.
+achieved budget ends within one step of the target. k_max,l keeps at least ``min_density`` of every layer.
 Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid).
 """
 
@@ -74,16 +74,18 @@ def equal_slope_solve(costs: list[np.ndarray], resources: list[np.ndarray], max_
             hi = mid
     ks = _allocate(costs, resources, max_pruned, slope(lo))
     while _total(resources, ks) > target:
-        best, best_rate = -1, math.inf
+        best, best_k, best_rate = -1, 0, math.inf
         for layer, (c, r, m) in enumerate(zip(costs, resources, max_pruned)):
             k = ks[layer]
-            if k < m and r[k] - r[k + 1] > 0:
-                rate = (c[k + 1] - c[k]) / (r[k] - r[k + 1])
+            cheaper = np.nonzero(r[k + 1: m + 1] < r[k])[0]  # next count that saves resource (skips flat runs)
+            if cheaper.size:
+                k_next = k + 1 + int(cheaper[0])
+                rate = (c[k_next] - c[k]) / (r[k] - r[k_next])
                 if rate < best_rate:
-                    best, best_rate = layer, rate
+                    best, best_k, best_rate = layer, k_next, rate
         if best < 0:
             break
-        ks[best] += 1
+        ks[best] = best_k
     return ks, slope(hi)
 
 
@@ -180,6 +182,8 @@ def block_mask_solve(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
 def _why(k: int, k_max: int, forward, backward, slope: float) -> str:
     if k == k_max:
         return "pruned down to min_density: every block removed cost less than lambda per unit of budget"
+    if k == 0 and forward is None:
+        return "kept whole: removing one block saves none of the budget resource here (dense GEMM still faster)"
     if k == 0:
         return f"kept whole: even its cheapest block costs {forward:.3g} per unit of budget, above lambda={slope:.3g}"
     return (f"stopped where the next block would cost {forward:.3g} per unit of budget (> lambda={slope:.3g})"

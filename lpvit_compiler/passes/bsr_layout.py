@@ -1,4 +1,4 @@
-"""Layout rewrite to BSR: every pruned nn.Linear becomes a BlockSparseLinear calling torch.ops.lpvit.bsr_linear.
+"""Layout rewrite to BSR: pruned nn.Linear layers become BlockSparseLinear calling torch.ops.lpvit.bsr_linear.
 
 Input: graph with nn.Linear modules (possibly shrunk by dead-block elimination) and each layer's live element
 mask. Output: the same graph with those modules swapped for :class:`~lpvit_compiler.modules.BlockSparseLinear`
@@ -6,12 +6,16 @@ holding ``row_ptr``, ``col_idx``, ``values [nnz_blocks, bh, bw]`` and ``bias``: 
 elements is kept, masked elements inside it are zero, and edge blocks of dims that do not divide by the
 block are zero-padded (never skipped). y = x (W (.) M)^T + b exactly.
 
-Also records the FLOPs the compiled model really executes (after elimination):
-    flops_keep_executed = sum_l 2 * tokens_l * |live kept elements_l| / sum_l 2 * tokens_l * |W_l|
+With ``dense_fallback``, a layer the hardware pass found too dense for the block-sparse kernel to win
+(``sparse_faster[k]`` false) stays an nn.Linear on its masked weight W (.) M: the same numbers, a faster GEMM.
+
+Also records the FLOPs the compiled model really executes (after elimination; dense layers count in full):
+    flops_keep_executed = sum_l 2 * tokens_l * |executed elements_l| / sum_l 2 * tokens_l * |W_l|
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..context import CompileContext
@@ -26,12 +30,20 @@ def bsr_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         linear = gm.get_submodule(name)
         live_mask = layer.live_mask()
         bsr = BlockSparseLinear.from_masked_weight(linear.weight, linear.bias, live_mask, layer.grid.block_shape)
-        parent, _, leaf = name.rpartition(".")
-        setattr(gm.get_submodule(parent), leaf, bsr)
         layer.nnz_blocks = bsr.nnz_blocks
-        executed += 2.0 * layer.tokens * float(live_mask.sum())
         dense += 2.0 * layer.tokens * layer.out_features * layer.in_features
+        if ctx.options.dense_fallback and not layer.sparse_faster[layer.pruned_blocks]:
+            layer.layout = "dense"
+            with torch.no_grad():
+                linear.weight.mul_(live_mask)
+            executed += 2.0 * layer.tokens * linear.weight.numel()
+        else:
+            layer.layout = "bsr"
+            parent, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(parent), leaf, bsr)
+            executed += 2.0 * layer.tokens * float(live_mask.sum())
         per_layer[name] = {
+            "layout": layer.layout,
             "shape": [bsr.out_features, bsr.in_features],
             "block_shape": list(bsr.block_shape),
             "nnz_blocks": bsr.nnz_blocks,

@@ -4,7 +4,9 @@ Input: layers with ``tokens`` and ``prune_order`` (from importance) and the prof
 Output: the graph unchanged; per layer, curves over k = blocks pruned (0 .. num_blocks), per inference:
 
     flops[k]   = 2 * tokens * (real weight elements in the kept blocks)      per image, exact for edge blocks
-    latency[k], energy[k] = hw.linear_cost(tokens, num_blocks - k, ...)     (roofline model, hardware.py)
+    sparse_faster[k] = block-sparse latency(num_blocks - k) < dense latency  (roofline model, hardware.py)
+    latency[k], energy[k] = the block-sparse kernel's, or with dense_fallback where it is not faster, the dense
+                            GEMM's (the layout pass then keeps that layer dense)
     power[k]   = energy[k]  or, with power_model="lpvit", (num_blocks - k) * floor(in_features / 16)
 
 and the dense figures of each layer and of the whole model. The whole model's FLOPs come from
@@ -46,12 +48,16 @@ def hardware(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         kept_elements = counts.sum() - np.concatenate([[0], np.cumsum(counts)])
         kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
         layer.flops = 2.0 * layer.tokens * kept_elements
-        layer.latency, layer.energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
-                                                     layer.in_features, layer.out_features, sparse=True)
+        sparse_latency, sparse_energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
+                                                       layer.in_features, layer.out_features, sparse=True)
         dense_latency, dense_energy = hw.linear_cost(
             layer.tokens, layer.out_features * layer.in_features / np.prod(grid.block_shape), grid.block_shape,
             layer.in_features, layer.out_features, sparse=False)
         layer.dense_latency, layer.dense_energy = float(dense_latency), float(dense_energy)
+        layer.sparse_faster = sparse_latency < dense_latency
+        use_sparse = layer.sparse_faster if ctx.options.dense_fallback else np.ones_like(layer.sparse_faster)
+        layer.latency = np.where(use_sparse, sparse_latency, dense_latency)
+        layer.energy = np.where(use_sparse, sparse_energy, dense_energy)
         if ctx.options.power_model == "lpvit":
             layer.power = lpvit_power_proxy(kept_blocks, layer.in_features)
         else:
@@ -60,6 +66,8 @@ def hardware(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             "tokens": layer.tokens,
             "dense_flops": layer.flops[0],
             "dense_latency_us": layer.dense_latency * 1e6,
+            "sparse_kernel_faster_below_density": float((kept_blocks[layer.sparse_faster].max() if
+                                                         layer.sparse_faster.any() else 0) / layer.num_blocks),
             "sparse_latency_us_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.latency) * 1e6,
             "power_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.power),
         }
