@@ -95,8 +95,7 @@ def _canonicalize_linears(gm: fx.GraphModule) -> None:
         linear.weight = owner.weight
         if bias is not None:
             linear.bias = owner.bias
-        parent_name, _, leaf = owner_name.rpartition(".")
-        setattr(gm.get_submodule(parent_name), leaf, linear)
+        gm.set_submodule(owner_name, linear)
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(owner_name, (x,))
         call.meta = dict(node.meta)

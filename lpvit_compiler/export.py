@@ -67,8 +67,7 @@ def _densified(gm: fx.GraphModule) -> fx.GraphModule:
             linear.weight = nn.Parameter(module.to_dense(), requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
-            parent, _, leaf = name.rpartition(".")
-            setattr(dense.get_submodule(parent), leaf, linear)
+            dense.set_submodule(name, linear)
     dense.recompile()
     return dense
 

@@ -39,8 +39,7 @@ def bsr_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             executed += 2.0 * layer.tokens * linear.weight.numel()
         else:
             layer.layout = "bsr"
-            parent, _, leaf = name.rpartition(".")
-            setattr(gm.get_submodule(parent), leaf, bsr)
+            gm.set_submodule(name, bsr)
             executed += 2.0 * layer.tokens * float(live_mask.sum())
         per_layer[name] = {
             "layout": layer.layout,

@@ -75,8 +75,7 @@ def _replace_linear(gm: fx.GraphModule, name: str, weight: torch.Tensor, bias: t
     linear.weight = nn.Parameter(weight.detach().clone())
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone())
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent), leaf, linear)
+    gm.set_submodule(name, linear)
 
 
 def _live_block_mask(layer) -> torch.Tensor:
