@@ -14,27 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, ort_session  # noqa: E402
+from lpvit_compiler.bench import interleaved, ort_session
 
-import lpvit_compiler as lpvit  # noqa: E402
+import lpvit_compiler as lpvit
+from lpvit_compiler.export import export_onnx
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _dense_onnx(model, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, 224, 224),), path, dynamo=True, opset_version=18,
-                          input_names=["pixel_values"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         dense_path = work / f"{name}-dense.onnx"
-        _dense_onnx(model, dense_path)
+        export_onnx(model, torch.zeros(2, 3, 224, 224), dense_path)
         dense = ort_session(str(dense_path), args.threads, custom_ops=False)
         calib = torch.randn(16, 3, 224, 224)
         for flops_keep in args.flops_keep:

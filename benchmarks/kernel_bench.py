@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, ort_session  # noqa: E402
+from lpvit_compiler.bench import interleaved, ort_session
 
-import lpvit_compiler as lpvit  # noqa: E402
-from lpvit_compiler.blocks import BlockGrid  # noqa: E402
-from lpvit_compiler.export import single_layer_model  # noqa: E402
-from lpvit_compiler.modules import BlockSparseLinear  # noqa: E402
+import lpvit_compiler as lpvit
+from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.export import single_layer_model
+from lpvit_compiler.modules import BlockSparseLinear
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (out_features, in_features) of the block linears

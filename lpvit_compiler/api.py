@@ -6,6 +6,7 @@ import numbers
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 
@@ -32,6 +33,12 @@ def _number(name: str, value, low: float, high: float, low_open: bool, meaning: 
     return value
 
 
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def _block_shape(block_shape, hw: HardwareProfile) -> tuple[int, int]:
     if block_shape is None:
         return tuple(hw.block_shape)
@@ -49,7 +56,8 @@ def _block_shape(block_shape, hw: HardwareProfile) -> tuple[int, int]:
 
 
 def make_options(hw, flops_keep, target_speedup, power_keep, block_shape, importance, min_density, power_weight,
-                 power_model, damping, prune_heads, layers, calib_batch_size, dense_fallback=True) -> CompileOptions:
+                 power_model, damping, prune_heads, layers, calib_batch_size, dense_fallback=True, reconstruct=True,
+                 reconstruct_images=128, reconstruct_damping=0.01) -> CompileOptions:
     profile = get_profile(hw)
     given = {k: v for k, v in (("flops_keep", flops_keep), ("target_speedup", target_speedup),
                                ("power_keep", power_keep)) if v is not None}
@@ -74,9 +82,7 @@ def make_options(hw, flops_keep, target_speedup, power_keep, block_shape, import
                                "beta of the power term, or 'auto'")
     if isinstance(layers, str):
         layers = [layers]
-    if calib_batch_size is None or isinstance(calib_batch_size, bool) or not isinstance(calib_batch_size, int) \
-            or calib_batch_size < 1:
-        raise ConfigError(f"calib_batch_size must be a positive int, got {calib_batch_size!r}")
+    _count("calib_batch_size", calib_batch_size)
     return CompileOptions(
         hw=profile, budget=budget, budget_target=target, block_shape=_block_shape(block_shape, profile),
         importance=importance,
@@ -84,7 +90,10 @@ def make_options(hw, flops_keep, target_speedup, power_keep, block_shape, import
         power_weight=power_weight, power_model=power_model,
         damping=_number("damping", damping, 0.0, float("inf"), False, "lambda of the Taylor distortion"),
         prune_heads=bool(prune_heads), layers=tuple(layers) if layers is not None else None,
-        calib_batch_size=calib_batch_size, dense_fallback=bool(dense_fallback),
+        calib_batch_size=calib_batch_size, dense_fallback=bool(dense_fallback), reconstruct=bool(reconstruct),
+        reconstruct_images=_count("reconstruct_images", reconstruct_images),
+        reconstruct_damping=_number("reconstruct_damping", reconstruct_damping, 0.0, float("inf"), True,
+                                    "ridge lambda of the reconstruction, relative to mean(diag(X^T X))"),
     )
 
 
@@ -106,10 +115,14 @@ def compile(
     layers: Sequence[str] | None = None,
     calib_batch_size: int = 32,
     dense_fallback: bool = True,
+    reconstruct: bool = True,
+    reconstruct_images: int = 128,
+    reconstruct_damping: float = 0.01,
     dump_dir=None,
     leaf_modules: Sequence = (),
     concrete_args: dict | None = None,
     progress: bool = True,
+    data_config: dict | None = None,
 ) -> CompiledModel:
     """Compile ``model`` into a block-sparse model under one budget (default ``flops_keep=0.5``).
 
@@ -129,19 +142,25 @@ def compile(
         prune_heads: also prune classifier heads; ``layers`` names the linears to prune explicitly instead.
         dense_fallback: keep a pruned layer a dense GEMM on its masked weight where ``hw`` predicts the
             block-sparse kernel would not be faster (too dense); False makes every pruned layer block-sparse.
+        reconstruct: refit each pruned layer's kept weights and bias to the dense model's outputs, layer by layer
+            on the first ``reconstruct_images`` calibration images (ridge ``reconstruct_damping``).
         dump_dir: write a numbered dump after every pass here (or set ``LPVIT_DUMP_DIR``).
         leaf_modules / concrete_args: help torch.fx capture (module types or names to keep opaque).
+        progress: show progress bars.
+        data_config: the preprocessing the model expects (timm data config), stored in the plan and in
+            exported ONNX files for ``lpvit eval``.
     """
     options = make_options(hw, flops_keep, target_speedup, power_keep, block_shape, importance, min_density,
                            power_weight, power_model, damping, prune_heads, layers, calib_batch_size,
-                           dense_fallback)
+                           dense_fallback, reconstruct, reconstruct_images, reconstruct_damping)
     batches = calibration_batches(calib, calib_batch_size)
     start = time.perf_counter()
     gm, method = capture(model, batches[0], leaf_modules, concrete_args)
     prunable, selection = select_prunable_layers(gm, options, batches[0])
     ctx = CompileContext(options=options, calibration=batches, layers=prunable, capture_method=method,
                          progress=progress)
-    manager = PassManager(PIPELINE, dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV))
+    dump_dir = dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV)
+    manager = PassManager(PIPELINE, dump_dir)
     manager.record("capture", PassResult(gm, True, {"method": method, "linear_layers": selection,
                                                     "options": options.to_dict()}),
                    time.perf_counter() - start)
@@ -153,6 +172,8 @@ def compile(
         layers={name: {"weight_shape": [l.out_features, l.in_features], "block_shape": list(l.grid.block_shape),
                        "blocks": l.num_blocks, "pruned_blocks": l.pruned_blocks,
                        "keep_ratio": 1 - l.pruned_blocks / l.num_blocks} for name, l in ctx.layers.items()},
-        summary=report.summary, versions=versions())
+        summary=report.summary, versions=versions(), data_config=data_config)
+    if dump_dir is not None:
+        report.to_json(Path(dump_dir) / "report.json")
     masks = {name: (l.grid, l.block_mask) for name, l in ctx.layers.items()}
     return CompiledModel(gm, report, plan, masks)

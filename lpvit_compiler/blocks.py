@@ -68,3 +68,24 @@ class BlockGrid:
     def reduce_any(self, element_mask: torch.Tensor) -> torch.Tensor:
         """Element mask [out, in] -> block mask: a block is kept if any of its elements is."""
         return self.block_sum(element_mask.to(torch.float32)) > 0
+
+
+def pack_mask(block_mask: torch.Tensor) -> str:
+    """A bool block mask as base64 of its row-major bits (for JSON files)."""
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.packbits(block_mask.numpy().ravel()).tobytes()).decode()
+
+
+def unpack_mask(bits: str, block_rows: int, block_cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`; ValueError when ``bits`` holds fewer than block_rows*block_cols bits."""
+    import base64
+
+    import numpy as np
+
+    flat = np.unpackbits(np.frombuffer(base64.b64decode(bits), np.uint8))[: block_rows * block_cols]
+    if flat.size != block_rows * block_cols:
+        raise ValueError(f"mask holds {flat.size} bits, expected {block_rows * block_cols}")
+    return torch.from_numpy(flat.astype(bool)).reshape(block_rows, block_cols)

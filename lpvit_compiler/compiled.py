@@ -7,18 +7,16 @@ model code and unpickles nothing.
 
 from __future__ import annotations
 
-import base64
 import json
 import platform
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import fx, nn
 
-from .blocks import BlockGrid
+from .blocks import BlockGrid, pack_mask, unpack_mask
 from .errors import ModelFileError
 from .report import Report
 
@@ -47,19 +45,13 @@ class Plan:
     summary: dict
     versions: dict
     format: str = FORMAT
+    data_config: dict | None = None  # preprocessing the model expects (timm data config), where known
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-    def export(self, path, target: str = "lpvit"):
-        """Write an ONNX model: ``target="lpvit"`` with ai.lpvit::BlockSparseLinear nodes (run it with
-        :func:`lpvit_compiler.InferenceSession`), ``"portable"`` with standard ops only. Returns the path."""
-        from .export import export_onnx
-
-        return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target)
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -72,7 +64,7 @@ class Plan:
 def _encode_masks(block_masks: dict[str, tuple[BlockGrid, torch.Tensor]]) -> str:
     return json.dumps({
         name: {"weight_shape": [g.out_features, g.in_features], "block_shape": list(g.block_shape),
-               "bits": base64.b64encode(np.packbits(m.numpy().ravel()).tobytes()).decode()}
+               "bits": pack_mask(m)}
         for name, (g, m) in block_masks.items()})
 
 
@@ -80,10 +72,10 @@ def _decode_masks(text: str) -> dict[str, tuple[BlockGrid, torch.Tensor]]:
     masks = {}
     for name, entry in json.loads(text).items():
         grid = BlockGrid(*entry["weight_shape"], tuple(entry["block_shape"]))
-        bits = np.unpackbits(np.frombuffer(base64.b64decode(entry["bits"]), np.uint8))[: grid.num_blocks]
-        if bits.size != grid.num_blocks:
-            raise ModelFileError(f"mask of layer '{name}' is truncated in the saved file")
-        masks[name] = (grid, torch.from_numpy(bits.astype(bool)).reshape(grid.block_rows, grid.block_cols))
+        try:
+            masks[name] = (grid, unpack_mask(entry["bits"], grid.block_rows, grid.block_cols))
+        except ValueError:
+            raise ModelFileError(f"mask of layer '{name}' is truncated in the saved file") from None
     return masks
 
 

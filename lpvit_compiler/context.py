@@ -40,6 +40,9 @@ class CompileOptions:
     layers: tuple[str, ...] | None  # explicit module names to prune, overriding the default selection
     calib_batch_size: int
     dense_fallback: bool  # keep a pruned layer dense (masked) where the hw model says the sparse kernel is slower
+    reconstruct: bool = True  # refit kept weights to the dense outputs (passes/reconstruct.py)
+    reconstruct_images: int = 128  # calibration images the reconstruction fits on
+    reconstruct_damping: float = 0.01  # ridge lambda, relative to mean(diag(X^T X))
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +59,9 @@ class CompileOptions:
             "layers": list(self.layers) if self.layers is not None else None,
             "calib_batch_size": self.calib_batch_size,
             "dense_fallback": self.dense_fallback,
+            "reconstruct": self.reconstruct,
+            "reconstruct_images": self.reconstruct_images,
+            "reconstruct_damping": self.reconstruct_damping,
         }
 
 

@@ -81,7 +81,7 @@ def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter narrates each of its steps as warnings
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"],
+            model, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx}, verbose=False,
         )
@@ -127,25 +127,36 @@ def InferenceSession(path, intra_op_num_threads: int | None = None, providers=No
         raise ModelFileError(f"onnxruntime could not load {path}: {str(e).strip().splitlines()[0]}") from e
 
 
+def _layer_model(nodes, tensors: dict, in_features: int, out_features: int, custom_op: bool) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", in_features])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", out_features])
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, 1)] if custom_op else [])
+    initializers = [numpy_helper.from_array(t.detach().numpy(), name) for name, t in tensors.items()]
+    return helper.make_model(helper.make_graph(nodes, "layer", [x], [y], initializers), opset_imports=opsets)
+
+
+def dense_layer_model(weight: torch.Tensor, bias: torch.Tensor | None = None) -> onnx.ModelProto:
+    """``Y [M, N] = X [M, K] @ weight.T + bias`` as MatMul + Add, the way exported dense linears run."""
+    from onnx import helper
+
+    bias = bias if bias is not None else torch.zeros(weight.shape[0])
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "bias"], ["Y"])]
+    return _layer_model(nodes, {"W": weight.T.contiguous(), "bias": bias}, weight.shape[1], weight.shape[0], False)
+
+
 def single_layer_model(layer: BlockSparseLinear, dense: bool = False) -> onnx.ModelProto:
     """One layer as an ONNX model, input ``X`` [M, K] -> ``Y`` [M, N]: the ai.lpvit op on the layer's BSR
     buffers, or (``dense=True``) MatMul + Add on the same weights densified. For kernel tests and benchmarks."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", layer.in_features])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", layer.out_features])
-    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
     if dense:
-        nodes = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "bias"], ["Y"])]
-        tensors = {"W": layer.to_dense().T.contiguous(), "bias": bias}
-        opsets = [helper.make_opsetid("", OPSET)]
-    else:
-        names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if layer.bias is not None else [])
-        nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN,
-                                  block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features)]
-        tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values}
-        if layer.bias is not None:
-            tensors["bias"] = layer.bias
-        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
-    initializers = [numpy_helper.from_array(t.numpy(), name) for name, t in tensors.items()]
-    return helper.make_model(helper.make_graph(nodes, "layer", [x], [y], initializers), opset_imports=opsets)
+        return dense_layer_model(layer.to_dense(), layer.bias)
+    names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if layer.bias is not None else [])
+    nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN,
+                              block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features)]
+    tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values}
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias
+    return _layer_model(nodes, tensors, layer.in_features, layer.out_features, True)

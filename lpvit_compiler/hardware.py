@@ -16,7 +16,8 @@ LPViT's power proxy (``power_model="lpvit"``) is kept_blocks * floor(in_features
 
 To change the cost model, edit :meth:`HardwareProfile.linear_cost`; to add a target, add a profile to
 ``PROFILES``. The figures below are vendor peak numbers with published-typical efficiency/power estimates,
-stated per field; ``hw="native"`` (calibrated from measurement) comes with the kernel benchmarks.
+stated per field. ``hw="native"`` fits the CPU profile's coefficients to a micro-benchmark of the built
+kernel and onnxruntime's dense GEMM on this machine (``native_profile.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class HardwareProfile:
     energy_per_byte_j: float
     batch_size: int  # images per inference that predictions are made for
     bytes_per_value: int = 4  # fp32
+    calibration: str = "vendor figures and published estimates"  # where the coefficients came from
 
     def linear_cost(
         self,
@@ -117,7 +119,7 @@ def _cpu(name: str, cores: int, avx512: bool) -> HardwareProfile:
     )
 
 
-def _this_cpu() -> HardwareProfile:
+def this_cpu() -> HardwareProfile:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         with open("/proc/cpuinfo") as f:
@@ -162,7 +164,7 @@ PROFILES: dict[str, HardwareProfile] = {
 
 
 def known_profiles() -> list[str]:
-    return sorted([*PROFILES, "cpu"])
+    return sorted([*PROFILES, "cpu", "native"])
 
 
 def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
@@ -172,7 +174,11 @@ def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
     if not isinstance(hw, str):
         raise ConfigError(f"hw must be a profile name or a HardwareProfile, got {type(hw).__name__}")
     if hw == "cpu":
-        return _this_cpu()
+        return this_cpu()
+    if hw == "native":
+        from .native_profile import native_profile
+
+        return native_profile()
     if hw not in PROFILES:
         raise ConfigError(f"unknown hardware profile {hw!r}; known profiles: {', '.join(known_profiles())} "
                           "(or pass a lpvit_compiler.HardwareProfile)")

@@ -73,7 +73,7 @@ def test_compiled_model_matches_masked_dense_and_rewrites_every_pruned_linear(mo
 
 def test_without_dense_fallback_every_pruned_linear_is_block_sparse(model, calib):
     compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dense_fallback=False,
-                             progress=False)
+                             reconstruct=False, progress=False)
     assert all(isinstance(compiled.graph_module.get_submodule(n), BlockSparseLinear) for n in compiled.masks)
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_report_prints_and_converts(compiled):
     assert data["summary"]["flops_keep_achieved"] == pytest.approx(0.5, rel=0.01)
     assert [row["name"] for row in data["layers"]] == list(compiled.masks)
     assert [p["pass"] for p in data["passes"]] == ["capture", "importance", "hardware", "block_mask_solve",
-                                                    "dead_block_elimination", "bsr_layout"]
+                                                    "reconstruct", "dead_block_elimination", "bsr_layout"]
 
 
 def test_plan_is_json_and_reproducible(compiled, tmp_path, model, calib):
@@ -113,7 +113,7 @@ def test_dumps_one_numbered_folder_per_pass(model, calib, tmp_path):
     lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["00-capture", "01-importance", "02-hardware", "03-block_mask_solve",
-                       "04-dead_block_elimination", "05-bsr_layout"]
+                       "04-reconstruct", "05-dead_block_elimination", "06-bsr_layout"]
     for folder in folders:
         assert (tmp_path / folder / "graph.txt").read_text().startswith("class ")
         assert json.loads((tmp_path / folder / "decisions.json").read_text())["pass"] == folder[3:]
@@ -123,20 +123,20 @@ def test_dumps_one_numbered_folder_per_pass(model, calib, tmp_path):
     heatmap = tmp_path / "03-block_mask_solve" / "masks" / "blocks.0.mlp.fc1.png"
     assert heatmap.read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "03-block_mask_solve" / "distortion_curves.png").exists()
-    assert "BlockSparseLinear" in (tmp_path / "05-bsr_layout" / "graph.txt").read_text()
+    assert "BlockSparseLinear" in (tmp_path / "06-bsr_layout" / "graph.txt").read_text()
     assert [p["pass"] for p in json.loads((tmp_path / "passes.json").read_text())][0] == "capture"
 
 
 def test_dump_dir_from_environment(model, calib, tmp_path, monkeypatch):
     monkeypatch.setenv("LPVIT_DUMP_DIR", str(tmp_path / "env"))
     lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, importance="magnitude", progress=False)
-    assert (tmp_path / "env" / "05-bsr_layout" / "decisions.json").exists()
+    assert (tmp_path / "env" / "06-bsr_layout" / "decisions.json").exists()
 
 
 @pytest.mark.parametrize("importance", ["hessian", "magnitude"])
 def test_other_criteria_compile_exactly(model, calib, importance):
     compiled = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, importance=importance,
-                             progress=False)
+                             reconstruct=False, progress=False)
     assert compiled.report.flops_keep_achieved == pytest.approx(0.4, rel=0.01)
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():

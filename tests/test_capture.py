@@ -42,7 +42,7 @@ def test_distilled_deit_has_two_heads_left_dense(calib):
 
 def test_layerscale_vit_compiles_exactly(calib):
     model = tiny_vit(init_values=1e-1)  # DINOv2-style LayerScale
-    compiled = lpvit.compile(model, flops_keep=0.6, calib=calib, block_shape=16, progress=False)
+    compiled = lpvit.compile(model, reconstruct=False, flops_keep=0.6, calib=calib, block_shape=16, progress=False)
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
         torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-5)
@@ -52,7 +52,7 @@ def test_torchvision_vit_prunes_mlp_linears(calib):
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                  hidden_dim=64, mlp_dim=128, num_classes=10).eval()
-    compiled = lpvit.compile(model, flops_keep=0.6, calib=calib, block_shape=8, progress=False)
+    compiled = lpvit.compile(model, reconstruct=False, flops_keep=0.6, calib=calib, block_shape=8, progress=False)
     assert set(compiled.masks) == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_hugging_face_vit_is_captured_through_torch_export(calib):
     assert method == "torch.export"
     expected = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "classifier"}
     assert set(layers) == expected and len(expected) == 12  # q, k, v, o, fc1, fc2 per layer
-    compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, progress=False)
+    compiled = lpvit.compile(model, reconstruct=False, flops_keep=0.5, calib=calib, block_shape=16, progress=False)
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
         torch.testing.assert_close(compiled(calib).logits, reference(calib).logits, rtol=1e-4, atol=1e-5)
@@ -141,7 +141,7 @@ def test_timm_model_zoo_compiles_exactly(name, img_size):
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=img_size).eval()
     calib = torch.randn(4, 3, img_size, img_size)
-    compiled = lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, progress=False)
+    compiled = lpvit.compile(model, reconstruct=False, flops_keep=0.5, calib=calib, block_shape=16, progress=False)
     assert compiled.plan.capture == "torch.fx" and len(compiled.masks) == 48
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():

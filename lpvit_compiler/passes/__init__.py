@@ -9,7 +9,9 @@ from .bsr_layout import bsr_layout
 from .dead_block_elimination import dead_block_elimination
 from .hardware import hardware
 from .importance import importance
+from .reconstruct import reconstruct
 
-PIPELINE = (importance, hardware, block_mask_solve, dead_block_elimination, bsr_layout)
+PIPELINE = (importance, hardware, block_mask_solve, reconstruct, dead_block_elimination, bsr_layout)
 
-__all__ = ["PIPELINE", "importance", "hardware", "block_mask_solve", "dead_block_elimination", "bsr_layout"]
+__all__ = ["PIPELINE", "importance", "hardware", "block_mask_solve", "reconstruct", "dead_block_elimination",
+           "bsr_layout"]

@@ -1,0 +1,120 @@
+"""Side-by-side timing for noisy shared machines, used by ``lpvit bench``, ``hw="native"`` and benchmarks/.
+
+Candidates run interleaved (each repeat calls every candidate once, in turn) and results are medians, so a
+burst of load from another process hits all candidates alike; compare them by ratio, not absolute time.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFileError
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                progress: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each candidate, the candidates taking turns in every repeat."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def ort_session(model, threads: int | None = None, custom_ops: bool = True):
+    """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads and, with
+    ``custom_ops``, the lpvit op library registered."""
+    import onnxruntime as ort
+
+    from .kernels import kernels_library_path
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    if custom_ops:
+        options.register_custom_ops_library(kernels_library_path())
+    if isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise ModelFileError(f"no ONNX model at {model}: the file does not exist")
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"onnxruntime could not load {model if isinstance(model, str) else 'the model'}: "
+                             f"{text}") from e
+
+
+def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float input for a session's single image input, [batch, C, H, W] from the model's input shape."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelFileError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                             "lpvit bench times models with a single image input")
+    shape = inputs[0].shape
+    if any(not isinstance(d, int) for d in shape[1:]):
+        raise ModelFileError(f"input '{inputs[0].name}' has shape {shape}: every dimension but the batch must be "
+                             "fixed to time it")
+    return {inputs[0].name: np.random.default_rng(seed).standard_normal((batch, *shape[1:]), dtype=np.float32)}
+
+
+def compare_sessions(dense, compiled, batches, repeats: int, progress=None) -> dict:
+    """End-to-end timing of two sessions of the same model side by side: {"batches": {batch: dense_ms,
+    compiled_ms, speedup (dense / compiled)}, "repeats"}; each batch's candidates run interleaved."""
+    result = {}
+    for batch in batches:
+        feed = image_feed(compiled, batch)
+        times = interleaved({"dense": lambda: dense.run(None, feed), "compiled": lambda: compiled.run(None, feed)},
+                            repeats, progress=progress)
+        result[str(batch)] = {"dense_ms": times["dense"] * 1e3, "compiled_ms": times["compiled"] * 1e3,
+                              "speedup": times["dense"] / times["compiled"]}
+    return {"batches": result, "repeats": repeats}
+
+
+def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progress=None) -> None:
+    """Time every pruned layer of ``compiled`` in onnxruntime as it runs after export (our op, or MatMul+Add
+    where the layout is dense) next to a dense layer of its original shape, on hw.batch_size * tokens rows —
+    the workload the report's predictions are for. Fills the report rows' ``latency_measured_us`` and
+    ``latency_dense_measured_us``."""
+    import torch
+
+    from .export import dense_layer_model, single_layer_model
+    from .modules import BlockSparseLinear
+
+    batch_size = compiled.report.summary["hw_batch_size"]
+    generator = torch.Generator().manual_seed(0)
+    for row in compiled.report.layers:
+        module = compiled.graph_module.get_submodule(row.name)
+        if isinstance(module, BlockSparseLinear):
+            ours = ort_session(single_layer_model(module).SerializeToString(), threads, True)
+        else:
+            ours = ort_session(dense_layer_model(module.weight, module.bias).SerializeToString(), threads, False)
+        out_features, in_features = row.weight_shape
+        dense_weight = torch.randn(out_features, in_features, generator=generator)
+        dense = ort_session(dense_layer_model(dense_weight).SerializeToString(), threads, False)
+        rows = batch_size * row.tokens
+        x_ours = {"X": torch.randn(rows, module.in_features, generator=generator).numpy()}
+        x_dense = {"X": torch.randn(rows, in_features, generator=generator).numpy()}
+        times = interleaved({"ours": lambda: ours.run(None, x_ours), "dense": lambda: dense.run(None, x_dense)},
+                            repeats)
+        row.latency_measured_us = times["ours"] * 1e6
+        row.latency_dense_measured_us = times["dense"] * 1e6
+        if progress is not None:
+            progress()

@@ -1,0 +1,177 @@
+"""Weight reconstruction: refit each pruned layer's surviving weights so it reproduces the dense layer.
+
+Input: the graph with nn.Linear modules and every layer's ``block_mask`` (from the solve).
+Output: the same graph; every prunable layer's weight is zero outside its mask and its kept weights (and
+bias) refitted; ``decisions`` give each layer's relative output error on the calibration tokens without and
+with reconstruction.
+
+Layer y = x W^T + b, W [N, K], block mask M. Calibration tokens give X_p [T, K], the layer's input in the model
+pruned and reconstructed so far, and X_d [T, K], its input in the dense model. Each output row n, with kept
+columns S_n, solves the ridge least squares (OBS / SparseGPT's row-wise problem, with dense targets)
+
+    min_{w, c}  || X_p[:, S_n] w + c - (X_d W_n^T + b_n) ||^2 + lambda ||w||^2
+
+With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + lambda I_K, G = A^T X_d:
+
+    H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
+
+lambda = ``reconstruct_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). Rows of one block row
+share S, so there is one Cholesky factorisation per block row, batched over block rows (columns outside S
+become identity rows with zero right-hand side, so their weights come out 0). A row whose refit would fit the
+calibration tokens worse than the plainly masked row (possible only through the damping) keeps the masked row:
+reconstruction is never worse on the calibration data.
+
+Layers are processed in graph order while two streams of activations (dense and pruned) run through the graph
+node by node over the calibration images: each layer is fitted to the inputs it will really see (the error of
+earlier layers does not pile up), and its targets are the dense model's outputs (the shift in activation
+statistics that pruning causes is corrected, including through the bias).
+"""
+
+from __future__ import annotations
+
+import torch
+from rich.progress import Progress
+from torch import fx
+from torch.nn import functional as F
+
+from ..context import CompileContext
+from ..pass_manager import PassResult
+
+SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
+
+
+def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
+    """H = A^T A [K', K'], G = A^T X_d [K', K], s = A^T 1 [K'] (float64), over all chunks' tokens."""
+    k = xp[0].shape[-1]
+    size = k + int(with_bias)
+    h = torch.zeros(size, size, dtype=torch.float64)
+    g = torch.zeros(size, k, dtype=torch.float64)
+    s = torch.zeros(size, dtype=torch.float64)
+    for p, d in zip(xp, xd):
+        p, d = p.reshape(-1, k), d.reshape(-1, k)
+        if with_bias:
+            p = torch.cat([p, p.new_ones(p.shape[0], 1)], dim=1)
+        h += (p.T @ p).double()
+        g += (p.T @ d).double()
+        s += p.sum(0).double()
+    return h, g, s
+
+
+def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
+                       block_rows: int, bh: int, h: torch.Tensor, g: torch.Tensor, s: torch.Tensor,
+                       damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The refitted (weight, bias) of one layer from its normal equations (see the module docstring)."""
+    n, k = weight.shape
+    with_bias = bias is not None
+    w64 = weight.double()
+    target = w64 @ g.T  # [N, K']: row n is (G W_n^T)^T
+    if with_bias:
+        target += bias.double()[:, None] * s[None, :]
+    lam = damping * float(torch.diagonal(h)[:k].mean().clamp_min(1e-12))
+    h = h.clone()
+    h.diagonal()[:k] += lam
+    keep = element_mask.bool()
+    if with_bias:
+        keep = torch.cat([keep, keep.new_ones(n, 1)], dim=1)
+    masked = torch.cat([w64, bias.double()[:, None]], dim=1) if with_bias else w64.clone()
+    masked = masked * keep
+    solved = torch.empty_like(masked)
+    size = h.shape[0]
+    group = max(1, SOLVE_BYTES // (8 * size * size))
+    for first in range(0, block_rows, group):
+        rows = range(first, min(first + group, block_rows))
+        kept = torch.stack([keep[r * bh] for r in rows]).double()  # [R, K'] kept columns of each block row
+        system = kept[:, :, None] * h * kept[:, None, :] + torch.diag_embed(1 - kept)
+        factor = _cholesky(system, lam)
+        for i, r in enumerate(rows):
+            lines = slice(r * bh, min((r + 1) * bh, n))
+            rhs = (target[lines] * kept[i]).T  # [K', rows of the block row]
+            solved[lines] = torch.cholesky_solve(rhs, factor[i]).T
+    # keep the masked row where the refit is worse on the calibration tokens (error up to a row constant)
+    def error(u):
+        return ((u @ h) * u).sum(1) - 2 * (u * target).sum(1) - lam * (u[:, :k] ** 2).sum(1)
+    better = error(solved) <= error(masked)
+    result = torch.where(better[:, None], solved, masked).to(weight.dtype)
+    return (result[:, :k].contiguous(), result[:, k].contiguous()) if with_bias else (result, None)
+
+
+def _cholesky(system: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cholesky factors of a batch of systems; where rounding leaves one not positive definite (rank-deficient
+    inputs with tiny damping), add damping tenfold until it is."""
+    extra = max(lam, 1e-12)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(system)
+        if not bool(info.any()):
+            return factor
+        system = system + extra * torch.eye(system.shape[-1], dtype=system.dtype)
+        extra *= 10
+    raise RuntimeError("reconstruction: normal equations stay singular after damping")
+
+
+def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: int):
+    args = fx.node.map_arg(node.args, lambda n: values[n][chunk])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n][chunk])
+    return getattr(interpreter, node.op)(node.target, args, kwargs)
+
+
+def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    num = sum(float((o - t).pow(2).sum()) for o, t in zip(outputs, targets))
+    den = sum(float(t.pow(2).sum()) for t in targets)
+    return num / max(den, 1e-30)
+
+
+def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+    opts = ctx.options
+    if not opts.reconstruct:
+        return PassResult(gm, False, {"enabled": False})
+    images = torch.cat(ctx.calibration)[: opts.reconstruct_images]
+    chunks = list(torch.split(images, opts.calib_batch_size))
+    interpreter = fx.Interpreter(gm)
+    last_use = {}
+    for node in gm.graph.nodes:
+        for used in node.all_input_nodes:
+            last_use[used] = node
+    dense, pruned, per_layer = {}, {}, {}
+    placeholders = 0
+    with Progress(disable=not ctx.progress, transient=True) as progress:
+        task = progress.add_task("reconstruct", total=len(ctx.layers))
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                if placeholders and not node.args:
+                    raise NotImplementedError("reconstruction runs graphs with one tensor input")
+                dense[node] = pruned[node] = chunks if not placeholders else [node.args[0]] * len(chunks)
+                placeholders += 1
+            elif node.op == "call_module" and node.target in ctx.layers and node.target not in per_layer:
+                layer, linear = ctx.layers[node.target], gm.get_submodule(node.target)
+                xd, xp = dense[node.args[0]], pruned[node.args[0]]
+                weight = linear.weight.detach().clone()
+                bias = None if linear.bias is None else linear.bias.detach().clone()
+                mask = layer.element_mask()
+                with torch.no_grad():
+                    dense[node] = [F.linear(x, weight, bias) for x in xd]
+                    before = _relative_error([F.linear(x, weight * mask, bias) for x in xp], dense[node])
+                    h, g, s = _normal_equations(xp, xd, bias is not None)
+                    new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
+                                                              layer.grid.block_shape[0], h, g, s,
+                                                              opts.reconstruct_damping)
+                    linear.weight.copy_(new_weight)
+                    if bias is not None:
+                        linear.bias.copy_(new_bias)
+                    pruned[node] = [linear(x) for x in xp]
+                per_layer[node.target] = {"relative_error_masked": before,
+                                          "relative_error_reconstructed": _relative_error(pruned[node], dense[node])}
+                progress.advance(task)
+            else:
+                with torch.no_grad():
+                    dense[node] = [_run_node(interpreter, node, dense, i) for i in range(len(chunks))]
+                    shared = all(pruned[n] is dense[n] for n in node.all_input_nodes)
+                    pruned[node] = dense[node] if shared else [_run_node(interpreter, node, pruned, i)
+                                                               for i in range(len(chunks))]
+            for used in node.all_input_nodes:
+                if last_use.get(used) is node:
+                    dense.pop(used, None)
+                    pruned.pop(used, None)
+    decisions = {"enabled": True, "images": len(images), "damping": opts.reconstruct_damping, "layers": per_layer}
+    return PassResult(gm, True, decisions)

@@ -1,0 +1,206 @@
+"""The ``lpvit`` command through its real entry point (a subprocess of the installed console script)."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.data import image_folder
+
+TESTS = Path(__file__).parent
+MODEL = "cli_models:tiny_vit"
+
+
+def lpvit_cli(*args, cwd, env=None, check=True):
+    exe = shutil.which("lpvit")
+    assert exe, "the lpvit console script is not installed (pip install -e .)"
+    full_env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run([exe, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def assert_user_error(done, *expected):
+    """Exit 2, one error line naming the problem (last on stderr, after any progress output), no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and done.stderr.strip().endswith(errors[0]), done.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """An ImageFolder directory: 3 classes x 4 PNGs of 40x40 random pixels."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (root / label).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory, image_dir):
+    """One full compile: calibration from a directory, export, dumps, bench, eval, report, .pt2, Triton repo."""
+    work = tmp_path_factory.mktemp("compile")
+    done = lpvit_cli("compile", MODEL, "--flops-keep", "0.5", "--block", "16x16", "--calib", image_dir,
+                     "--out", "model.onnx", "--dump-dir", "dumps", "--report", "report.html", "--bench",
+                     "--batch", "1,2", "--repeats", "1", "--eval", image_dir, "--save", "model.pt2",
+                     "--triton-repo", "triton", cwd=work)
+    return work, done
+
+
+def test_compile_writes_every_artefact(compiled_run, image_dir):
+    work, done = compiled_run
+    for name in ("model.onnx", "model-dense.onnx", "model.pt2", "report.html", "dumps/passes.json",
+                 "dumps/report.json", "triton/lpvit_model/config.pbtxt"):
+        assert (work / name).is_file(), name
+    assert "compiled vs dense" in done.stdout and "speedup" in done.stdout
+    assert "FLOPs kept: target 0.500, achieved 0.5" in done.stdout
+    # the exported model computes what the saved torch model computes
+    saved = lpvit.load(work / "model.pt2")
+    images = next(iter(image_folder(image_dir, {"input_size": (3, 32, 32), "crop_pct": 1.0}, batch_size=4)))[0]
+    got = lpvit.InferenceSession(work / "model.onnx").run(None, {"pixel_values": images.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, saved(images).numpy(), rtol=1e-4, atol=1e-4)
+    report = json.loads((work / "dumps" / "report.json").read_text())
+    assert set(report["measured"]["batches"]) == {"1", "2"}
+    assert all(row["latency_measured_us"] > 0 for row in report["layers"])
+    assert report["accuracy"]["images"] == 12 and 0 <= report["accuracy"]["compiled"] <= 1
+
+
+def test_eval_matches_in_process_evaluation(compiled_run, image_dir):
+    work, _ = compiled_run
+    done = lpvit_cli("eval", "model.onnx", "--data", image_dir, cwd=work)  # preprocessing from the ONNX metadata
+    loader = image_folder(image_dir, {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
+                                      "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    expected = lpvit.evaluate(lpvit.InferenceSession(work / "model.onnx"), loader)
+    assert f"top-1 {expected:.4f} on 12 images" in done.stdout
+
+
+def test_inspect_summarises_the_dump(compiled_run):
+    work, _ = compiled_run
+    done = lpvit_cli("inspect", "dumps", cwd=work)
+    for text in ("importance", "block_mask_solve", "bsr_layout", "blocks.0.mlp.fc1", "FLOPs kept: target 0.500",
+                 "latency µs measured"):
+        assert text in done.stdout, text
+
+
+def test_bench_side_by_side(compiled_run):
+    work, _ = compiled_run
+    lpvit_cli("bench", "model.onnx", "--dense", "model-dense.onnx", "--batch", "1,3", "--repeats", "2",
+              "--threads", "1", "--json", "bench.json", cwd=work)
+    results = json.loads((work / "bench.json").read_text())
+    assert set(results["batches"]) == {"1", "3"} and results["threads"] == 1
+    for r in results["batches"].values():
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["compiled_ms"])
+    alone = lpvit_cli("bench", "model.onnx", "--batch", "2", "--repeats", "1", cwd=work)
+    assert "images/s" in alone.stdout
+
+
+def test_triton_repository_config_parses(compiled_run, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    work, _ = compiled_run
+    for repo, mount in ((work / "triton", None), (tmp_path / "repo", "/models")):
+        if mount:
+            lpvit_cli("export", "model.pt2", "--out", tmp_path / "again.onnx", "--triton-repo", repo,
+                      "--triton-name", "vit", "--triton-mount", mount, cwd=work)
+        name = "vit" if mount else "lpvit_model"
+        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == name and config.backend == "onnxruntime" and config.max_batch_size > 0
+        assert [(i.name, list(i.dims)) for i in config.input] == [("pixel_values", [3, 32, 32])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [3])]
+        library = Path(config.model_operations.op_library_filename[0])
+        assert (repo / name / "liblpvit_kernels.so").is_file() and (repo / name / "1" / "model.onnx").is_file()
+        if mount:
+            assert library == Path("/models/vit/liblpvit_kernels.so")
+        else:
+            assert library.is_file() and library.samefile(repo / name / "liblpvit_kernels.so")
+
+
+def test_quiet_prints_nothing(tmp_path):
+    done = lpvit_cli("compile", MODEL, "--calib", "random:4", "--importance", "magnitude", "--out", "m.onnx",
+                     "--quiet", cwd=tmp_path)
+    assert done.stdout == "" and done.stderr == "" and (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("compile", "deit_smal_patch16_224", "--out", "x.onnx"),
+     ["unknown model 'deit_smal_patch16_224'", "did you mean deit_small_patch16_224"]),
+    (("compile", "cli_models:nope", "--out", "x.onnx"), ["module 'cli_models' has no callable 'nope'"]),
+    (("compile", "cli_models:not_a_model", "--out", "x.onnx"), ["returned a str, not a torch nn.Module"]),
+    (("compile", MODEL, "--checkpoint", "missing.pth", "--out", "x.onnx"), ["checkpoint not found: missing.pth"]),
+    (("compile", MODEL, "--flops-keep", "2.0", "--out", "x.onnx"), ["flops_keep must be in (0, 1], got 2"]),
+    (("compile", MODEL, "--calib", "no/such/dir", "--out", "x.onnx"), ["no/such/dir is not a directory"]),
+    (("compile", MODEL, "--calib", "random:zero", "--out", "x.onnx"), ["count after ':' must be a positive integer"]),
+    (("compile", MODEL, "--hw", "tpu", "--out", "x.onnx"), ["unknown hardware profile 'tpu'"]),
+    (("compile", "vit_tiny_patch16_224", "--pretrained", "--out", "x.onnx"),
+     ["could not fetch the pretrained weights of 'vit_tiny_patch16_224'", "--checkpoint PATH"]),
+    (("compile", "model.onnx", "--out", "x.onnx"), ["is an ONNX file", "lpvit bench"]),
+    (("bench", "missing.onnx"), ["no ONNX model at missing.onnx"]),
+    (("bench", "x.onnx", "--batch", "0"), ["--batch must be comma-separated positive integers"]),
+    (("eval", "missing.onnx", "--data", "fashion-mnist"), ["no ONNX model at missing.onnx"]),
+    (("inspect", "."), ["is not a compile dump (no passes.json)"]),
+    (("export", "missing.pt2", "--out", "x.onnx"), ["no compiled model at missing.pt2"]),
+])
+def test_user_mistakes_get_one_clear_line(tmp_path, args, expected):
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    assert_user_error(lpvit_cli(*args, cwd=tmp_path, check=False), *expected)
+
+
+def test_bad_checkpoint_and_unreadable_images(tmp_path, image_dir):
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    done = lpvit_cli("compile", MODEL, "--checkpoint", "other.pth", "--out", "x.onnx", cwd=tmp_path, check=False)
+    assert_user_error(done, "checkpoint other.pth does not load into cli_models:tiny_vit")
+    broken = tmp_path / "broken"
+    shutil.copytree(image_dir, broken)
+    (broken / "a" / "0.png").write_bytes(b"not a png")
+    done = lpvit_cli("compile", MODEL, "--calib", broken, "--out", "x.onnx", cwd=tmp_path, check=False)
+    assert_user_error(done, "cannot read image", "0.png")
+    (tmp_path / "empty").mkdir()
+    done = lpvit_cli("compile", MODEL, "--calib", tmp_path / "empty", "--out", "x.onnx", cwd=tmp_path, check=False)
+    assert_user_error(done, "cannot read images from", "one sub-directory per class")
+
+
+def test_onnx_without_the_op_library(compiled_run, tmp_path):
+    work, _ = compiled_run
+    done = lpvit_cli("bench", work / "model.onnx", cwd=tmp_path, check=False,
+                     env={"LPVIT_KERNELS_LIBRARY": str(tmp_path / "gone.so")})
+    assert_user_error(done, f"LPVIT_KERNELS_LIBRARY={tmp_path / 'gone.so'} does not exist")
+    import onnx
+
+    model = onnx.load(work / "model.onnx")
+    for node in model.graph.node:
+        if node.domain == "ai.lpvit":
+            node.domain = "com.example"
+    del model.opset_import[:]
+    model.opset_import.extend([onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid("com.example", 1)])
+    onnx.save(model, tmp_path / "foreign.onnx")
+    done = lpvit_cli("bench", "foreign.onnx", cwd=tmp_path, check=False)
+    assert_user_error(done, "onnxruntime could not load foreign.onnx", "com.example")
+
+
+def test_out_may_not_overwrite_the_input(compiled_run):
+    work, _ = compiled_run
+    before = (work / "model.pt2").read_bytes()
+    done = lpvit_cli("compile", "model.pt2", "--out", "model.pt2", cwd=work, check=False)
+    assert_user_error(done, "--out model.pt2 is the input model")
+    assert (work / "model.pt2").read_bytes() == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = lpvit_cli("inspect", ".", "--debug", cwd=tmp_path, check=False)
+    assert done.returncode != 0 and "Traceback" in done.stderr

@@ -1,0 +1,87 @@
+"""The reconstruction pass: its least-squares math on small synthetic layers, and the pass in a compile."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.passes.reconstruct import _normal_equations, reconstruct_weight
+
+
+def _layer(n=32, k=48, block=(8, 8), density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = BlockGrid(n, k, block)
+    block_mask = torch.rand(grid.block_rows, grid.block_cols, generator=g) < density
+    block_mask[:, 0] = True  # every block row keeps something
+    return torch.randn(n, k, generator=g), torch.randn(n, generator=g), grid, grid.expand(block_mask), g
+
+
+def _refit(weight, bias, grid, mask, xp, xd, damping):
+    h, g, s = _normal_equations([xp], [xd], bias is not None)
+    return reconstruct_weight(weight, bias, mask, grid.block_rows, grid.block_shape[0], h, g, s, damping)
+
+
+def test_exact_recovery_when_the_pruned_inputs_are_redundant():
+    # every input column is a linear combination of the first 8, which every row keeps: the dense output is
+    # reachable with the kept weights alone, so the refit must reproduce it exactly
+    weight, bias, grid, mask, g = _layer()
+    basis = torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    x = (basis @ torch.randn(8, 48, generator=g, dtype=torch.float64)).float()
+    x[:, :8] = basis.float()
+    new_weight, new_bias = _refit(weight, bias, grid, mask, x, x, damping=1e-7)
+    expected = F.linear(x, weight, bias)
+    assert torch.equal(new_weight * ~mask, torch.zeros_like(new_weight))  # the mask is respected
+    err_masked = (F.linear(x, weight * mask, bias) - expected).norm() / expected.norm()
+    err = (F.linear(x, new_weight, new_bias) - expected).norm() / expected.norm()
+    assert err_masked > 0.1 and err < 1e-4
+
+
+def test_mean_shift_is_absorbed_by_the_bias():
+    # the pruned model's inputs are the dense ones shifted by a constant: a bias change corrects it exactly
+    weight, bias, grid, _, g = _layer()
+    full = torch.ones_like(weight, dtype=torch.bool)
+    xd = torch.randn(500, 48, generator=g)
+    xp = xd + torch.randn(48, generator=g)
+    new_weight, new_bias = _refit(weight, bias, grid, full, xp, xd, damping=1e-9)
+    torch.testing.assert_close(F.linear(xp, new_weight, new_bias), F.linear(xd, weight, bias), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("damping", [1e-6, 0.01, 10.0, 1e4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_never_worse_than_masking_on_calibration_data(damping, seed):
+    weight, bias, grid, mask, g = _layer(seed=seed)
+    xd = torch.randn(300, 48, generator=g) * torch.rand(48, generator=g) * 3
+    xp = xd + 0.3 * torch.randn(300, 48, generator=g)
+    for b in (bias, None):
+        new_weight, new_bias = _refit(weight, b, grid, mask, xp, xd, damping)
+        target = F.linear(xd, weight, b)
+        err_masked = (F.linear(xp, weight * mask, b) - target).pow(2).sum(1)
+        err = (F.linear(xp, new_weight, new_bias) - target).pow(2).sum(1)
+        assert err.sum() <= err_masked.sum() * (1 + 1e-5)
+        assert torch.equal(new_weight * ~mask, torch.zeros_like(new_weight))
+
+
+def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):
+    import json
+
+    compiled = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
+    decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
+    assert decisions["enabled"] and decisions["images"] == len(calib)
+    assert set(decisions["layers"]) == {row.name for row in compiled.report.layers}
+    for name, d in decisions["layers"].items():
+        assert d["relative_error_reconstructed"] <= d["relative_error_masked"] * (1 + 1e-4), name
+    # and the whole model moves closer to the dense one on the calibration images
+    plain = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, reconstruct=False, progress=False)
+    with torch.no_grad():
+        dense = model(calib)
+        assert (compiled(calib) - dense).norm() < (plain(calib) - dense).norm()
+        for name, mask in compiled.masks.items():  # same masks either way
+            assert torch.equal(mask, plain.masks[name])
+
+
+def test_reconstruct_options_are_checked(model, calib):
+    with pytest.raises(lpvit.ConfigError, match="reconstruct_images must be a positive int"):
+        lpvit.compile(model, calib=calib, reconstruct_images=0)
+    with pytest.raises(lpvit.ConfigError, match="reconstruct_damping must be in"):
+        lpvit.compile(model, calib=calib, reconstruct_damping=-1.0)
