@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .api import compile
 from .compiled import CompiledModel, Plan, load
 from .evaluate import evaluate
+from .finetune import finetune
 from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
 from .export import InferenceSession
 from .hardware import PROFILES, HardwareProfile, get_profile, known_profiles
@@ -18,7 +19,7 @@ from .kernels import KernelLibraryError, kernel_isa, kernels_library_path
 from .modules import BlockSparseLinear
 
 __all__ = [
-    "compile", "evaluate", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile",
+    "compile", "evaluate", "finetune", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile",
     "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa", "KernelLibraryError",
     "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",
 ]

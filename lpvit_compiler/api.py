@@ -106,7 +106,7 @@ def compile(
     target_speedup: float | None = None,
     power_keep: float | None = None,
     block_shape=None,
-    importance: str = "taylor",
+    importance: str = "obs",
     min_density: float = 0.05,
     power_weight: float | str = 0.0,
     power_model: str = "energy",
@@ -134,7 +134,9 @@ def compile(
         flops_keep / target_speedup / power_keep: the budget — FLOPs fraction of the prunable linears to keep,
             predicted model speedup on ``hw``, or fraction of their predicted power to keep. Give one.
         block_shape: (rows, cols) of a weight block (default: the profile's).
-        importance: ``"taylor"`` (LPViT), ``"hessian"`` (layer input second moments) or ``"magnitude"``.
+        importance: ``"obs"`` (default: Optimal Brain Surgeon block costs — the output error left after
+            reconstruction — weighted by the loss's sensitivity to each layer's output), ``"taylor"`` (LPViT),
+            ``"hessian"`` (layer input second moments) or ``"magnitude"``.
         min_density: every layer keeps at least this share of its blocks.
         power_weight: beta of the solve's power term (0 = off, ``"auto"`` = LPViT's scaling).
         power_model: ``"energy"`` (the profile's energy model) or ``"lpvit"`` (the paper's proxy).

@@ -10,11 +10,12 @@ from .errors import CalibrationError
 
 
 def _images_of(batch) -> torch.Tensor:
-    """The image tensor of one batch: a tensor, an (images, labels) pair, or a dict with pixel_values."""
+    """The input tensor of one batch: a tensor, an (images, labels) pair, or a dict with pixel_values (or
+    input_ids, for text models)."""
     if isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, Mapping) and "pixel_values" in batch:
-        return batch["pixel_values"]
+    if isinstance(batch, Mapping) and ("pixel_values" in batch or "input_ids" in batch):
+        return batch["pixel_values"] if "pixel_values" in batch else batch["input_ids"]
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
     raise CalibrationError(
@@ -23,13 +24,18 @@ def _images_of(batch) -> torch.Tensor:
     )
 
 
+def _is_token_ids(batch: torch.Tensor) -> bool:
+    return batch.dim() == 2 and not batch.is_floating_point() and batch.dtype != torch.bool
+
+
 def calibration_batches(calib, batch_size: int) -> list[torch.Tensor]:
-    """Normalise ``calib`` (a tensor [N, C, H, W] or an iterable of batches) into float tensors [B, C, H, W]."""
+    """Normalise ``calib`` (a tensor [N, C, H, W] or an iterable of batches) into float tensors [B, C, H, W];
+    integer token ids [N, T] (text transformers whose forward takes input_ids) pass through as they are."""
     if calib is None:
         raise CalibrationError("calib is required: pass calibration images, e.g. a tensor [N, 3, 224, 224] "
                                "or a DataLoader yielding (images, labels)")
     if isinstance(calib, torch.Tensor):
-        batches = list(torch.split(calib, batch_size)) if calib.dim() == 4 else [calib]
+        batches = list(torch.split(calib, batch_size)) if calib.dim() == 4 or _is_token_ids(calib) else [calib]
     elif isinstance(calib, Iterable):
         batches = [_images_of(b) for b in calib]
     else:
@@ -38,6 +44,11 @@ def calibration_batches(calib, batch_size: int) -> list[torch.Tensor]:
         raise CalibrationError("calib is empty: pass at least one batch of images")
     first = batches[0]
     for i, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor) and _is_token_ids(batch) and _is_token_ids(first):
+            if batch.shape[1:] != first.shape[1:]:
+                raise CalibrationError(f"calibration batch {i} has shape {tuple(batch.shape)} but batch 0 has "
+                                       f"{tuple(first.shape)}; pad every batch of token ids to the same length")
+            continue
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise CalibrationError(f"calibration batch {i} has shape {shape}; expected images [B, C, H, W]")
@@ -47,7 +58,7 @@ def calibration_batches(calib, batch_size: int) -> list[torch.Tensor]:
         if batch.shape[1:] != first.shape[1:]:
             raise CalibrationError(f"calibration batch {i} has shape {tuple(batch.shape)} but batch 0 has "
                                    f"{tuple(first.shape)}; all batches need the same [C, H, W]")
-    return [b.float() for b in batches]
+    return [b if _is_token_ids(b) else b.float() for b in batches]
 
 
 def logits_of(output) -> torch.Tensor:

@@ -263,6 +263,7 @@ def cmd_compile(args, ui: Ui) -> int:
         compiled = api.compile(model, args.hw, calib=calib, flops_keep=args.flops_keep,
                                target_speedup=args.target_speedup, power_keep=args.power_keep, block_shape=args.block,
                                importance=args.importance, prune_heads=args.prune_heads, dump_dir=args.dump_dir,
+                               reconstruct=args.reconstruct,
                                progress=not ui.quiet, data_config=data_config)
     else:
         ui.note(f"{args.model} is already compiled: exporting it")
@@ -434,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-speedup", type=float, help="predicted speedup of the whole model on --hw")
     budget.add_argument("--power-keep", type=float, help="fraction of the prunable linears' predicted power to keep")
     c.add_argument("--block", help="block shape RxC (default: the hardware profile's)")
-    c.add_argument("--importance", default="taylor", help="taylor (LPViT), hessian or magnitude")
+    c.add_argument("--importance", default="obs", help="obs (default), taylor (LPViT), hessian or magnitude")
     c.add_argument("--prune-heads", action="store_true", help="also prune classifier heads")
+    c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="keep the surviving weights as trained (default: refit them to the dense outputs)")
     c.add_argument("--calib", default="random:32", metavar="SPEC",
                    help="calibration images: an ImageFolder DIR, fashion-mnist[:N] or random:N (default random:32)")
     c.add_argument("--calib-images", type=int, default=256, help="images to take from a DIR or fashion-mnist")

@@ -21,7 +21,7 @@ import torch
 from .blocks import BlockGrid
 from .hardware import HardwareProfile
 
-IMPORTANCE_CRITERIA = ("taylor", "hessian", "magnitude")
+IMPORTANCE_CRITERIA = ("taylor", "hessian", "obs", "magnitude")
 POWER_MODELS = ("energy", "lpvit")
 
 

@@ -47,6 +47,14 @@ class BlockSparseLinear(nn.Module):
     def nnz_blocks(self) -> int:
         return self.values.shape[0]
 
+    def element_mask(self) -> torch.Tensor:
+        """Bool [out_features, in_features]: True inside the stored blocks."""
+        grid = BlockGrid(self.out_features, self.in_features, self.block_shape)
+        block_mask = torch.zeros(grid.block_rows, grid.block_cols, dtype=torch.bool)
+        rows = torch.repeat_interleave(torch.arange(grid.block_rows), self.row_ptr.diff())
+        block_mask[rows, self.col_idx] = True
+        return grid.expand(block_mask)
+
     def to_dense(self) -> torch.Tensor:
         return ops.bsr_to_dense(self.row_ptr, self.col_idx, self.values, self.out_features, self.in_features)
 

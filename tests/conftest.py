@@ -36,5 +36,5 @@ def calib():
 
 @pytest.fixture(scope="session")
 def compiled(model, calib):
-    return lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, reconstruct=False,
-                         progress=False)
+    return lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, importance="taylor",
+                         reconstruct=False, progress=False)

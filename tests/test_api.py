@@ -11,7 +11,7 @@ from conftest import masked_reference
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(hw="tpu9"), r"unknown hardware profile 'tpu9'; known profiles: a100, cpu, cpu-avx2, cpu-avx512, h100"),
+    (dict(hw="tpu9"), r"unknown hardware profile 'tpu9'; known profiles: a100, cpu, cpu-avx2, cpu-avx512, h100, native"),
     (dict(flops_keep=1.5), r"flops_keep must be in \(0, 1\], got 1.5"),
     (dict(flops_keep=0), r"flops_keep must be in \(0, 1\], got 0"),
     (dict(flops_keep="half"), r"flops_keep must be a number, got 'half'"),
@@ -20,7 +20,7 @@ from conftest import masked_reference
     (dict(block_shape=128), r"block_shape \(128, 128\) is larger than layer 'blocks.0.attn.qkv' "
                             r"\(out_features=192, in_features=64\)"),
     (dict(block_shape="axb"), r"block_shape must be an int, \(rows, cols\) or 'RxC', got"),
-    (dict(importance="fisher"), r"unknown importance 'fisher'; choose one of taylor, hessian, magnitude"),
+    (dict(importance="fisher"), r"unknown importance 'fisher'; choose one of taylor, hessian, obs, magnitude"),
     (dict(min_density=0.0), r"min_density must be in \(0, 1\]"),
     (dict(layers=["blocks.0.attn.qkv", "nope"]), r"layers=\['nope'\] are not linear layers of the model"),
 ])
@@ -105,7 +105,8 @@ def test_plan_is_json_and_reproducible(compiled, tmp_path, model, calib):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["options"]["budget"] == "flops" and plan["options"]["block_shape"] == [16, 16]
     assert plan["versions"]["torch"] == torch.__version__ and plan["input_shape"] == [3, 32, 32]
-    again = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, progress=False)
+    again = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, block_shape=16, importance="taylor",
+                          reconstruct=False, progress=False)
     assert again.plan.layers == compiled.plan.layers
 
 

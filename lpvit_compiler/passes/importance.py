@@ -18,6 +18,13 @@ Pruning a block means dW = -W on it. Criteria (``importance=``):
     d(k) = sum_{b pruned} s_b / tr(W H W^T)                            (relative output error; additive,
                                                                          ignoring cross-block terms of a row)
 
+``obs`` (default) — the damage left after reconstruction (passes/reconstruct.py), per unit of loss.
+    Optimal Brain Surgeon for a group: zeroing block b (rows R, columns C) and refitting the rest of each row
+    leaves output error  e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T  per token (H = E[x x^T] damped
+    by ``reconstruct_damping`` * mean diag). Layers are put on one scale by the loss's sensitivity to their
+    outputs, a_l = sum over calibration tokens of ||dL/dy||^2 / out_features (L as for ``taylor``):
+    d(k) = a_l * sum_{b pruned} e_b                                    (additive over blocks)
+
 ``magnitude`` — baseline: s_b = mean_b |W|,  d(k) = sum_{b pruned} ||W_b||^2 / ||W||^2.
 """
 
@@ -43,6 +50,7 @@ class CalibrationStats:
     tokens: dict[str, int] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # mean dL/dW
     input_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x x^T], float64
+    output_gradient_energy: dict[str, float] = field(default_factory=dict)  # sum over tokens of ||dL/dy||^2
     images: int = 0
 
 
@@ -70,7 +78,18 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
         return hook
 
     batches = ctx.calibration if need_gradients or need_hessians else [ctx.calibration[0][:1]]
+    def make_output_hook(name):
+        def accumulate(grad):
+            stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0.0) + float(
+                grad.double().square().sum())
+
+        def hook(module, args, output):
+            if need_gradients and output.requires_grad:
+                output.register_hook(accumulate)
+        return hook
+
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    handles += [m.register_forward_hook(make_output_hook(n)) for n, m in modules.items()]
     requires_grad = {p: p.requires_grad for p in gm.parameters()}
     try:
         for p in gm.parameters():
@@ -114,22 +133,41 @@ def _taylor(layer: PrunableLayer, weight: torch.Tensor, grad: torch.Tensor, damp
     return saliency, order, distortion
 
 
-def _hessian(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor):
+def _quadratic_scores(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, column_matrix):
+    """Per-block sum over its rows of w_{r,C} M_C w_{r,C}^T (M_C = ``column_matrix(cols)``), the prune order,
+    and the additive distortion curve normalised by the layer's output energy tr(W H W^T)."""
     grid = layer.grid
-    bw = grid.block_shape[1]
+    bw, bh = grid.block_shape[1], grid.block_shape[0]
     w = weight.double()
     per_row = torch.zeros(grid.out_features, grid.block_cols, dtype=torch.float64)
     for c in range(grid.block_cols):
         cols = slice(c * bw, min((c + 1) * bw, grid.in_features))
         wc = w[:, cols]
-        per_row[:, c] = ((wc @ moment[cols, cols]) * wc).sum(1)
-    bh = grid.block_shape[0]
+        per_row[:, c] = ((wc @ column_matrix(cols)) * wc).sum(1)
     padded = torch.nn.functional.pad(per_row, (0, 0, 0, grid.block_rows * bh - grid.out_features))
     scores = padded.reshape(grid.block_rows, bh, grid.block_cols).sum(1)
     total = ((w @ moment) * w).sum().clamp_min(1e-30)
     order = torch.argsort(scores.flatten(), stable=True)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), scores.flatten()[order].cumsum(0)]) / total
     return scores, order, distortion
+
+
+def _hessian(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor):
+    return _quadratic_scores(layer, weight, moment, lambda cols: moment[cols, cols])
+
+
+def _obs(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: float, damping: float):
+    """Optimal Brain Surgeon for a group of inputs: zeroing block b of a row and refitting the row's other
+    weights costs w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T of output error per token (H damped by ``damping`` * mean
+    diag), weighted by the loss's sensitivity to the layer's outputs, sum_t ||dL/dy_t||^2 / out_features."""
+    k = moment.shape[0]
+    damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    scores, order, distortion = _quadratic_scores(layer, weight, moment,
+                                                  lambda cols: torch.linalg.inv(inverse[cols, cols]))
+    total = ((weight.double() @ moment) * weight.double()).sum()
+    sensitivity = gradient_energy / layer.out_features
+    return scores, order, distortion * total * sensitivity
 
 
 def _magnitude(layer: PrunableLayer, weight: torch.Tensor):
@@ -150,7 +188,8 @@ def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
 
 def importance(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
     criterion = ctx.options.importance
-    stats = collect_statistics(gm, ctx, need_gradients=criterion == "taylor", need_hessians=criterion == "hessian")
+    stats = collect_statistics(gm, ctx, need_gradients=criterion in ("taylor", "obs"),
+                               need_hessians=criterion in ("hessian", "obs"))
     per_layer = {}
     for name, layer in ctx.layers.items():
         weight = gm.get_submodule(name).weight.detach()
@@ -159,6 +198,9 @@ def importance(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             scores, order, distortion = _taylor(layer, weight, stats.gradients[name], ctx.options.damping)
         elif criterion == "hessian":
             scores, order, distortion = _hessian(layer, weight, stats.input_moments[name])
+        elif criterion == "obs":
+            scores, order, distortion = _obs(layer, weight, stats.input_moments[name],
+                                             stats.output_gradient_energy[name], ctx.options.reconstruct_damping)
         else:
             scores, order, distortion = _magnitude(layer, weight)
         layer.block_scores = scores.float()

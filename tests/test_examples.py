@@ -1,0 +1,26 @@
+"""The C++ deployment example compiles against onnxruntime's C++ API (syntax and types; no link here)."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "run_model.cc"
+
+
+def _onnxruntime_headers():
+    candidates = [os.environ.get("ONNXRUNTIME_INCLUDE_DIR"), "/usr/include/onnxruntime",
+                  *sorted(str(p) for p in (Path.home() / ".cache" / "lpvit-compiler").glob(
+                      "onnxruntime-*/usr/include/onnxruntime"))]
+    return next((c for c in candidates if c and (Path(c) / "onnxruntime_cxx_api.h").is_file()), None)
+
+
+def test_cpp_example_compiles():
+    headers, compiler = _onnxruntime_headers(), shutil.which("g++")
+    if headers is None or compiler is None:
+        pytest.skip("needs g++ and onnxruntime's C++ headers (the kernel build puts them in ~/.cache/lpvit-compiler)")
+    done = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", f"-I{headers}", str(EXAMPLE)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
