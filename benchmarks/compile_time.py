@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--importance", nargs="+", default=["taylor"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--stem", help="results file name (default compile_time_<models>)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "IMPORTANCE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -73,15 +74,15 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    stem = "compile_time_" + "_".join(args.models)
+    stem = args.stem or "compile_time_" + "_".join(args.models)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | importance | calib images | threads | wall s (median) | runs (s) | peak RSS GB | slowest pass |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | importance | calib images | threads | wall s (median) | runs (s) | peak RSS GB | slowest pass | "
+             "reconstruct s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slowest = max(r["passes"], key=r["passes"].get)
         lines.append(f"| {r['model']} | {r['importance']} | {r['calibration_images']} | {r['threads']} | "
                      f"{r['seconds']:.1f} | {', '.join(f'{t:.1f}' for t in r['seconds_runs'])} | {r['peak_rss_gb']} | "
-                     f"{slowest} {r['passes'][slowest]:.1f} s |")
+                     f"{slowest} {r['passes'][slowest]:.1f} s | {r['passes'].get('reconstruct', 0):.1f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -60,3 +60,33 @@ def test_importance_pass_records_tokens_and_curves(compiled):
     layers = compiled.report.layers
     assert all(row.tokens == 17 for row in layers)  # 16 patches + class token
     assert all(row.distortion >= 0 for row in layers)
+
+
+@pytest.mark.parametrize("shape, block", [((40, 48), (16, 16)), ((24, 20), (8, 6))])
+def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
+    # d(k) must equal, for the first k blocks of the order, the least-squares output error left when each row
+    # keeps only its surviving columns and refits them: sum_rows w_P (H/H_SS) w_P^T (H damped as in _obs)
+    from lpvit_compiler.passes.importance import _obs
+
+    torch.manual_seed(0)
+    layer, weight = _layer(*shape, block), torch.randn(*shape)
+    x = torch.randn(500, shape[1], dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
+    moment = x.T @ x / 500
+    damping = 0.01
+    _, order, distortion = _obs(layer, weight, moment, gradient_energy=float(shape[0]), damping=damping)
+    damped = moment + damping * moment.diagonal().mean() * torch.eye(shape[1], dtype=torch.float64)
+    for k in (1, 3, layer.num_blocks // 2, layer.num_blocks - 1, layer.num_blocks):
+        flat = torch.ones(layer.num_blocks, dtype=torch.bool)
+        flat[order[:k]] = False
+        mask = layer.grid.expand(flat.reshape(layer.grid.block_rows, layer.grid.block_cols))
+        direct = 0.0
+        for row, keep in zip(weight.double(), mask):
+            pruned = ~keep
+            if not pruned.any():
+                continue
+            schur = damped[pruned][:, pruned]
+            if keep.any():
+                refit = torch.linalg.solve(damped[keep][:, keep], damped[keep][:, pruned])
+                schur = schur - damped[pruned][:, keep] @ refit
+            direct += float(row[pruned] @ schur @ row[pruned])
+        assert distortion[k].item() == pytest.approx(direct, rel=1e-6)

@@ -43,6 +43,7 @@ from ..pass_manager import PassResult
 
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
 CHUNK_IMAGES = 8
+SEQUENTIAL_OBS_BYTES = 256 * 2**20  # float64 inverse Hessians of the block rows processed together
 
 
 @dataclass
@@ -157,17 +158,53 @@ def _hessian(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor):
 
 
 def _obs(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: float, damping: float):
-    """Optimal Brain Surgeon for a group of inputs: zeroing block b of a row and refitting the row's other
-    weights costs w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T of output error per token (H damped by ``damping`` * mean
-    diag), weighted by the loss's sensitivity to the layer's outputs, sum_t ||dL/dy_t||^2 / out_features."""
+    """Optimal Brain Surgeon over blocks. Order: by the single-block cost of zeroing block b and refitting the
+    rest of its rows, e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T (H damped by ``damping`` * mean diag).
+    Curve: the exact output error per token after pruning the first k blocks and refitting — within a block
+    row, blocks are removed one after another with OBS's updates of the row's weights and inverse Hessian;
+    block rows are independent, so their errors add. Scaled by the loss's sensitivity to the layer's outputs,
+    sum_t ||dL/dy_t||^2 / out_features."""
     k = moment.shape[0]
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
-    scores, order, distortion = _quadratic_scores(layer, weight, moment,
-                                                  lambda cols: torch.linalg.inv(inverse[cols, cols]))
-    total = ((weight.double() @ moment) * weight.double()).sum()
-    sensitivity = gradient_energy / layer.out_features
-    return scores, order, distortion * total * sensitivity
+    scores, order, _ = _quadratic_scores(layer, weight, moment, lambda cols: torch.linalg.inv(inverse[cols, cols]))
+    errors = _sequential_obs_errors(layer.grid, weight.double(), inverse, order)
+    distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
+    return scores, order, distortion * gradient_energy / layer.out_features
+
+
+def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[block_rows, block_cols]: the error each block adds when its block row's blocks are removed in ``order``,
+    with OBS's updates w <- w - w_b [(H^-1)_bb]^-1 (H^-1)_{b,:} and H^-1 <- H^-1 - (H^-1)_{:,b} [(H^-1)_bb]^-1
+    (H^-1)_{b,:} after each. Batched over block rows; padded rows/columns have zero weight."""
+    bh, bw = grid.block_shape
+    rows, cols = grid.block_rows, grid.block_cols
+    size = cols * bw
+    padded_inverse = torch.eye(size, dtype=torch.float64)
+    padded_inverse[: grid.in_features, : grid.in_features] = inverse
+    blocks = grid.pad(weight).reshape(rows, bh, size)
+    rank = torch.empty(rows * cols, dtype=torch.long)
+    rank[order] = torch.arange(rows * cols)
+    sequence = rank.reshape(rows, cols).argsort(dim=1)  # [rows, cols]: column blocks of each row, in order
+    errors = torch.zeros(rows, cols, dtype=torch.float64)
+    offsets = torch.arange(bw)
+    group = max(1, SEQUENTIAL_OBS_BYTES // (8 * size * size))
+    for first in range(0, rows, group):
+        part = slice(first, min(first + group, rows))
+        hinv = padded_inverse.expand(part.stop - first, size, size).clone()
+        w = blocks[part].clone()
+        index = torch.arange(part.stop - first)
+        for step in range(cols):
+            column_block = sequence[part, step]
+            picked = (column_block[:, None] * bw + offsets)  # [R, bw]
+            hinv_cols = torch.gather(hinv, 2, picked[:, None, :].expand(-1, size, -1))  # [R, size, bw]
+            hinv_bb = torch.gather(hinv_cols, 1, picked[:, :, None].expand(-1, -1, bw))  # [R, bw, bw]
+            w_b = torch.gather(w, 2, picked[:, None, :].expand(-1, bh, -1))  # [R, bh, bw]
+            solved = torch.linalg.solve(hinv_bb, w_b.transpose(1, 2)).transpose(1, 2)  # w_b [(H^-1)_bb]^-1
+            errors[index + first, column_block] = (solved * w_b).sum((1, 2))
+            w -= solved @ hinv_cols.transpose(1, 2)
+            hinv -= hinv_cols @ torch.linalg.solve(hinv_bb, hinv_cols.transpose(1, 2))
+    return errors.clamp_min(0)
 
 
 def _magnitude(layer: PrunableLayer, weight: torch.Tensor):
