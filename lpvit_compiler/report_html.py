@@ -92,7 +92,8 @@ def _latency_figure(rows) -> str:
 def _table(header: list[str], rows: list[list], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    thead = f"<thead><tr>{head}</tr></thead>" if header else ""
+    return f'<table class="{css_class}">{thead}<tbody>{body}</tbody></table>'
 
 
 def _summary(report) -> list[list]:
@@ -152,7 +153,7 @@ def write_html(report, path) -> Path:
 <html lang="en"><head><meta charset="utf-8"><title>lpvit compile report</title><style>{STYLE}</style></head>
 <body>
 <h1>lpvit compile report</h1>
-{_table(["", ""], _summary(report), "summary")}
+{_table([], _summary(report), "summary")}
 <h2>Layers</h2>
 {_table(header, rows, "layers")}
 {latency}

@@ -44,6 +44,7 @@ from ..pass_manager import PassResult
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
 CHUNK_IMAGES = 8
 SEQUENTIAL_OBS_BYTES = 256 * 2**20  # float64 inverse Hessians of the block rows processed together
+OBS_STEPS = 16  # exact error-after-refit points per block row (cost grows with their number cubed)
 
 
 @dataclass
@@ -168,43 +169,65 @@ def _obs(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, gradi
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
     scores, order, _ = _quadratic_scores(layer, weight, moment, lambda cols: torch.linalg.inv(inverse[cols, cols]))
-    errors = _sequential_obs_errors(layer.grid, weight.double(), inverse, order)
+    errors = _sequential_obs_errors(layer.grid, weight.double(), inverse, order, scores)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
     return scores, order, distortion * gradient_energy / layer.out_features
 
 
-def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """[block_rows, block_cols]: the error each block adds when its block row's blocks are removed in ``order``,
-    with OBS's updates w <- w - w_b [(H^-1)_bb]^-1 (H^-1)_{b,:} and H^-1 <- H^-1 - (H^-1)_{:,b} [(H^-1)_bb]^-1
-    (H^-1)_{b,:} after each. Batched over block rows; padded rows/columns have zero weight."""
+def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor,
+                           single: torch.Tensor) -> torch.Tensor:
+    """[block_rows, block_cols]: the error each block adds when its block row's blocks are removed in ``order``.
+
+    Removing a set P of a row's inputs and refitting the rest leaves error w_P [(H^-1)_PP]^-1 w_P^T. P grows by
+    a group of g consecutive blocks of the row's order at a time (g = ceil(block_cols / OBS_STEPS)), and the
+    Cholesky factor L of A = (H^-1)_PP by one block row:
+        B = A_gP L^-T,  C = chol(A_gg - B B^T),  z_g = C^-1 (w_g - B z_P),
+    the group adding ||z_g||^2 (z = L^-1 w_P^T) — exact at every group boundary; inside a group the increment
+    is shared in proportion to the blocks' single-block costs ``single``. Batched over block rows; padded rows
+    and columns have zero weight."""
     bh, bw = grid.block_shape
     rows, cols = grid.block_rows, grid.block_cols
-    size = cols * bw
+    per_step = -(-cols // OBS_STEPS)
+    steps = -(-cols // per_step)
+    width, size = per_step * bw, steps * per_step * bw
     padded_inverse = torch.eye(size, dtype=torch.float64)
     padded_inverse[: grid.in_features, : grid.in_features] = inverse
-    blocks = grid.pad(weight).reshape(rows, bh, size)
+    blocks = torch.nn.functional.pad(grid.pad(weight).reshape(rows, bh, cols * bw), (0, size - cols * bw))
     rank = torch.empty(rows * cols, dtype=torch.long)
     rank[order] = torch.arange(rows * cols)
-    sequence = rank.reshape(rows, cols).argsort(dim=1)  # [rows, cols]: column blocks of each row, in order
-    errors = torch.zeros(rows, cols, dtype=torch.float64)
+    sequence = torch.cat([rank.reshape(rows, cols).argsort(dim=1),  # column blocks of each row, in order,
+                          torch.arange(cols, steps * per_step).expand(rows, -1)], dim=1)  # then padding blocks
+    group_errors = torch.zeros(rows, steps, dtype=torch.float64)
     offsets = torch.arange(bw)
     group = max(1, SEQUENTIAL_OBS_BYTES // (8 * size * size))
     for first in range(0, rows, group):
         part = slice(first, min(first + group, rows))
-        hinv = padded_inverse.expand(part.stop - first, size, size).clone()
-        w = blocks[part].clone()
-        index = torch.arange(part.stop - first)
-        for step in range(cols):
-            column_block = sequence[part, step]
-            picked = (column_block[:, None] * bw + offsets)  # [R, bw]
-            hinv_cols = torch.gather(hinv, 2, picked[:, None, :].expand(-1, size, -1))  # [R, size, bw]
-            hinv_bb = torch.gather(hinv_cols, 1, picked[:, :, None].expand(-1, -1, bw))  # [R, bw, bw]
-            w_b = torch.gather(w, 2, picked[:, None, :].expand(-1, bh, -1))  # [R, bh, bw]
-            solved = torch.linalg.solve(hinv_bb, w_b.transpose(1, 2)).transpose(1, 2)  # w_b [(H^-1)_bb]^-1
-            errors[index + first, column_block] = (solved * w_b).sum((1, 2))
-            w -= solved @ hinv_cols.transpose(1, 2)
-            hinv -= hinv_cols @ torch.linalg.solve(hinv_bb, hinv_cols.transpose(1, 2))
-    return errors.clamp_min(0)
+        columns = (sequence[part, :, None] * bw + offsets).reshape(part.stop - first, size)  # removal order
+        a = padded_inverse[columns[:, :, None], columns[:, None, :]]  # A in removal order, [R, size, size]
+        w = torch.gather(blocks[part], 2, columns[:, None, :].expand(-1, bh, -1))  # [R, bh, size]
+        factor = torch.zeros_like(a)
+        z = torch.zeros(part.stop - first, size, bh, dtype=torch.float64)
+        for step in range(steps):
+            now, done = slice(step * width, (step + 1) * width), slice(0, step * width)
+            a_gg, w_g = a[:, now, now], w[:, :, now].transpose(1, 2)
+            if step:
+                b = torch.linalg.solve_triangular(factor[:, done, done], a[:, done, now], upper=False).transpose(1, 2)
+                a_gg = a_gg - b @ b.transpose(1, 2)
+                w_g = w_g - b @ z[:, done]
+                factor[:, now, done] = b
+            c = torch.linalg.cholesky(a_gg)
+            factor[:, now, now] = c
+            z[:, now] = torch.linalg.solve_triangular(c, w_g, upper=False)
+            group_errors[part, step] = z[:, now].square().sum((1, 2))
+    # share each group's error among its blocks by their single-block costs
+    ordered_single = torch.nn.functional.pad(torch.gather(single.double(), 1, sequence[:, :cols]),
+                                             (0, steps * per_step - cols)).reshape(rows, steps, per_step)
+    totals = ordered_single.sum(2, keepdim=True)
+    shares = torch.where(totals > 0, ordered_single / totals.clamp_min(1e-300), 1.0 / per_step)
+    ordered = (shares * group_errors[:, :, None]).reshape(rows, -1)[:, :cols]
+    errors = torch.zeros(rows, cols, dtype=torch.float64)
+    errors.scatter_(1, sequence[:, :cols], ordered)
+    return errors
 
 
 def _magnitude(layer: PrunableLayer, weight: torch.Tensor):
