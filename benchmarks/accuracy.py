@@ -95,7 +95,8 @@ def main(argv=None) -> int:
                     row = {"block": block, "flops_keep": flops_keep, "criterion": criterion, "reconstruct": reconstruct,
                            "variant": criterion + (" + reconstruct" if reconstruct else ""),
                            "flops_keep_achieved": compiled.report.flops_keep_achieved,
-                           "top1_torch": lpvit.evaluate(compiled, test), "top1_onnxruntime": lpvit.evaluate(session, test),
+                           "top1_torch": lpvit.evaluate(compiled, test),
+                           "top1_onnxruntime": lpvit.evaluate(session, test),
                            "compile_s": seconds, "speedup": speedup}
                     row["drop_points"] = 100 * (dense_top1 - row["top1_torch"])
                     rows.append(row)
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dense_top1": dense_top1, "test_images": len(test.dataset), "calib_images": len(calib),
             "threads": args.threads, "versions": lpvit.compiled.versions()}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "distilled": distilled}, indent=2) + "\n")
+    results = {"meta": meta, "rows": rows, "distilled": distilled}
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (("reconstruct" in v), v))
     lines = [f"Fashion-MNIST ViT (`benchmarks/fashion_mnist.py`), dense test top-1 {dense_top1:.4f} on "
              f"{len(test.dataset)} images; {len(calib)} calibration images from the training split; no fine-tuning. "

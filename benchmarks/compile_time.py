@@ -76,8 +76,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or "compile_time_" + "_".join(args.models)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | importance | calib images | threads | wall s (median) | runs (s) | peak RSS GB | slowest pass | "
-             "reconstruct s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | importance | calib images | threads | wall s (median) | runs (s) | peak RSS GB | slowest pass "
+             "| reconstruct s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slowest = max(r["passes"], key=r["passes"].get)
         lines.append(f"| {r['model']} | {r['importance']} | {r['calibration_images']} | {r['threads']} | "

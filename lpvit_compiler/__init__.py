@@ -20,6 +20,7 @@ from .modules import BlockSparseLinear
 
 __all__ = [
     "compile", "evaluate", "finetune", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile",
-    "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa", "KernelLibraryError",
+    "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa",
+    "KernelLibraryError",
     "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",
 ]

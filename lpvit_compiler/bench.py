@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError
+from .errors import ModelFileError, first_line
 
 
 def default_threads() -> int:
@@ -50,16 +50,23 @@ def ort_session(model, threads: int | None = None, custom_ops: bool = True):
     options.inter_op_num_threads = 1
     if custom_ops:
         options.register_custom_ops_library(kernels_library_path())
+    return open_session(model, options)
+
+
+def open_session(model, options, providers=None):
+    """``onnxruntime.InferenceSession`` on a path or serialized model; a missing file or a model onnxruntime
+    rejects raises ModelFileError with onnxruntime's first line."""
+    import onnxruntime as ort
+
     if isinstance(model, (str, Path)):
         if not Path(model).is_file():
             raise ModelFileError(f"no ONNX model at {model}: the file does not exist")
         model = str(model)
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFileError(f"onnxruntime could not load {model if isinstance(model, str) else 'the model'}: "
-                             f"{text}") from e
+                             f"{first_line(e)}") from e
 
 
 def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

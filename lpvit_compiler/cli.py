@@ -25,10 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CalibrationError, ConfigError, LpvitError, ModelFileError
+from .errors import CalibrationError, ConfigError, LpvitError, ModelFileError, first_line
 
 DEFAULT_MODEL = "deit_small_patch16_224"
-DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
 
 
 class Ui:
@@ -126,9 +125,8 @@ def _from_timm(name: str, pretrained: bool):
     except Exception as e:  # hub errors come in many types (HTTP, offline mode, OS)
         if not pretrained:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"could not fetch the pretrained weights of {name!r} ({first}); without network access, "
-                          "download them elsewhere and pass --checkpoint PATH instead of --pretrained") from None
+        raise ConfigError(f"could not fetch the pretrained weights of {name!r} ({first_line(e)}); without network "
+                          "access, download them elsewhere and pass --checkpoint PATH instead of --pretrained") from None
 
 
 def _load_checkpoint(model, checkpoint: str, spec: str) -> None:
@@ -139,8 +137,7 @@ def _load_checkpoint(model, checkpoint: str, spec: str) -> None:
     try:
         load_checkpoint(model, checkpoint, strict=True, weights_only=True)
     except Exception as e:  # unpickling, safetensors and key-mismatch errors have no common type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"checkpoint {checkpoint} does not load into {spec}: {first[:300]}") from None
+        raise ModelFileError(f"checkpoint {checkpoint} does not load into {spec}: {first_line(e)[:300]}") from None
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -214,19 +211,12 @@ def _batches(text: str) -> list[int]:
     return batches
 
 
-def _write_onnx(compiled, path: Path, target: str, data_config: dict | None, ui: Ui) -> Path:
+def _write_onnx(compiled, path: Path, target: str, ui: Ui) -> Path:
     """Export atomically (temp file, then rename), so a failed export never leaves a half-written file."""
-    import onnx
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with ui.status(f"exporting ONNX ({target}) to {path}"):
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            written = compiled.export(Path(tmp) / path.name, target=target)
-            if data_config is not None:
-                proto = onnx.load(str(written))
-                onnx.helper.set_model_props(proto, {DATA_CONFIG_KEY: json.dumps(data_config)})
-                onnx.save(proto, str(written))
-            os.replace(written, path)
+            os.replace(compiled.export(Path(tmp) / path.name, target=target), path)
     return path
 
 
@@ -267,7 +257,7 @@ def cmd_compile(args, ui: Ui) -> int:
                                progress=not ui.quiet, data_config=data_config)
     else:
         ui.note(f"{args.model} is already compiled: exporting it")
-    _write_onnx(compiled, out, args.target, data_config, ui)
+    _write_onnx(compiled, out, args.target, ui)
     threads = args.threads or default_threads()
     if args.bench:
         if model is None:
@@ -348,6 +338,7 @@ def cmd_eval(args, ui: Ui) -> int:
     from .bench import default_threads, ort_session
     from .data import data_config_of
     from .evaluate import evaluate
+    from .export import DATA_CONFIG_KEY
 
     session = ort_session(args.model, args.threads or default_threads(), True)
     if args.preprocess_as:
@@ -400,7 +391,7 @@ def cmd_export(args, ui: Ui) -> int:
         compiled = load(path)
         if not args.out:
             raise ConfigError("--out model.onnx is required to export a .pt2 model")
-        onnx_path = _write_onnx(compiled, Path(args.out), args.target, compiled.plan.data_config, ui)
+        onnx_path = _write_onnx(compiled, Path(args.out), args.target, ui)
     if args.triton_repo:
         _triton(onnx_path, args, ui)
     elif onnx_path == path:

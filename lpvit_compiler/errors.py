@@ -5,6 +5,12 @@ fix it. Anything else escaping ``lpvit.compile`` is a bug in lpvit-compiler.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class LpvitError(ValueError):
     """A problem with the user's model, data or options (message says what and how to fix it)."""
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import fx, nn
+from torch import fx
 
-from .errors import LpvitError, ModelFileError
+from .errors import LpvitError
 from .kernels import kernels_library_path
-from .modules import BlockSparseLinear
+from .modules import BlockSparseLinear, linear_from
 
 DOMAIN = "ai.lpvit"
+DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
 OPSET = 18
 TARGETS = ("lpvit", "portable")
 
@@ -63,17 +64,14 @@ def _densified(gm: fx.GraphModule) -> fx.GraphModule:
     dense = copy.deepcopy(gm)
     for name, module in list(dense.named_modules()):
         if isinstance(module, BlockSparseLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight = nn.Parameter(module.to_dense(), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
-            dense.set_submodule(name, linear)
+            dense.set_submodule(name, linear_from(module.to_dense(), module.bias))
     dense.recompile()
     return dense
 
 
-def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "lpvit") -> Path:
-    """Write ``gm`` as ONNX to ``path``; returns the path."""
+def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "lpvit",
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write ``gm`` as ONNX to ``path`` (``metadata`` into the model's metadata_props); returns the path."""
     if target not in TARGETS:
         raise LpvitError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     _register_schema()
@@ -86,6 +84,8 @@ def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "
             custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx}, verbose=False,
         )
     proto = _clean(program.model_proto)
+    if metadata:
+        onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto, full_check=False)
     path = Path(path)
     onnx.save(proto, path)
@@ -111,6 +111,8 @@ def InferenceSession(path, intra_op_num_threads: int | None = None, providers=No
     """
     import onnxruntime as ort
 
+    from .bench import open_session
+
     session_options = ort.SessionOptions()
     session_options.register_custom_ops_library(kernels_library_path())
     if intra_op_num_threads is not None:
@@ -119,12 +121,7 @@ def InferenceSession(path, intra_op_num_threads: int | None = None, providers=No
         if not hasattr(session_options, name):
             raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
         setattr(session_options, name, value)
-    if not Path(path).is_file():
-        raise ModelFileError(f"no ONNX model at {path}: the file does not exist")
-    try:
-        return ort.InferenceSession(str(path), session_options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelFileError(f"onnxruntime could not load {path}: {str(e).strip().splitlines()[0]}") from e
+    return open_session(path, session_options, providers)
 
 
 def _layer_model(nodes, tensors: dict, in_features: int, out_features: int, custom_op: bool) -> onnx.ModelProto:

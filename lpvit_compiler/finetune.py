@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from .calibration import logits_of
 from .errors import CalibrationError, ConfigError
 from .evaluate import _images_and_labels
-from .modules import BlockSparseLinear
+from .modules import BlockSparseLinear, linear_from
 
 
 class _MaskedLinear(nn.Module):
@@ -110,11 +110,7 @@ def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Modu
         if block_shape is not None:
             gm.set_submodule(name, BlockSparseLinear.from_masked_weight(weight, bias, mask, block_shape))
         else:
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-            if bias is not None:
-                linear.bias = nn.Parameter(bias.clone(), requires_grad=False)
-            gm.set_submodule(name, linear)
+            gm.set_submodule(name, linear_from(weight, bias))
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     return result

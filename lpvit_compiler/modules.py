@@ -9,6 +9,15 @@ from . import ops  # noqa: F401  (registers torch.ops.lpvit.bsr_linear)
 from .blocks import BlockGrid
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool = False) -> nn.Linear:
+    """An nn.Linear holding copies of ``weight`` [out, in] and ``bias`` [out] (or no bias)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    return linear
+
+
 class BlockSparseLinear(nn.Module):
     """y = x W^T + b with W [out_features, in_features] held in BSR buffers.
 

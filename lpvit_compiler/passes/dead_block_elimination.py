@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from ..blocks import BlockGrid
 from ..context import CompileContext
+from ..modules import linear_from
 from ..pass_manager import PassResult
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU,
@@ -71,11 +72,7 @@ def _apply_chain(gm: fx.GraphModule, chain: list[fx.Node], value: torch.Tensor) 
 
 
 def _replace_linear(gm: fx.GraphModule, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear.weight = nn.Parameter(weight.detach().clone())
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().clone())
-    gm.set_submodule(name, linear)
+    gm.set_submodule(name, linear_from(weight, bias, requires_grad=True))
 
 
 def _live_block_mask(layer) -> torch.Tensor:
