@@ -37,6 +37,7 @@ Isa best_isa() {
   if (const char* forced = std::getenv("LPVIT_KERNEL_ISA")) {  // lower only: never run what the CPU lacks
     if (std::strcmp(forced, "scalar") == 0) isa = Isa::kScalar;
     if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
+    // "avx512" keeps the best, which is AVX-512 exactly when the CPU has it
   }
   return isa;
 }

@@ -1,4 +1,5 @@
 // C entry points for callers without onnxruntime (the torch op loads them with ctypes).
+// No C++ exception crosses this boundary: every entry point catches and reports through its return value.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -42,18 +43,37 @@ __attribute__((visibility("default"))) void* lpvit_bsr_create(
     int64_t n, int64_t k, int64_t bh, int64_t bw, const int64_t* row_ptr, int64_t row_ptr_len,
     const int64_t* col_idx, int64_t nnz_blocks, const float* values, int64_t values_len, const float* bias,
     int64_t bias_len, char* error, int64_t error_len) {
-  std::string message;
-  auto weights = lpvit::BsrWeights::create(n, k, bh, bw, row_ptr, row_ptr_len, col_idx, nnz_blocks, values,
-                                           values_len, bias, bias_len, &message);
-  if (!weights) copy_error(message, error, error_len);
-  return weights.release();
+  try {
+    if (row_ptr == nullptr || (nnz_blocks > 0 && (col_idx == nullptr || values == nullptr))) {
+      copy_error("null buffer", error, error_len);
+      return nullptr;
+    }
+    std::string message;
+    auto weights = lpvit::BsrWeights::create(n, k, bh, bw, row_ptr, row_ptr_len, col_idx, nnz_blocks, values,
+                                             values_len, bias, bias_len, &message);
+    if (!weights) copy_error(message, error, error_len);
+    return weights.release();
+  } catch (const std::exception& e) {
+    copy_error(std::string("native kernel failed: ") + e.what(), error, error_len);
+    return nullptr;
+  }
 }
 
-// y [m, n] = x [m, k] * W^T + bias with `threads` threads.
-__attribute__((visibility("default"))) void lpvit_bsr_run(const void* handle, const float* x, int64_t m, float* y,
-                                                           int threads) {
-  const auto* weights = static_cast<const lpvit::BsrWeights*>(handle);
-  weights->run(x, m, y, thread_split(threads), lpvit::best_isa());
+// y [m, n] = x [m, k] * W^T + bias with `threads` threads (>= 1). Returns 0, or -1 with the reason in `error`.
+__attribute__((visibility("default"))) int lpvit_bsr_run(const void* handle, const float* x, int64_t m, float* y,
+                                                          int threads, char* error, int64_t error_len) {
+  try {
+    if (handle == nullptr || x == nullptr || y == nullptr || m < 0 || threads < 1) {
+      copy_error("lpvit_bsr_run: null handle or buffer, negative row count, or thread count < 1 (got " +
+                     std::to_string(threads) + ")", error, error_len);
+      return -1;
+    }
+    static_cast<const lpvit::BsrWeights*>(handle)->run(x, m, y, thread_split(threads), lpvit::best_isa());
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(std::string("native kernel failed: ") + e.what(), error, error_len);
+    return -1;
+  }
 }
 
 __attribute__((visibility("default"))) void lpvit_bsr_destroy(void* handle) {

@@ -4,7 +4,7 @@
 #include "microkernel.h"
 
 namespace lpvit {
-namespace {
+namespace {  // internal linkage, like the micro-kernel (see microkernel.h)
 struct Avx2 {
   using Reg = __m256;
   static constexpr int kWidth = 8;

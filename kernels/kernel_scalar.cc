@@ -2,7 +2,7 @@
 #include "microkernel.h"
 
 namespace lpvit {
-namespace {
+namespace {  // internal linkage, like the micro-kernel (see microkernel.h)
 struct Scalar {
   using Reg = float;
   static constexpr int kWidth = 1;

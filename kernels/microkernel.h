@@ -4,14 +4,20 @@
 // A tile is ROWS rows of X times one 16-output panel of a block row. For every kept block of the row and every
 // column j inside it, the panel's 16 weights W^T[j][0:16] are loaded once and multiplied by the broadcast
 // X[m][j] of each of the ROWS rows: ROWS x 16 accumulators stay in registers for the whole block row.
+//
+// Everything here has internal linkage (an unnamed namespace) and calls no library template: an inline
+// function compiled with -mavx512f must never be shared with, and picked by the linker for, another ISA's
+// translation unit. The build checks the ISA objects define no weak symbols (CMakeLists.txt).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include "tile_job.h"
 
 namespace lpvit {
+namespace {
+
+constexpr int64_t min2(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <class V, int ROWS>
 inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, int64_t blocks,
@@ -22,7 +28,7 @@ inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, 
     for (int v = 0; v < kVecs; ++v) acc[r][v] = V::zero();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t col0 = cols[b] * job.bw;
-    const int64_t width = std::min(job.bw, job.k - col0);  // edge block: never read X past column k
+    const int64_t width = min2(job.bw, job.k - col0);  // edge block: never read X past column k
     const float* w = packed + b * job.block_stride;
     const float* xb = x + col0;
     for (int64_t j = 0; j < width; ++j) {
@@ -56,10 +62,10 @@ inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_r
   const int64_t* cols = job.col_idx + first;
   const float* packed = job.packed + first * job.block_stride + panel * kPanel;
   const int64_t out0 = block_row * job.bh + panel * kPanel;
-  const int64_t width = std::min<int64_t>({kPanel, job.bh - panel * kPanel, job.n - out0});
+  const int64_t width = min2(min2(kPanel, job.bh - panel * kPanel), job.n - out0);
   alignas(64) float out[ROWS][kPanel];
   for (int64_t m = m0; m < m1; m += ROWS) {
-    const int rows = static_cast<int>(std::min<int64_t>(ROWS, m1 - m));
+    const int rows = static_cast<int>(min2(ROWS, m1 - m));
     const float* x = job.x + m * job.k;
     if (rows == ROWS)
       panel_tile<V, ROWS>(job, x, cols, blocks, packed, out);
@@ -73,4 +79,5 @@ inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_r
   }
 }
 
+}  // namespace
 }  // namespace lpvit

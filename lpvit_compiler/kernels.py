@@ -52,8 +52,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lpvit_bsr_create.restype = ptr
     lib.lpvit_bsr_create.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_char_p, i64]
-    lib.lpvit_bsr_run.restype = None
-    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.lpvit_bsr_run.restype = ctypes.c_int
+    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_char_p, i64]
     lib.lpvit_bsr_destroy.restype = None
     lib.lpvit_bsr_destroy.argtypes = [ptr]
     lib.lpvit_kernel_isa.restype = ctypes.c_char_p
@@ -113,5 +113,9 @@ def native_bsr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
         raise KernelLibraryError(f"input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
     x2 = x.reshape(-1, in_features).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    lib.lpvit_bsr_run(cached[1].handle, x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
+    error = ctypes.create_string_buffer(ERROR_BYTES)
+    # `cached` keeps the packed weights alive while the call runs (ctypes releases the GIL during it)
+    if lib.lpvit_bsr_run(cached[1].handle, x2.data_ptr(), x2.shape[0], y.data_ptr(), max(1, torch.get_num_threads()),
+                         error, ERROR_BYTES) != 0:
+        raise KernelLibraryError(error.value.decode())
     return y.reshape(*x.shape[:-1], out_features)

@@ -23,8 +23,39 @@ from torch import Tensor
 from . import kernels
 
 
+def check_bsr(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features: int, in_features: int) -> None:
+    """Raise :class:`KernelLibraryError` for BSR buffers the native kernel would reject (same rules, same words)."""
+    def fail(message: str):
+        raise kernels.KernelLibraryError(f"malformed block-sparse weight: {message}")
+
+    if values.dim() != 3 or min(values.shape[1:]) < 1:
+        fail(f"values must be [nnz_blocks, bh, bw], got {list(values.shape)}")
+    bh, bw = values.shape[1], values.shape[2]
+    block_rows, block_cols = math.ceil(out_features / bh), math.ceil(in_features / bw)
+    nnz = values.shape[0]
+    if row_ptr.dim() != 1 or row_ptr.numel() != block_rows + 1:
+        fail(f"row_ptr length is {row_ptr.numel()}, expected {block_rows + 1}")
+    if col_idx.dim() != 1 or col_idx.numel() != nnz:
+        fail(f"col_idx length is {col_idx.numel()}, expected {nnz} (values' first dimension)")
+    if int(row_ptr[0]) != 0:
+        fail(f"row_ptr[0] is {int(row_ptr[0])}, expected 0")
+    steps = row_ptr.diff()
+    if bool((steps < 0).any()) or int(row_ptr[-1]) != nnz:
+        fail(f"row_ptr must be non-decreasing and end at nnz_blocks = {nnz}")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= block_cols):
+        bad = int(((col_idx < 0) | (col_idx >= block_cols)).nonzero()[0])
+        fail(f"col_idx[{bad}] = {int(col_idx[bad])} is out of range [0, {block_cols})")
+    row_of = torch.repeat_interleave(torch.arange(block_rows), steps)
+    same_row = row_of[1:] == row_of[:-1]
+    if bool((same_row & (col_idx[1:] <= col_idx[:-1])).any()):
+        bad = int((same_row & (col_idx[1:] <= col_idx[:-1])).nonzero()[0]) + 1
+        fail(f"col_idx must increase within a block row: col_idx[{bad}] = {int(col_idx[bad])} after "
+             f"{int(col_idx[bad - 1])}")
+
+
 def bsr_to_dense(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features: int, in_features: int) -> Tensor:
-    """The dense W [out_features, in_features] that a BSR triple stores."""
+    """The dense W [out_features, in_features] that a BSR triple stores (validated by :func:`check_bsr`)."""
+    check_bsr(row_ptr, col_idx, values, out_features, in_features)
     bh, bw = values.shape[1], values.shape[2]
     block_rows, block_cols = row_ptr.numel() - 1, math.ceil(in_features / bw)
     block_row_of = torch.repeat_interleave(torch.arange(block_rows), row_ptr.diff())

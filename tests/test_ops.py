@@ -44,10 +44,27 @@ def test_malformed_indices_raise_instead_of_reading_out_of_bounds():
     layer = BlockSparseLinear.from_masked_weight(torch.randn(32, 32), None, torch.ones(32, 32, dtype=torch.bool), (16, 16))
     layer.col_idx[0] = 7
     x = torch.randn(2, 32)
-    with pytest.raises(IndexError):
+    with pytest.raises(lpvit.KernelLibraryError, match=r"col_idx\[0\] = 7 is out of range \[0, 2\)"):
         bsr_linear_reference(x, layer.row_ptr, layer.col_idx, layer.values, None, 32, 32)
     with pytest.raises(lpvit.KernelLibraryError, match=r"col_idx\[0\] = 7 is out of range \[0, 2\)"):
         layer(x)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("col_idx", [-1, 1, 0, 1], r"col_idx\[0\] = -1 is out of range"),
+    ("col_idx", [0, 0, 0, 1], r"col_idx must increase within a block row: col_idx\[1\] = 0 after 0"),
+    ("row_ptr", [1, 2, 4], r"row_ptr\[0\] is 1, expected 0"),
+    ("row_ptr", [0, 3, 2], r"row_ptr must be non-decreasing"),
+    ("row_ptr", [0, 2], r"row_ptr length is 2, expected 3"),
+])
+def test_reference_rejects_what_the_native_kernel_rejects(field, value, message):
+    """The pure-torch path (no library, other devices) refuses the same malformed buffers as the kernel."""
+    layer = BlockSparseLinear.from_masked_weight(torch.randn(32, 32), None, torch.ones(32, 32, dtype=torch.bool), (16, 16))
+    buffers = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx}
+    buffers[field] = torch.tensor(value, dtype=torch.int64)
+    for run in (bsr_linear_reference, torch.ops.lpvit.bsr_linear):
+        with pytest.raises(lpvit.KernelLibraryError, match=message):
+            run(torch.randn(2, 32), buffers["row_ptr"], buffers["col_idx"], layer.values, None, 32, 32)
 
 
 def test_op_exports_with_fake_impl():

@@ -1,0 +1,9 @@
+# cmake -DNM=nm -DOBJECTS="a.o;b.o" -P check_no_weak_symbols.cmake: fails if any object defines a weak symbol.
+foreach(object IN LISTS OBJECTS)
+  execute_process(COMMAND "${NM}" -C --defined-only "${object}" OUTPUT_VARIABLE symbols COMMAND_ERROR_IS_FATAL ANY)
+  string(REGEX MATCHALL "[^\n]* [WVu] [^\n]*" weak "${symbols}")
+  if(weak)
+    message(FATAL_ERROR "${object} defines weak symbols, which the linker may share across instruction sets:\n"
+                        "${weak}\nGive them internal linkage (see kernels/microkernel.h).")
+  endif()
+endforeach()
