@@ -1,10 +1,11 @@
 """lpvit.evaluate and the offline data readers."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest
+
+from conftest import require_or_skip
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,8 +83,6 @@ def test_idx_reader_on_small_files(tmp_path):
 
 def test_real_fashion_mnist_when_installed():
     if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("LPVIT_REQUIRE_SYSTEM_DEPS") == "1":
-            pytest.fail("Fashion-MNIST is required (LPVIT_REQUIRE_SYSTEM_DEPS=1): apt-get install dataset-fashion-mnist")
-        pytest.skip("apt-get install dataset-fashion-mnist; CI runs this test")
+        require_or_skip("Fashion-MNIST is not installed", "apt-get install dataset-fashion-mnist")
     x, y = fashion_mnist("test").tensors
     assert x.shape == (10000, 1, 28, 28) and torch.bincount(y).tolist() == [1000] * 10

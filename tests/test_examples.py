@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_or_skip
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "run_model.cc"
 
 
@@ -20,7 +22,8 @@ def _onnxruntime_headers():
 def test_cpp_example_compiles():
     headers, compiler = _onnxruntime_headers(), shutil.which("g++")
     if headers is None or compiler is None:
-        pytest.skip("needs g++ and onnxruntime's C++ headers (the kernel build puts them in ~/.cache/lpvit-compiler)")
+        require_or_skip("g++ or onnxruntime's C++ headers are missing",
+                        "apt-get install g++; the kernel build puts the headers in ~/.cache/lpvit-compiler")
     done = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", f"-I{headers}", str(EXAMPLE)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -1,14 +1,14 @@
 """The HTML report, opened in a real browser (headless Chromium): table, text and images render."""
 
-import os
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+
+from conftest import require_or_skip
 from matplotlib import image as mpimg
 
-REQUIRE = os.environ.get("LPVIT_REQUIRE_SYSTEM_DEPS") == "1"  # CI installs Chromium and requires this test
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -17,9 +17,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture
 def chromium(tmp_path):
     if CHROMIUM is None:
-        if REQUIRE:
-            pytest.fail("Chromium is required (LPVIT_REQUIRE_SYSTEM_DEPS=1): apt-get install chromium")
-        pytest.skip("Chromium not installed (apt-get install chromium); CI runs this test")
+        require_or_skip("Chromium is not installed", "apt-get install chromium")
 
     def run(*args):
         done = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
