@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fashion_mnist  # noqa: E402
 
 import lpvit_compiler as lpvit  # noqa: E402
-from lpvit_compiler.bench import compare_sessions, ort_session  # noqa: E402
-from lpvit_compiler.data import fashion_mnist as fashion_mnist_data  # noqa: E402
-from lpvit_compiler.export import export_onnx  # noqa: E402
+from lpvit_compiler.runtime.sessions import ort_session  # noqa: E402
+from lpvit_compiler.tools.bench import compare_sessions  # noqa: E402
+from lpvit_compiler.tools.data import fashion_mnist as fashion_mnist_data  # noqa: E402
+from lpvit_compiler.lowering.onnx_export import export_onnx  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CRITERIA = ("magnitude", "taylor", "hessian", "obs")

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lpvit_compiler.bench import interleaved, ort_session
+from lpvit_compiler.runtime.sessions import ort_session
+from lpvit_compiler.tools.bench import interleaved
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.export import export_onnx
+from lpvit_compiler.lowering.onnx_export import export_onnx
 
 RESULTS = Path(__file__).parent / "results"
 

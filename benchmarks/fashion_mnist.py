@@ -36,7 +36,7 @@ def vit() -> nn.Module:
 def train(model: nn.Module, epochs: int, batch_size: int = 128, lr: float = 1.5e-3, log=print) -> nn.Module:
     """AdamW with a one-cycle schedule on the 60k training images (no augmentation: a short schedule
     converges faster without it)."""
-    from lpvit_compiler.data import fashion_mnist
+    from lpvit_compiler.tools.data import fashion_mnist
 
     images, labels = fashion_mnist("train").tensors
     steps = epochs * math.ceil(len(images) / batch_size)
@@ -61,7 +61,7 @@ def train(model: nn.Module, epochs: int, batch_size: int = 128, lr: float = 1.5e
 
 def test_accuracy(model: nn.Module) -> float:
     from lpvit_compiler import evaluate
-    from lpvit_compiler.data import fashion_mnist
+    from lpvit_compiler.tools.data import fashion_mnist
 
     return evaluate(model, torch.utils.data.DataLoader(fashion_mnist("test"), batch_size=500))
 

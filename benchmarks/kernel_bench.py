@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lpvit_compiler.bench import interleaved, ort_session
+from lpvit_compiler.runtime.sessions import ort_session
+from lpvit_compiler.tools.bench import interleaved
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.export import single_layer_model
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.lowering.onnx_export import single_layer_model
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (out_features, in_features) of the block linears

@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 
 from .api import compile
 from .compiled import CompiledModel, Plan, load
-from .evaluate import evaluate
-from .finetune import finetune
+from .tools.evaluate import evaluate
+from .tools.finetune import finetune
 from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
-from .export import InferenceSession
-from .hardware import PROFILES, HardwareProfile, get_profile, known_profiles
-from .kernels import KernelLibraryError, kernel_isa, kernels_library_path
-from .modules import BlockSparseLinear
+from .runtime.sessions import InferenceSession
+from .costmodel import PROFILES, HardwareProfile, get_profile, known_profiles
+from .runtime.kernels import KernelLibraryError, kernel_isa, kernels_library_path
+from .runtime.modules import BlockSparseLinear
 
 __all__ = [
     "compile", "evaluate", "finetune", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile",

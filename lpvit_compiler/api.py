@@ -10,12 +10,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .calibration import calibration_batches
-from .capture import capture, select_prunable_layers
+from .frontend.calibration import calibration_batches
+from .frontend.capture import capture, select_prunable_layers
 from .compiled import CompiledModel, Plan, versions
-from .context import IMPORTANCE_CRITERIA, POWER_MODELS, CompileContext, CompileOptions
+from .state import IMPORTANCE_CRITERIA, POWER_MODELS, CompileContext, CompileOptions
 from .errors import ConfigError
-from .hardware import HardwareProfile, get_profile
+from .costmodel import HardwareProfile, get_profile
 from .pass_manager import PassManager, PassResult
 from .passes import PIPELINE
 from .report import Report

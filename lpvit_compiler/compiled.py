@@ -102,7 +102,7 @@ class CompiledModel(nn.Module):
         """Write an ONNX model: ``target="lpvit"`` with ai.lpvit::BlockSparseLinear nodes (run it with
         :func:`lpvit_compiler.InferenceSession`), ``"portable"`` with standard ops only; the plan's data config
         goes into the metadata (``lpvit eval`` preprocesses with it). Returns the path."""
-        from .export import DATA_CONFIG_KEY, export_onnx
+        from .lowering.onnx_export import DATA_CONFIG_KEY, export_onnx
 
         metadata = {DATA_CONFIG_KEY: json.dumps(self.plan.data_config)} if self.plan.data_config else None
         return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target, metadata)

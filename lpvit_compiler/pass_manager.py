@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .context import CompileContext
+from .state import CompileContext
 
 HEATMAP_PIXELS_PER_BLOCK = 4
 

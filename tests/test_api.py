@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 
 from conftest import masked_reference
 

@@ -5,7 +5,7 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.capture import capture, linear_nodes, select_prunable_layers
+from lpvit_compiler.frontend.capture import capture, linear_nodes, select_prunable_layers
 from lpvit_compiler.api import make_options
 
 from conftest import masked_reference, tiny_vit

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.data import image_folder
+from lpvit_compiler.tools.data import image_folder
 
 TESTS = Path(__file__).parent
 MODEL = "cli_models:tiny_vit"

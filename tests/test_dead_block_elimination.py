@@ -4,9 +4,9 @@ from torch import nn
 
 from lpvit_compiler.api import make_options
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.capture import capture
-from lpvit_compiler.context import CompileContext, PrunableLayer
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.frontend.capture import capture
+from lpvit_compiler.state import CompileContext, PrunableLayer
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 from lpvit_compiler.passes import bsr_layout, dead_block_elimination
 
 from conftest import masked_reference

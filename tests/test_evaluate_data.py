@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.data import FASHION_MNIST_DIR, fashion_mnist
+from lpvit_compiler.tools.data import FASHION_MNIST_DIR, fashion_mnist
 
 
 class Oracle(torch.nn.Module):

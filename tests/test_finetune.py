@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.hardware import lpvit_power_proxy
+from lpvit_compiler.costmodel.profiles import lpvit_power_proxy
 
 
 def test_known_profiles_and_unknown_name_lists_them():

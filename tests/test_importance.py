@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.context import PrunableLayer
+from lpvit_compiler.state import PrunableLayer
 from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor
 
 

@@ -14,8 +14,8 @@ from onnx import numpy_helper
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.export import single_layer_model
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.lowering.onnx_export import single_layer_model
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 
 
 def _session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
@@ -74,7 +74,7 @@ def test_every_instruction_set_path_matches(isa, tmp_path):
     code = (
         "import numpy as np, torch, lpvit_compiler as lpvit\n"
         "from lpvit_compiler.blocks import BlockGrid\n"
-        "from lpvit_compiler.modules import BlockSparseLinear\n"
+        "from lpvit_compiler.runtime.modules import BlockSparseLinear\n"
         "torch.manual_seed(0); g = BlockGrid(100, 72, (16, 32))\n"
         "m = g.expand(torch.rand(g.block_rows, g.block_cols) < 0.6)\n"
         "w, b = torch.randn(100, 72), torch.randn(100)\n"
@@ -141,7 +141,7 @@ def test_huge_nnz_blocks_is_rejected():
 def test_torch_falls_back_to_the_reference_with_a_warning_when_the_library_is_missing(tmp_path):
     code = (
         "import warnings, torch\n"
-        "from lpvit_compiler.modules import BlockSparseLinear\n"
+        "from lpvit_compiler.runtime.modules import BlockSparseLinear\n"
         "layer = BlockSparseLinear.from_masked_weight(torch.randn(32, 32), None, torch.ones(32, 32, dtype=torch.bool), (16, 16))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.native_profile import _fit
+from lpvit_compiler.costmodel.native import _fit
 
 
 def test_fit_recovers_intercept_and_slope():

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.ops import bsr_linear_reference
-from lpvit_compiler.modules import BlockSparseLinear
+from lpvit_compiler.runtime.ops import bsr_linear_reference
+from lpvit_compiler.runtime.modules import BlockSparseLinear
 
 
 @settings(max_examples=60, deadline=None)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..context import CompileContext
+from ..state import CompileContext
 from ..errors import ConfigError
 from ..pass_manager import PassResult
 from .importance import RATIO_GRID, sample_at_ratios

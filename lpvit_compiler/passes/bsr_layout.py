@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..context import CompileContext
-from ..modules import BlockSparseLinear
+from ..state import CompileContext
+from ..runtime.modules import BlockSparseLinear
 from ..pass_manager import PassResult
 
 

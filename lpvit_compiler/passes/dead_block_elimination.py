@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..blocks import BlockGrid
-from ..context import CompileContext
-from ..modules import linear_from
+from ..state import CompileContext
+from ..runtime.modules import linear_from
 from ..pass_manager import PassResult
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU,

@@ -21,8 +21,8 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..context import CompileContext
-from ..hardware import lpvit_power_proxy
+from ..state import CompileContext
+from ..costmodel.profiles import lpvit_power_proxy
 from ..pass_manager import PassResult
 from .importance import sample_at_ratios
 

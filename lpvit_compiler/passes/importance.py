@@ -37,8 +37,8 @@ import torch
 from rich.progress import track
 from torch import fx
 
-from ..calibration import logits_of
-from ..context import CompileContext, PrunableLayer
+from ..frontend.calibration import logits_of
+from ..state import CompileContext, PrunableLayer
 from ..pass_manager import PassResult
 
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps

@@ -34,7 +34,7 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
-from ..context import CompileContext
+from ..state import CompileContext
 from ..pass_manager import PassResult
 
 SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems

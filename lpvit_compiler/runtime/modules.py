@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lpvit.bsr_linear)
-from .blocks import BlockGrid
+from ..blocks import BlockGrid
 
 
 def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool = False) -> nn.Linear:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 FASHION_MNIST_DIR = Path(os.environ.get("LPVIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the 60k training images, pixel values in [0, 1]

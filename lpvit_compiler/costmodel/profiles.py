@@ -17,7 +17,7 @@ LPViT's power proxy (``power_model="lpvit"``) is kept_blocks * floor(in_features
 To change the cost model, edit :meth:`HardwareProfile.linear_cost`; to add a target, add a profile to
 ``PROFILES``. The figures below are vendor peak numbers with published-typical efficiency/power estimates,
 stated per field. ``hw="native"`` fits the CPU profile's coefficients to a micro-benchmark of the built
-kernel and onnxruntime's dense GEMM on this machine (``native_profile.py``).
+kernel and onnxruntime's dense GEMM on this machine (``native.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
 
@@ -161,25 +161,3 @@ PROFILES: dict[str, HardwareProfile] = {
     "cpu-avx2": _cpu("cpu-avx2", cores=8, avx512=False),
     "cpu-avx512": _cpu("cpu-avx512", cores=8, avx512=True),
 }
-
-
-def known_profiles() -> list[str]:
-    return sorted([*PROFILES, "cpu", "native"])
-
-
-def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
-    """A profile by name (``"cpu"`` is this machine's cores and ISA) or the profile object itself."""
-    if isinstance(hw, HardwareProfile):
-        return hw
-    if not isinstance(hw, str):
-        raise ConfigError(f"hw must be a profile name or a HardwareProfile, got {type(hw).__name__}")
-    if hw == "cpu":
-        return this_cpu()
-    if hw == "native":
-        from .native_profile import native_profile
-
-        return native_profile()
-    if hw not in PROFILES:
-        raise ConfigError(f"unknown hardware profile {hw!r}; known profiles: {', '.join(known_profiles())} "
-                          "(or pass a lpvit_compiler.HardwareProfile)")
-    return PROFILES[hw]

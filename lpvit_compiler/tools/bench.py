@@ -6,19 +6,14 @@ burst of load from another process hits all candidates alike; compare them by ra
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError, first_line
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from ..errors import ModelFileError
+from ..runtime.sessions import ort_session
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -36,37 +31,6 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
         if progress is not None:
             progress()
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def ort_session(model, threads: int | None = None, custom_ops: bool = True):
-    """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads and, with
-    ``custom_ops``, the lpvit op library registered."""
-    import onnxruntime as ort
-
-    from .kernels import kernels_library_path
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    if custom_ops:
-        options.register_custom_ops_library(kernels_library_path())
-    return open_session(model, options)
-
-
-def open_session(model, options, providers=None):
-    """``onnxruntime.InferenceSession`` on a path or serialized model; a missing file or a model onnxruntime
-    rejects raises ModelFileError with onnxruntime's first line."""
-    import onnxruntime as ort
-
-    if isinstance(model, (str, Path)):
-        if not Path(model).is_file():
-            raise ModelFileError(f"no ONNX model at {model}: the file does not exist")
-        model = str(model)
-    try:
-        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:
-        raise ModelFileError(f"onnxruntime could not load {model if isinstance(model, str) else 'the model'}: "
-                             f"{first_line(e)}") from e
 
 
 def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -102,8 +66,8 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
     ``latency_dense_measured_us``."""
     import torch
 
-    from .export import dense_layer_model, single_layer_model
-    from .modules import BlockSparseLinear
+    from ..lowering.onnx_export import dense_layer_model, single_layer_model
+    from ..runtime.modules import BlockSparseLinear
 
     batch_size = compiled.report.summary["hw_batch_size"]
     generator = torch.Generator().manual_seed(0)

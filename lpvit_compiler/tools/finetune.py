@@ -23,10 +23,10 @@ from rich.progress import Progress
 from torch import nn
 from torch.nn import functional as F
 
-from .calibration import logits_of
-from .errors import CalibrationError, ConfigError
+from ..frontend.calibration import logits_of
+from ..errors import CalibrationError, ConfigError
 from .evaluate import _images_and_labels
-from .modules import BlockSparseLinear, linear_from
+from ..runtime.modules import BlockSparseLinear, linear_from
 
 
 class _MaskedLinear(nn.Module):

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 
 def _images_of(batch) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import unpack_mask
+from ..blocks import unpack_mask
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }

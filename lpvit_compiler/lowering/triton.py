@@ -18,8 +18,8 @@ from pathlib import Path
 
 import onnx
 
-from .errors import LpvitError, ModelFileError
-from .kernels import kernels_library_path
+from ..errors import LpvitError, ModelFileError
+from ..runtime.kernels import kernels_library_path
 
 _TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
                  onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32"}

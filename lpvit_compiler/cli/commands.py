@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CalibrationError, ConfigError, LpvitError, ModelFileError, first_line
+from ..errors import CalibrationError, ConfigError, LpvitError, ModelFileError, first_line
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 
@@ -66,7 +66,7 @@ def load_model(spec: str, checkpoint: str | None = None, pretrained: bool = Fals
     its module), ``package.module:factory`` (called with no arguments), or a timm model name."""
     import torch
 
-    from .compiled import load
+    from ..compiled import load
 
     path = Path(spec)
     if path.suffix == ".onnx":
@@ -145,7 +145,7 @@ def _load_checkpoint(model, checkpoint: str, spec: str) -> None:
 def _input_shape(model, data_config: dict | None) -> tuple[int, ...]:
     if data_config is not None:
         return tuple(data_config["input_size"])
-    from .calibration import expected_input_shape
+    from ..frontend.calibration import expected_input_shape
 
     shape = expected_input_shape(model)
     try:
@@ -159,7 +159,7 @@ def calibration_images(spec: str, count: int, model, data_config: dict | None, u
     """Calibration images [N, C, H, W] from ``random:N``, ``fashion-mnist[:N]`` or an ImageFolder DIR."""
     import torch
 
-    from .data import fashion_mnist, image_folder
+    from ..tools.data import fashion_mnist, image_folder
 
     name, _, n = spec.partition(":")
     if name in ("random", "fashion-mnist") and n:
@@ -188,7 +188,7 @@ def calibration_images(spec: str, count: int, model, data_config: dict | None, u
 def evaluation_loader(spec: str, data_config: dict | None, limit: int | None, batch_size: int = 64):
     from torch.utils.data import DataLoader, Subset
 
-    from .data import fashion_mnist, image_folder
+    from ..tools.data import fashion_mnist, image_folder
 
     if spec == "fashion-mnist":
         dataset = fashion_mnist("test")
@@ -233,11 +233,12 @@ def _bench_table(title: str, results: dict, threads: int) -> Table:
 def cmd_compile(args, ui: Ui) -> int:
     import torch
 
-    from . import api
-    from .bench import compare_sessions, default_threads, measure_layers, ort_session
-    from .data import data_config_of
-    from .evaluate import evaluate
-    from .export import export_onnx
+    from .. import api
+    from ..runtime.sessions import default_threads, ort_session
+    from ..tools.bench import compare_sessions, measure_layers
+    from ..tools.data import data_config_of
+    from ..tools.evaluate import evaluate
+    from ..lowering.onnx_export import export_onnx
 
     out = Path(args.out)
     if args.model and Path(args.model).resolve() == out.resolve():
@@ -297,14 +298,15 @@ def cmd_compile(args, ui: Ui) -> int:
 
 
 def _triton(onnx_path: Path, args, ui: Ui) -> None:
-    from .deploy import write_triton_repo
+    from ..lowering.triton import write_triton_repo
 
     config = write_triton_repo(onnx_path, args.triton_repo, args.triton_name, mount=args.triton_mount)
     ui.note(f"Triton model repository: {config.parent} (config {config})")
 
 
 def cmd_bench(args, ui: Ui) -> int:
-    from .bench import compare_sessions, default_threads, interleaved, image_feed, ort_session
+    from ..runtime.sessions import default_threads, ort_session
+    from ..tools.bench import compare_sessions, image_feed, interleaved
 
     threads = args.threads or default_threads()
     batches = _batches(args.batch)
@@ -335,10 +337,10 @@ def cmd_bench(args, ui: Ui) -> int:
 def cmd_eval(args, ui: Ui) -> int:
     import onnx
 
-    from .bench import default_threads, ort_session
-    from .data import data_config_of
-    from .evaluate import evaluate
-    from .export import DATA_CONFIG_KEY
+    from ..runtime.sessions import default_threads, ort_session
+    from ..tools.data import data_config_of
+    from ..tools.evaluate import evaluate
+    from ..lowering.onnx_export import DATA_CONFIG_KEY
 
     session = ort_session(args.model, args.threads or default_threads(), True)
     if args.preprocess_as:
@@ -354,7 +356,7 @@ def cmd_eval(args, ui: Ui) -> int:
 
 
 def cmd_inspect(args, ui: Ui) -> int:
-    from .report import Report
+    from ..report import Report
 
     folder = Path(args.dump_dir)
     passes_file = folder / "passes.json"
@@ -386,7 +388,7 @@ def cmd_export(args, ui: Ui) -> int:
             raise ModelFileError(f"no ONNX model at {path}")
         onnx_path = path
     else:
-        from .compiled import load
+        from ..compiled import load
 
         compiled = load(path)
         if not args.out:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .blocks import BlockGrid
-from .hardware import HardwareProfile
+from .costmodel.profiles import HardwareProfile
 
 IMPORTANCE_CRITERIA = ("taylor", "hessian", "obs", "magnitude")
 POWER_MODELS = ("energy", "lpvit")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import weakref
 from pathlib import Path
 
 import torch
 
-from .errors import LpvitError
+from ..errors import LpvitError
 
 LIBRARY_NAME = "liblpvit_kernels.so"
 LIBRARY_ENV = "LPVIT_KERNELS_LIBRARY"
@@ -34,9 +35,8 @@ def kernels_library_path() -> str:
         if not path.is_file():
             raise KernelLibraryError(f"{LIBRARY_ENV}={path} does not exist")
         return str(path)
-    import lpvit_compiler
-
-    for folder in lpvit_compiler.__path__:
+    # installed beside the package's __init__; an editable install spreads the package over several folders
+    for folder in importlib.util.find_spec(__name__.split(".")[0]).submodule_search_locations or ():
         if (Path(folder) / LIBRARY_NAME).is_file():
             return str(Path(folder) / LIBRARY_NAME)
     raise KernelLibraryError(f"the native kernel library ({LIBRARY_NAME}) is not built; reinstall with "

@@ -20,11 +20,12 @@ import functools
 import numpy as np
 import torch
 
-from .bench import default_threads, interleaved, ort_session
-from .blocks import BlockGrid
-from .export import dense_layer_model, single_layer_model
-from .hardware import HardwareProfile, this_cpu
-from .modules import BlockSparseLinear
+from ..runtime.sessions import default_threads, ort_session
+from ..tools.bench import interleaved
+from ..blocks import BlockGrid
+from ..lowering.onnx_export import dense_layer_model, single_layer_model
+from .profiles import HardwareProfile, this_cpu
+from ..runtime.modules import BlockSparseLinear
 
 SHAPES = ((64, 384, 384), (394, 384, 1152), (1576, 384, 1536), (1576, 1536, 384))  # (rows, in, out)
 DENSITIES = (0.25, 0.5)

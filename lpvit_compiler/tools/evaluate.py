@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from .calibration import logits_of
-from .errors import CalibrationError
+from ..frontend.calibration import logits_of
+from ..errors import CalibrationError
 
 
 def _images_and_labels(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:

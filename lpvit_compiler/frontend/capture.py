@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from .blocks import BlockGrid
+from ..blocks import BlockGrid
 from .calibration import expected_input_shape, logits_of
-from .context import CompileOptions, PrunableLayer
-from .errors import CalibrationError, CaptureError, ConfigError
+from ..state import CompileOptions, PrunableLayer
+from ..errors import CalibrationError, CaptureError, ConfigError
 
 LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 

@@ -10,8 +10,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .blocks import pack_mask
-from .context import CompileContext
+from ..blocks import pack_mask
+from ..state import CompileContext
 
 CURVE_POINTS = 101  # LPViT samples its curves at 101 ratios too
 
@@ -117,7 +117,7 @@ class Report:
 
     def to_html(self, path):
         """Write the report as one self-contained HTML file (figures inlined); returns the path."""
-        from .report_html import write_html
+        from .html import write_html
 
         return write_html(self, path)
 

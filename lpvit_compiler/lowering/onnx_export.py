@@ -21,9 +21,8 @@ import onnx
 import torch
 from torch import fx
 
-from .errors import LpvitError
-from .kernels import kernels_library_path
-from .modules import BlockSparseLinear, linear_from
+from ..errors import LpvitError
+from ..runtime.modules import BlockSparseLinear, linear_from
 
 DOMAIN = "ai.lpvit"
 DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
@@ -102,26 +101,6 @@ def _clean(proto: onnx.ModelProto) -> onnx.ModelProto:
     del cleaned.opset_import[:]
     cleaned.opset_import.extend(proto.opset_import)
     return cleaned
-
-
-def InferenceSession(path, intra_op_num_threads: int | None = None, providers=None, **options):
-    """An ``onnxruntime.InferenceSession`` with the lpvit custom-op library registered.
-
-    ``options`` are set on the ``onnxruntime.SessionOptions`` (e.g. ``graph_optimization_level``).
-    """
-    import onnxruntime as ort
-
-    from .bench import open_session
-
-    session_options = ort.SessionOptions()
-    session_options.register_custom_ops_library(kernels_library_path())
-    if intra_op_num_threads is not None:
-        session_options.intra_op_num_threads = intra_op_num_threads
-    for name, value in options.items():
-        if not hasattr(session_options, name):
-            raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
-        setattr(session_options, name, value)
-    return open_session(path, session_options, providers)
 
 
 def _layer_model(nodes, tensors: dict, in_features: int, out_features: int, custom_op: bool) -> onnx.ModelProto:

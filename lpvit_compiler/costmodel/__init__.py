@@ -1,0 +1,34 @@
+"""The cost model: hardware profiles (``profiles.py``: the roofline latency/energy of a block-sparse GEMM) and
+``hw="native"`` (``native.py``: the CPU profile fitted to measurements here). Change the cost model in
+:meth:`profiles.HardwareProfile.linear_cost`; add a target to ``profiles.PROFILES``."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .native import native_profile
+from .profiles import PROFILES, HardwareProfile, lpvit_power_proxy, this_cpu
+
+__all__ = ["PROFILES", "HardwareProfile", "get_profile", "known_profiles", "lpvit_power_proxy", "native_profile",
+           "this_cpu"]
+
+
+def known_profiles() -> list[str]:
+    return sorted([*PROFILES, "cpu", "native"])
+
+
+def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
+    """A profile by name (``"cpu"`` is this machine's cores and ISA) or the profile object itself."""
+    if isinstance(hw, HardwareProfile):
+        return hw
+    if not isinstance(hw, str):
+        raise ConfigError(f"hw must be a profile name or a HardwareProfile, got {type(hw).__name__}")
+    if hw == "cpu":
+        return this_cpu()
+    if hw == "native":
+        from .native import native_profile
+
+        return native_profile()
+    if hw not in PROFILES:
+        raise ConfigError(f"unknown hardware profile {hw!r}; known profiles: {', '.join(known_profiles())} "
+                          "(or pass a lpvit_compiler.HardwareProfile)")
+    return PROFILES[hw]

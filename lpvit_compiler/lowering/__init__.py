@@ -1,0 +1,1 @@
+"""Lowering: the compiled graph to ONNX (``onnx_export.py``) and to a Triton model repository (``triton.py``)."""

@@ -1,0 +1,1 @@
+"""Runtime: the native kernel library, the torch op on it, the modules of a compiled graph, onnxruntime sessions."""

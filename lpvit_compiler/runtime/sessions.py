@@ -1,0 +1,60 @@
+"""onnxruntime sessions with the lpvit custom-op library registered: what serving and benchmarking open."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LpvitError, ModelFileError, first_line
+from .kernels import kernels_library_path
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ort_session(model, threads: int | None = None, custom_ops: bool = True):
+    """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads and, with
+    ``custom_ops``, the lpvit op library registered."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    if custom_ops:
+        options.register_custom_ops_library(kernels_library_path())
+    return open_session(model, options)
+
+
+def open_session(model, options, providers=None):
+    """``onnxruntime.InferenceSession`` on a path or serialized model; a missing file or a model onnxruntime
+    rejects raises ModelFileError with onnxruntime's first line."""
+    import onnxruntime as ort
+
+    if isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise ModelFileError(f"no ONNX model at {model}: the file does not exist")
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelFileError(f"onnxruntime could not load {model if isinstance(model, str) else 'the model'}: "
+                             f"{first_line(e)}") from e
+
+
+def InferenceSession(path, intra_op_num_threads: int | None = None, providers=None, **options):
+    """An ``onnxruntime.InferenceSession`` with the lpvit custom-op library registered.
+
+    ``options`` are set on the ``onnxruntime.SessionOptions`` (e.g. ``graph_optimization_level``).
+    """
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    session_options.register_custom_ops_library(kernels_library_path())
+    if intra_op_num_threads is not None:
+        session_options.intra_op_num_threads = intra_op_num_threads
+    for name, value in options.items():
+        if not hasattr(session_options, name):
+            raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
+        setattr(session_options, name, value)
+    return open_session(path, session_options, providers)
