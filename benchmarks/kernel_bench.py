@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lpvit_compiler.runtime.sessions import ort_session
-from lpvit_compiler.tools.bench import interleaved
+from lpvit_compiler.tools.timing import interleaved
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid

@@ -8,6 +8,7 @@ model code and unpickles nothing.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import warnings
 from dataclasses import asdict, dataclass
@@ -124,11 +125,16 @@ def load(path) -> CompiledModel:
     if not path.is_file():
         raise ModelFileError(f"no compiled model at {path}: the file does not exist")
     extra = dict.fromkeys(EXTRA_FILES, "")
+    export_log = logging.getLogger("torch.export")  # it logs a traceback for unreadable archives, then raises
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         exported = torch.export.load(path, extra_files=extra)
     except Exception as e:
         raise ModelFileError(f"{path} is not a readable compiled model (.pt2 written by CompiledModel.save): "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        export_log.setLevel(level)
     if not extra["lpvit/plan.json"]:
         raise ModelFileError(f"{path} is a torch.export archive but not an lpvit-compiler model (no plan inside)")
     try:

@@ -1,116 +1,125 @@
 """Pass infrastructure, after torch.fx.passes.infra and MLIR's pass manager.
 
-A pass is a plain function ``(GraphModule, CompileContext) -> PassResult`` named by its ``__name__``. The
-manager runs the passes in order, checks each result (a linted GraphModule), times them and — when a dump
-directory is set — writes a numbered dump after each, like ``--mlir-print-ir-after-all``:
+A pass is a plain function ``(GraphModule | None, CompileState) -> PassResult`` (capture, the first, gets None)
+declared with :func:`compiler_pass`, which states its contract:
 
-    <dump_dir>/00-capture/graph.txt        the readable graph (GraphModule.print_readable) and its modules
-    <dump_dir>/00-capture/decisions.json   what the pass saw and decided, with its wall time
-    <dump_dir>/03-block_mask_solve/masks/<layer>.png   kept blocks (white) of each layer, for mask passes
-    <dump_dir>/03-block_mask_solve/<figure>.png        figures a pass adds (e.g. distortion curves)
-    <dump_dir>/passes.json                 the pipeline: pass names, times, dump folders
+    requires          facts of the state the pass reads ("layers", "importance", "costs", "masks", ...)
+    provides          facts it adds
+    changes_costs     it changes shapes, masks or token counts: the manager recomputes every layer's costs
+                      after it (``CompileState.refresh_costs``), so no later pass reads stale ones
+    invariant         what must still hold after it (checked with ``verify``, see instruments.py):
+                      "masked_outputs" — the graph computes what the graph before it computed with every
+                      layer's mask applied; "zero_outside_masks" — pruned weights are exactly zero
+
+:class:`PassManager` checks the order when the pipeline is built (a pass whose requirement no earlier pass
+provides is a :class:`PipelineError` naming both), then runs the passes, checks every result (a linted
+GraphModule) and calls its instruments around each pass — timing, numbered dumps and invariant checks are
+instruments (instruments.py), not code inside passes.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import fx
 
-from .state import CompileContext
+from .state import CompileState
 
-HEATMAP_PIXELS_PER_BLOCK = 4
+INVARIANTS = ("masked_outputs", "zero_outside_masks")
+
+
+class PipelineError(RuntimeError):
+    """The passes are in an order that cannot work, or a pass broke its contract (a bug, not a user mistake)."""
 
 
 @dataclass
 class PassResult:
     graph_module: fx.GraphModule
-    modified: bool
+    modified: bool  # the graph changed
     decisions: dict  # JSON-serialisable record of what the pass saw and decided
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> block mask, drawn as heatmaps
     figures: dict[str, Callable] = field(default_factory=dict)  # file stem -> () -> matplotlib Figure
 
 
-CompilerPass = Callable[[fx.GraphModule, CompileContext], PassResult]
+@dataclass(frozen=True)
+class PassContract:
+    name: str
+    requires: frozenset[str]
+    provides: frozenset[str]
+    changes_costs: bool = False
+    invariant: str | None = None
 
 
-def _to_json(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+CompilerPass = Callable[[fx.GraphModule | None, CompileState], PassResult]
 
 
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_to_json) + "\n")
+def compiler_pass(*, requires: Iterable[str] = (), provides: Iterable[str] = (), changes_costs: bool = False,
+                  invariant: str | None = None) -> Callable[[CompilerPass], CompilerPass]:
+    """Declare a function a compiler pass with its contract (see the module docstring)."""
+    if invariant is not None and invariant not in INVARIANTS:
+        raise ValueError(f"unknown invariant {invariant!r}; one of {INVARIANTS}")
+
+    def declare(function: CompilerPass) -> CompilerPass:
+        function.contract = PassContract(function.__name__, frozenset(requires), frozenset(provides),
+                                         changes_costs, invariant)
+        return function
+    return declare
 
 
-def _readable(gm: fx.GraphModule) -> str:
-    """The graph's code, then every module it calls with its shapes (the code shows only their names)."""
-    lines = [gm.print_readable(print_output=False), "# Modules the graph calls:"]
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            lines.append(f"#   {node.target}: {' '.join(repr(gm.get_submodule(node.target)).split())}")
-    return "\n".join(lines) + "\n"
+class PassInstrument:
+    """Hooks around every pass; override what you need (see instruments.py)."""
+
+    def before_pass(self, contract: PassContract, gm: fx.GraphModule | None, state: CompileState) -> None:
+        pass
+
+    def after_pass(self, contract: PassContract, result: PassResult, seconds: float, state: CompileState) -> None:
+        pass
 
 
-def _safe_name(layer: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+def check_order(passes: Sequence[CompilerPass]) -> list[PassContract]:
+    """The passes' contracts; raises PipelineError at the first pass whose requirements are not yet provided."""
+    contracts, available = [], set()
+    for compiler_pass_ in passes:
+        contract = getattr(compiler_pass_, "contract", None)
+        if contract is None:
+            raise PipelineError(f"{getattr(compiler_pass_, '__name__', compiler_pass_)!r} is not a declared pass "
+                                "(decorate it with @compiler_pass(requires=..., provides=...))")
+        missing = sorted(contract.requires - available)
+        if missing:
+            later = {fact: c.name for c in (getattr(p, "contract", None) for p in passes) if c
+                     for fact in c.provides}
+            where = "; ".join(f"'{fact}' comes from pass '{later[fact]}', which must run before it"
+                              if fact in later else f"no pass in the pipeline provides '{fact}'"
+                              for fact in missing)
+            raise PipelineError(f"pass '{contract.name}' runs too early: it requires {missing} ({where})")
+        available |= contract.provides
+        contracts.append(contract)
+    return contracts
 
 
 class PassManager:
-    def __init__(self, passes: Sequence[CompilerPass], dump_dir: str | Path | None = None):
+    def __init__(self, passes: Sequence[CompilerPass], instruments: Sequence[PassInstrument] = ()):
+        self.contracts = check_order(passes)
         self.passes = list(passes)
-        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
-        self.timings: list[dict] = []
+        self.instruments = list(instruments)
 
-    def record(self, name: str, result: PassResult, seconds: float) -> None:
-        """Check a pass's result, note its time and dump it."""
-        if not isinstance(result, PassResult) or not isinstance(result.graph_module, fx.GraphModule):
-            raise TypeError(f"pass {name} must return a PassResult holding a GraphModule")
-        result.graph_module.graph.lint()
-        index = len(self.timings)
-        folder = f"{index:02d}-{name}"
-        self.timings.append({"pass": name, "seconds": round(seconds, 4), "modified": result.modified,
-                             "dump": folder if self.dump_dir else None})
-        if self.dump_dir is None:
-            return
-        out = self.dump_dir / folder
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "graph.txt").write_text(_readable(result.graph_module))
-        write_json(out / "decisions.json", {"pass": name, "seconds": seconds, "modified": result.modified,
-                                            **result.decisions})
-        if result.masks:
-            import matplotlib.pyplot as plt
-
-            (out / "masks").mkdir(exist_ok=True)
-            for layer, block_mask in result.masks.items():
-                pixels = np.kron(block_mask.numpy().astype(np.uint8),
-                                 np.ones((HEATMAP_PIXELS_PER_BLOCK, HEATMAP_PIXELS_PER_BLOCK), np.uint8))
-                plt.imsave(out / "masks" / f"{_safe_name(layer)}.png", pixels, cmap="gray", vmin=0, vmax=1)
-        for stem, make_figure in result.figures.items():
-            import matplotlib.pyplot as plt
-
-            figure = make_figure()
-            figure.savefig(out / f"{stem}.png", dpi=100)
-            plt.close(figure)
-        write_json(self.dump_dir / "passes.json", self.timings)
-
-    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-        for compiler_pass in self.passes:
+    def run(self, state: CompileState) -> fx.GraphModule:
+        gm = None
+        for compiler_pass_, contract in zip(self.passes, self.contracts):
+            for instrument in self.instruments:
+                instrument.before_pass(contract, gm, state)
             start = time.perf_counter()
-            result = compiler_pass(gm, ctx)
-            self.record(compiler_pass.__name__, result, time.perf_counter() - start)
+            result = compiler_pass_(gm, state)
+            if contract.changes_costs:
+                state.refresh_costs()
+            seconds = time.perf_counter() - start
+            if not isinstance(result, PassResult) or not isinstance(result.graph_module, fx.GraphModule):
+                raise PipelineError(f"pass {contract.name} must return a PassResult holding a GraphModule")
+            result.graph_module.graph.lint()
+            for instrument in self.instruments:
+                instrument.after_pass(contract, result, seconds, state)
             gm = result.graph_module
         return gm

@@ -1,94 +1,67 @@
-"""What the passes share: the compile options, and one record per prunable linear layer.
+"""The typed compile state: one :class:`LayerState` per prunable linear and one :class:`CompileState` for the
+model, read and updated by every pass — nothing passes between passes outside these records.
 
-Data flows one way. Capture fills the layer registry (names, shapes, block grid); each pass then fills its
-own fields of :class:`PrunableLayer` and reads only those of earlier passes:
+Who fills what (each pass's contract in ``passes/`` says the same to the pass manager):
 
-    capture            -> name, out/in_features, grid
+    capture            -> CompileState.layers (name, grid), capture_method, selection, notes
     importance         -> tokens, block_scores, prune_order, distortion
-    hardware           -> flops, latency, energy, power, sparse_faster (curves over pruned-block count k)
-    block_mask_solve   -> pruned_blocks, block_mask
-    dead_block_elim.   -> kept_rows, kept_cols, folded_bias
-    bsr_layout         -> nnz_blocks, layout
+    hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
+    block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve
+    reconstruct        -> (weights in the graph only)
+    dead_block_elim.   -> kept_rows, kept_cols (the layer's shape shrinks); CompileState.hidden_units_removed
+    bsr_layout         -> nnz_blocks, layout; CompileState.flops_keep_executed
+
+``LayerState.costs`` is an analysis of the layer as it is *now* — its current shape (after dead-block
+elimination), its tokens and its live blocks — and :meth:`CompileState.refresh_costs` recomputes it. The pass
+manager calls that after every pass whose contract says it changes shapes, masks or tokens, so a decision
+taken later (the layout's dense fallback) always sees current costs, never stale ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from .blocks import BlockGrid
-from .costmodel.profiles import HardwareProfile
-
-IMPORTANCE_CRITERIA = ("taylor", "hessian", "obs", "magnitude")
-POWER_MODELS = ("energy", "lpvit")
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    hw: HardwareProfile
-    budget: str  # "flops", "latency" or "power": which resource the target limits
-    budget_target: float  # fraction of the dense resource to keep (latency: 1 / target_speedup)
-    block_shape: tuple[int, int]
-    importance: str
-    min_density: float  # every layer keeps at least this fraction of its blocks
-    power_weight: float | str  # beta of the solve's power term: "auto" or a float >= 0
-    power_model: str
-    damping: float  # lambda of the Taylor distortion's 1/2*lambda*||dW||^2 term
-    prune_heads: bool  # also prune classifier heads (linears whose output reaches the model output)
-    layers: tuple[str, ...] | None  # explicit module names to prune, overriding the default selection
-    calib_batch_size: int
-    dense_fallback: bool  # keep a pruned layer dense (masked) where the hw model says the sparse kernel is slower
-    reconstruct: bool = True  # refit kept weights to the dense outputs (passes/reconstruct.py)
-    reconstruct_images: int = 128  # calibration images the reconstruction fits on
-    reconstruct_damping: float = 0.01  # ridge lambda, relative to mean(diag(X^T X))
-
-    def to_dict(self) -> dict:
-        return {
-            "hw": self.hw.to_dict(),
-            "budget": self.budget,
-            "budget_target": self.budget_target,
-            "block_shape": list(self.block_shape),
-            "importance": self.importance,
-            "min_density": self.min_density,
-            "power_weight": self.power_weight,
-            "power_model": self.power_model,
-            "damping": self.damping,
-            "prune_heads": self.prune_heads,
-            "layers": list(self.layers) if self.layers is not None else None,
-            "calib_batch_size": self.calib_batch_size,
-            "dense_fallback": self.dense_fallback,
-            "reconstruct": self.reconstruct,
-            "reconstruct_images": self.reconstruct_images,
-            "reconstruct_damping": self.reconstruct_damping,
-        }
+from .costmodel import LayerCosts, layer_costs
+from .options import CompileOptions
 
 
 @dataclass
-class PrunableLayer:
+class CostCurves:
+    """A layer's predicted cost for every pruned-block count k = 0 .. num_blocks (pruning in importance order),
+    in its original shape: what the solve trades. Per inference of ``hw.batch_size`` images."""
+
+    flops: np.ndarray  # per image
+    latency: np.ndarray  # seconds: block-sparse kernel, or the dense GEMM where dense_fallback keeps it faster
+    energy: np.ndarray  # joules, same choice
+    power: np.ndarray  # the solve's power term: energy, or LPViT's proxy
+    sparse_faster: np.ndarray  # bool: the block-sparse kernel beats the dense GEMM at k
+
+
+@dataclass
+class LayerState:
     name: str  # module name in the original model
-    grid: BlockGrid
-    # importance
+    grid: BlockGrid  # the block grid of the original weight [out, in]; masks are in this grid
     tokens: int = 0  # tokens per image that pass through the layer
+    # importance
     block_scores: torch.Tensor | None = None  # [block_rows, block_cols], higher = more important
     prune_order: np.ndarray | None = None  # flat block indices, least important first
-    distortion: np.ndarray | None = None  # [num_blocks + 1]: distortion after pruning the first k blocks
-    # hardware (all [num_blocks + 1], indexed by pruned-block count k, per image / per inference)
-    flops: np.ndarray | None = None
-    latency: np.ndarray | None = None
-    energy: np.ndarray | None = None
-    power: np.ndarray | None = None
-    sparse_faster: np.ndarray | None = None  # [num_blocks + 1] bool: the block-sparse kernel beats dense GEMM
-    dense_latency: float = 0.0  # of the original dense layer, seconds per inference
-    dense_energy: float = 0.0  # joules per inference
+    distortion: np.ndarray | None = None  # [num_blocks + 1]: estimated damage after pruning the first k blocks
+    # hardware
+    curves: CostCurves | None = None
+    costs: LayerCosts | None = None  # of the layer as it is now (refresh_costs)
     # solve
     pruned_blocks: int = 0
     block_mask: torch.Tensor | None = None  # [block_rows, block_cols] bool, True = kept
-    # dead-block elimination (indices into the original rows / columns that remain)
+    # dead-block elimination: indices into the original rows / columns that remain
     kept_rows: torch.Tensor | None = None
     kept_cols: torch.Tensor | None = None
-    # bsr layout
+    # layout
     nnz_blocks: int = 0
     layout: str = ""  # "bsr", or "dense" where dense_fallback kept the masked layer a dense GEMM
 
@@ -104,12 +77,25 @@ class PrunableLayer:
     def num_blocks(self) -> int:
         return self.grid.num_blocks
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight's current [out, in]: the original, less what dead-block elimination removed."""
+        return (len(self.kept_rows) if self.kept_rows is not None else self.out_features,
+                len(self.kept_cols) if self.kept_cols is not None else self.in_features)
+
+    @property
+    def live_grid(self) -> BlockGrid:
+        """The block grid of the current shape (the one the BSR layout stores)."""
+        return BlockGrid(*self.shape, self.grid.block_shape)
+
     def element_mask(self) -> torch.Tensor:
-        """Bool mask shaped like the original weight, True = kept."""
+        """Bool mask shaped like the original weight, True = kept (all True before the solve)."""
+        if self.block_mask is None:
+            return torch.ones(self.out_features, self.in_features, dtype=torch.bool)
         return self.grid.expand(self.block_mask)
 
     def live_mask(self) -> torch.Tensor:
-        """The element mask restricted to the rows and columns dead-block elimination left."""
+        """The element mask in the current shape (rows and columns dead-block elimination removed are gone)."""
         mask = self.element_mask()
         if self.kept_rows is not None:
             mask = mask[self.kept_rows]
@@ -117,14 +103,70 @@ class PrunableLayer:
             mask = mask[:, self.kept_cols]
         return mask
 
+    def live_block_mask(self) -> torch.Tensor:
+        """[block_rows, block_cols] of the current shape: True where a block holds any kept element."""
+        return self.live_grid.reduce_any(self.live_mask())
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """The dense model's predicted cost (hardware pass), per inference of ``hw_batch_size`` images."""
+
+    hw_batch_size: int
+    model_flops: float  # per image, the whole model (torch.utils.flop_counter)
+    other_flops: float  # of which outside the prunable linears
+    other_latency_s: float
+    other_energy_j: float
+    dense_latency_s: float  # whole model
+    dense_energy_j: float
+
+
+@dataclass(frozen=True)
+class SolveOutcome:
+    """What the block-mask solve chose, as the cost model predicts it."""
+
+    beta: float  # weight of the power term
+    slope: float  # the common equal-slope lambda
+    budget_achieved: float  # fraction of the dense budget resource
+    flops_keep_achieved: float  # fraction of the prunable linears' FLOPs
+    model_flops_keep: float | None  # fraction of the whole model's FLOPs
+    predicted_latency_s: float
+    predicted_speedup: float
+    predicted_energy_j: float
+    predicted_energy_ratio: float
+
 
 @dataclass
-class CompileContext:
+class CompileState:
     options: CompileOptions
-    calibration: list[torch.Tensor]
-    layers: dict[str, PrunableLayer] = field(default_factory=dict)
-    capture_method: str = ""
-    model_flops: float = 0.0  # dense FLOPs per image of the whole model
-    other_flops: float = 0.0  # of which outside the prunable linears
-    summary: dict = field(default_factory=dict)  # budget figures the solve and later passes report
+    calibration: list[torch.Tensor]  # [B, C, H, W] batches (or [B, T] token ids)
+    model: nn.Module  # the user's model (capture deep-copies it; never modified)
+    leaf_modules: Sequence = ()  # torch.fx help, see frontend/capture.py
+    concrete_args: dict | None = None
     progress: bool = True  # show progress bars
+    # capture
+    capture_method: str = ""
+    layers: dict[str, LayerState] = field(default_factory=dict)
+    selection: dict[str, str] = field(default_factory=dict)  # every linear -> why it is (not) pruned
+    notes: list[str] = field(default_factory=list)  # for the report: decisions a user should know about
+    # hardware, solve, dead-block elimination, layout
+    model_costs: ModelCosts | None = None
+    solve: SolveOutcome | None = None
+    hidden_units_removed: int = 0
+    flops_keep_executed: float | None = None
+
+    def refresh_costs(self) -> None:
+        """Recompute every layer's ``costs`` from its current shape, tokens and live blocks."""
+        for layer in self.layers.values():
+            live = layer.live_block_mask() if layer.block_mask is not None else None
+            kept = int(live.sum()) if live is not None else layer.live_grid.num_blocks
+            layer.costs = layer_costs(self.options.hw, layer.tokens, layer.shape, layer.grid.block_shape, kept)
+
+    def predicted_latency_s(self) -> float:
+        """The whole model as laid out now: every layer at its chosen layout (dense until bsr_layout ran)."""
+        return self.model_costs.other_latency_s + sum(layer.costs.latency(layer.layout == "bsr")
+                                                      for layer in self.layers.values())
+
+    def predicted_energy_j(self) -> float:
+        return self.model_costs.other_energy_j + sum(layer.costs.energy(layer.layout == "bsr")
+                                                     for layer in self.layers.values())

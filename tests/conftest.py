@@ -7,6 +7,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 import lpvit_compiler as lpvit
 
+# every compile in the tests (CLI subprocesses included) checks each pass's invariant as it runs
+os.environ.setdefault("LPVIT_VERIFY", "1")
+
 
 def tiny_vit(**overrides) -> torch.nn.Module:
     """A 2-block ViT on 32x32 images: every linear dim a multiple of 16, compiles in about a second."""

@@ -5,17 +5,15 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.frontend.capture import capture, linear_nodes, select_prunable_layers
-from lpvit_compiler.api import make_options
+from lpvit_compiler.frontend.capture import capture
+from lpvit_compiler.frontend.selection import linear_nodes, select_prunable_layers
+from lpvit_compiler.options import CompileOptions
 
 from conftest import masked_reference, tiny_vit
 
 
 def _options(**overrides):
-    kwargs = dict(hw="cpu", flops_keep=0.5, target_speedup=None, power_keep=None, block_shape=16,
-                  importance="taylor", min_density=0.05, power_weight=0.0, power_model="energy", damping=1e-7,
-                  prune_heads=False, layers=None, calib_batch_size=8)
-    return make_options(**{**kwargs, **overrides})
+    return CompileOptions.build(**{"hw": "cpu", "block_shape": 16, "importance": "taylor", **overrides})
 
 
 def _selected(model, example):

@@ -67,7 +67,7 @@ def test_compile_writes_every_artefact(compiled_run, image_dir):
                  "dumps/report.json", "triton/lpvit_model/config.pbtxt"):
         assert (work / name).is_file(), name
     assert "compiled vs dense" in done.stdout and "speedup" in done.stdout
-    assert "FLOPs kept: target 0.500, achieved 0.5" in done.stdout
+    assert "budget (FLOPs kept): target 0.500, achieved 0.5" in done.stdout
     # the exported model computes what the saved torch model computes
     saved = lpvit.load(work / "model.pt2")
     images = next(iter(image_folder(image_dir, {"input_size": (3, 32, 32), "crop_pct": 1.0}, batch_size=4)))[0]
@@ -75,9 +75,14 @@ def test_compile_writes_every_artefact(compiled_run, image_dir):
     with torch.no_grad():
         np.testing.assert_allclose(got, saved(images).numpy(), rtol=1e-4, atol=1e-4)
     report = json.loads((work / "dumps" / "report.json").read_text())
-    assert set(report["measured"]["batches"]) == {"1", "2"}
-    assert all(row["latency_measured_us"] > 0 for row in report["layers"])
-    assert report["accuracy"]["images"] == 12 and 0 <= report["accuracy"]["compiled"] <= 1
+    assert report["measurements"] == {"end_to_end": {}, "layers": {}, "accuracy": {}}  # written once, by compile
+    measured = json.loads((work / "dumps" / "measurements.json").read_text())
+    assert set(measured["end_to_end"]["batches"]) == {"1", "2"}
+    assert {row["name"] for row in report["layers"]} == set(measured["layers"])
+    assert all(m["latency_us"] > 0 and m["dense_latency_us"] > 0 for m in measured["layers"].values())
+    assert measured["accuracy"]["images"] == 12 and 0 <= measured["accuracy"]["compiled"] <= 1
+    # the console report shows the caption's added lines: measured end to end and accuracy
+    assert "measured end to end, batch 1" in done.stdout and "top-1 on" in done.stdout
 
 
 def test_eval_matches_in_process_evaluation(compiled_run, image_dir):
@@ -92,8 +97,8 @@ def test_eval_matches_in_process_evaluation(compiled_run, image_dir):
 def test_inspect_summarises_the_dump(compiled_run):
     work, _ = compiled_run
     done = lpvit_cli("inspect", "dumps", cwd=work)
-    for text in ("importance", "block_mask_solve", "bsr_layout", "blocks.0.mlp.fc1", "FLOPs kept: target 0.500",
-                 "latency µs measured"):
+    for text in ("capture", "importance", "block_mask_solve", "bsr_layout", "blocks.0.mlp.fc1",
+                 "budget (FLOPs kept): target 0.500", "latency µs measured", "measured end to end, batch 1"):
         assert text in done.stdout, text
 
 
@@ -164,7 +169,12 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, expected):
 def test_bad_checkpoint_and_unreadable_images(tmp_path, image_dir):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
     done = lpvit_cli("compile", MODEL, "--checkpoint", "other.pth", "--out", "x.onnx", cwd=tmp_path, check=False)
-    assert_user_error(done, "checkpoint other.pth does not load into cli_models:tiny_vit")
+    assert_user_error(done, "checkpoint other.pth is a state dict, but not of cli_models:tiny_vit",
+                      "it holds 1 the model does not have (first: unrelated.weight)")
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 20)
+    done = lpvit_cli("compile", MODEL, "--checkpoint", "noise.pth", "--out", "x.onnx", cwd=tmp_path, check=False)
+    assert_user_error(done, "checkpoint noise.pth is not a state dict torch.load (weights only) or safetensors "
+                            "can read")
     broken = tmp_path / "broken"
     shutil.copytree(image_dir, broken)
     (broken / "a" / "0.png").write_bytes(b"not a png")
@@ -204,3 +214,97 @@ def test_out_may_not_overwrite_the_input(compiled_run):
 def test_debug_shows_the_traceback(tmp_path):
     done = lpvit_cli("inspect", ".", "--debug", cwd=tmp_path, check=False)
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_compiling(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out in ("/proc/x.onnx", "file/x.onnx"):
+        done = lpvit_cli("compile", MODEL, "--out", out, cwd=tmp_path, check=False)
+        assert_user_error(done, f"cannot write {out}", "choose an output path in a folder you can write")
+        assert "compiling" not in done.stderr  # refused before the compile started
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist (test_evaluate_data requires it in CI)")
+def test_eval_fits_fashion_mnist_to_a_model_of_another_input_size(compiled_run):
+    """The built-in data source is resized to the model's 3x32x32 RGB input with its stored normalisation."""
+    work, _ = compiled_run
+    done = lpvit_cli("eval", "model.onnx", "--data", "fashion-mnist", "--limit", "20", cwd=work)
+    assert "top-1" in done.stdout and "on 20 images of fashion-mnist" in done.stdout
+
+
+def test_eval_without_a_data_config_says_what_the_model_expects(compiled_run, tmp_path):
+    import onnx
+
+    work, _ = compiled_run
+    model = onnx.load(work / "model.onnx")
+    del model.metadata_props[:]  # no preprocessing recorded
+    onnx.save(model, tmp_path / "bare.onnx")
+    done = lpvit_cli("eval", "bare.onnx", "--data", "fashion-mnist", cwd=tmp_path, check=False,
+                     env={"LPVIT_FASHION_MNIST_DIR": str(_fake_fashion_mnist(tmp_path))})
+    assert_user_error(done, "the model takes images [3, 32, 32] but Fashion-MNIST is [1, 28, 28] grey")
+
+
+def _fake_fashion_mnist(root: Path) -> Path:
+    """A 2-image Fashion-MNIST test split in the idx format, so the test needs no system package."""
+    import gzip
+
+    folder = root / "fmnist"
+    folder.mkdir()
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(2 * 28 * 28))
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x01" + (2).to_bytes(4, "big") + bytes([3, 7]))
+    return folder
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"\x00garbage" * 100)
+    return path
+
+
+# every command, each input file missing, a directory where a file should be, and corrupt
+INPUT_FILES = [
+    ("compile {} --out o.onnx", "model.pt2"),
+    ("compile " + MODEL + " --checkpoint {} --out o.onnx", "weights.pth"),
+    ("bench {}", "model.onnx"),
+    ("bench " + "{} --dense {}", "dense.onnx"),
+    ("eval {} --data fashion-mnist", "model.onnx"),
+    ("inspect {}", "dumps"),
+    ("export {} --out o.onnx", "model.pt2"),
+    ("export {} --triton-repo repo", "model.onnx"),
+]
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "corrupt"])
+@pytest.mark.parametrize("template,name", INPUT_FILES)
+def test_every_command_refuses_a_bad_input_file_in_one_line(tmp_path, template, name, kind):
+    path = tmp_path / name
+    if kind == "directory" and name != "dumps":
+        path.mkdir()
+    elif kind == "corrupt":
+        if name == "dumps":  # a dump folder whose passes.json is garbage
+            path.mkdir()
+            _corrupt(path / "passes.json")
+        else:
+            _corrupt(path)
+    elif kind == "directory":  # "dumps" is a folder anyway: an empty one
+        path.mkdir()
+    args = template.format(*([name] * template.count("{}"))).split()
+    if template.startswith("bench {} --dense"):  # only the dense file is bad: the compared model is fine
+        args[1] = str(_tiny_onnx(tmp_path))
+    done = lpvit_cli(*args, cwd=tmp_path, check=False)
+    assert_user_error(done, name)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def _tiny_onnx(folder: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, folder / "good.onnx")
+    return folder / "good.onnx"

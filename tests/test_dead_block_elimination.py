@@ -2,12 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from lpvit_compiler.api import make_options
 from lpvit_compiler.blocks import BlockGrid
 from lpvit_compiler.frontend.capture import capture
-from lpvit_compiler.state import CompileContext, PrunableLayer
-from lpvit_compiler.runtime.modules import BlockSparseLinear
+from lpvit_compiler.options import CompileOptions
 from lpvit_compiler.passes import bsr_layout, dead_block_elimination
+from lpvit_compiler.runtime.modules import BlockSparseLinear
+from lpvit_compiler.state import CompileState, LayerState
 
 from conftest import masked_reference
 
@@ -24,15 +24,13 @@ class MLP(nn.Module):
         return self.fc2(self.drop(self.act(self.fc1(x.flatten(1)))))
 
 
-def _context(gm, fc1_blocks, fc2_blocks):
-    options = make_options("cpu", 0.5, None, None, 16, "magnitude", 0.05, 0.0, "energy", 1e-7, False, None, 8,
-                           dense_fallback=False)
-    layers = {"fc1": PrunableLayer("fc1", BlockGrid(64, 32, (16, 16))),
-              "fc2": PrunableLayer("fc2", BlockGrid(32, 64, (16, 16)))}
+def _state(model, fc1_blocks, fc2_blocks):
+    options = CompileOptions.build("cpu", block_shape=16, importance="magnitude", dense_fallback=False)
+    layers = {"fc1": LayerState("fc1", BlockGrid(64, 32, (16, 16))), "fc2": LayerState("fc2", BlockGrid(32, 64, (16, 16)))}
     layers["fc1"].block_mask, layers["fc2"].block_mask = fc1_blocks, fc2_blocks
     for layer in layers.values():
         layer.tokens = 1
-    return CompileContext(options=options, calibration=[], layers=layers, progress=False)
+    return CompileState(options=options, calibration=[], model=model, layers=layers, progress=False)
 
 
 @pytest.mark.parametrize("act,bias_in,bias_out", [(nn.GELU(), True, True), (nn.Sigmoid(), False, False),
@@ -47,33 +45,33 @@ def test_dead_hidden_units_are_removed_and_biases_folded_exactly(act, bias_in, b
     fc1_blocks[2, 0] = False  # partly dead row block: stays
     fc2_blocks = torch.ones(2, 4, dtype=torch.bool)
     fc2_blocks[:, 3] = False  # hidden units 48..63 feed nothing: fc1 rows dropped
-    ctx = _context(gm, fc1_blocks, fc2_blocks)
-    reference = masked_reference(model, {name: layer.element_mask() for name, layer in ctx.layers.items()})
+    state = _state(model, fc1_blocks, fc2_blocks)
+    reference = masked_reference(model, {name: layer.element_mask() for name, layer in state.layers.items()})
 
-    result = dead_block_elimination(gm, ctx)
+    result = dead_block_elimination(gm, state)
     assert result.decisions["hidden_units_removed"] == 32
     assert result.decisions["pairs"][0]["biases_folded"] == 16
     assert gm.fc1.out_features == 32 and gm.fc2.in_features == 32
-    assert ctx.layers["fc1"].kept_rows.tolist() == [*range(16), *range(32, 48)]
+    assert state.layers["fc1"].kept_rows.tolist() == [*range(16), *range(32, 48)]
     assert gm.fc2.bias is not None  # folded constants need a bias even where fc2 had none
-    shrunk = masked_reference(gm, {name: layer.live_mask() for name, layer in ctx.layers.items()})
+    shrunk = masked_reference(gm, {name: layer.live_mask() for name, layer in state.layers.items()})
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), reference(x), rtol=1e-5, atol=1e-6)
 
-    bsr_layout(gm, ctx)
+    bsr_layout(gm, state)
     assert isinstance(gm.fc1, BlockSparseLinear) and isinstance(gm.fc2, BlockSparseLinear)
     assert gm.fc1.nnz_blocks == 3  # 4 live block-rows' worth of blocks, minus the dead one
     with torch.no_grad():
         torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-6)
-    assert ctx.summary["flops_keep_executed"] == pytest.approx((3 * 256 + 2 * 2 * 256) / (2 * 32 * 64))
+    assert state.flops_keep_executed == pytest.approx((3 * 256 + 2 * 2 * 256) / (2 * 32 * 64))
 
 
 def test_nothing_removed_when_no_unit_is_dead():
     model = MLP(nn.GELU(), True, True).eval()
     x = torch.randn(2, 2, 4, 4)
     gm, _ = capture(model, x)
-    ctx = _context(gm, torch.ones(4, 2, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool))
-    result = dead_block_elimination(gm, ctx)
+    state = _state(model, torch.ones(4, 2, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool))
+    result = dead_block_elimination(gm, state)
     assert not result.modified and result.decisions["hidden_units_removed"] == 0
 
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.state import PrunableLayer
+from lpvit_compiler.state import LayerState
 from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor
 
 
 def _layer(out_features=40, in_features=48, block=(16, 16)):
-    return PrunableLayer("layer", BlockGrid(out_features, in_features, block))
+    return LayerState("layer", BlockGrid(out_features, in_features, block))
 
 
 def _pruned_delta(layer, weight, order, k):

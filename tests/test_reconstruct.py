@@ -83,5 +83,5 @@ def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):
 def test_reconstruct_options_are_checked(model, calib):
     with pytest.raises(lpvit.ConfigError, match="reconstruct_images must be a positive int"):
         lpvit.compile(model, calib=calib, reconstruct_images=0)
-    with pytest.raises(lpvit.ConfigError, match="reconstruct_damping must be in"):
-        lpvit.compile(model, calib=calib, reconstruct_damping=-1.0)
+    with pytest.raises(lpvit.ConfigError, match=r"hessian_damping must be in \(0, inf\]"):
+        lpvit.compile(model, calib=calib, hessian_damping=-1.0)

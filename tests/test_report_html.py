@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import require_or_skip
+from lpvit_compiler.report import LayerMeasurement
 from matplotlib import image as mpimg
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,18 +31,15 @@ def chromium(tmp_path):
 
 @pytest.fixture
 def report_file(compiled, tmp_path):
-    report = compiled.report
-    for row in report.layers:  # as after `lpvit compile --bench`: a measured figure per layer
-        row.latency_measured_us, row.latency_dense_measured_us = 2 * row.latency_predicted_us, 3 * row.latency_dense_us
-    report.measured = {"batches": {"1": {"dense_ms": 2.0, "compiled_ms": 1.0, "speedup": 2.0}}, "repeats": 3,
-                       "threads": 2}
-    report.accuracy = {"data": "fashion-mnist", "images": 100, "dense": 0.9, "compiled": 0.89}
-    try:
-        return report.to_html(tmp_path / "report.html")
-    finally:
-        for row in report.layers:
-            row.latency_measured_us = row.latency_dense_measured_us = None
-        report.measured, report.accuracy = {}, {}
+    # as after `lpvit compile --bench --eval`: a measured figure per layer, end to end and accuracy
+    report = compiled.report.with_measurements(
+        layers={row.name: LayerMeasurement(2 * row.latency_predicted_us, 3 * row.latency_dense_us)
+                for row in compiled.report.layers},
+        end_to_end={"batches": {"1": {"dense_ms": 2.0, "compiled_ms": 1.0, "speedup": 2.0}}, "repeats": 3,
+                    "threads": 2},
+        accuracy={"data": "fashion-mnist", "images": 100, "dense": 0.9, "compiled": 0.89})
+    assert not compiled.report.measurements.layers  # attaching measurements leaves the compile's report as it was
+    return report.to_html(tmp_path / "report.html")
 
 
 def test_report_renders_in_chromium(chromium, report_file, compiled, tmp_path):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .native import native_profile
-from .profiles import PROFILES, HardwareProfile, lpvit_power_proxy, this_cpu
+from .profiles import PROFILES, HardwareProfile, LayerCosts, layer_costs, lpvit_power_proxy, this_cpu
 
-__all__ = ["PROFILES", "HardwareProfile", "get_profile", "known_profiles", "lpvit_power_proxy", "native_profile",
-           "this_cpu"]
+__all__ = ["PROFILES", "HardwareProfile", "LayerCosts", "get_profile", "known_profiles", "layer_costs",
+           "lpvit_power_proxy", "native_profile", "this_cpu"]
 
 
 def known_profiles() -> list[str]:

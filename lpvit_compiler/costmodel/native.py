@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..runtime.sessions import default_threads, ort_session
-from ..tools.bench import interleaved
+from ..tools.timing import interleaved
 from ..blocks import BlockGrid
 from ..lowering.onnx_export import dense_layer_model, single_layer_model
 from .profiles import HardwareProfile, this_cpu

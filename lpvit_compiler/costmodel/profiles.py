@@ -94,6 +94,45 @@ class HardwareProfile:
         return cls(**{**data, "block_shape": tuple(data["block_shape"])})
 
 
+@dataclass(frozen=True)
+class LayerCosts:
+    """Predicted cost of one linear layer as it is (its shape, tokens and kept blocks), per inference."""
+
+    shape: tuple[int, int]  # [out, in] of the weight now
+    kept_blocks: int  # live blocks in that shape
+    flops_dense: float  # per image: 2 * tokens * out * in
+    flops_kept: float  # per image: 2 * tokens * kept_blocks * bh * bw (padding of edge blocks included)
+    dense_latency_s: float
+    dense_energy_j: float
+    sparse_latency_s: float
+    sparse_energy_j: float
+
+    @property
+    def sparse_faster(self) -> bool:
+        return self.sparse_latency_s < self.dense_latency_s
+
+    def latency(self, sparse: bool) -> float:
+        return self.sparse_latency_s if sparse else self.dense_latency_s
+
+    def energy(self, sparse: bool) -> float:
+        return self.sparse_energy_j if sparse else self.dense_energy_j
+
+
+def layer_costs(hw: HardwareProfile, tokens: int, shape: tuple[int, int], block_shape: tuple[int, int],
+                kept_blocks: int) -> LayerCosts:
+    """:class:`LayerCosts` of a [out, in] linear on ``tokens`` tokens per image with ``kept_blocks`` blocks."""
+    out_features, in_features = shape
+    block_elements = block_shape[0] * block_shape[1]
+    sparse_latency, sparse_energy = hw.linear_cost(tokens, kept_blocks, block_shape, in_features, out_features)
+    dense_latency, dense_energy = hw.linear_cost(tokens, out_features * in_features / block_elements, block_shape,
+                                                 in_features, out_features, sparse=False)
+    return LayerCosts(shape=(out_features, in_features), kept_blocks=int(kept_blocks),
+                      flops_dense=2.0 * tokens * out_features * in_features,
+                      flops_kept=2.0 * tokens * kept_blocks * block_elements,
+                      dense_latency_s=float(dense_latency), dense_energy_j=float(dense_energy),
+                      sparse_latency_s=float(sparse_latency), sparse_energy_j=float(sparse_energy))
+
+
 def lpvit_power_proxy(kept_blocks: np.ndarray, in_features: int) -> np.ndarray:
     """LPViT's power proxy of a layer: kept blocks * floor(in_features / 16)."""
     return np.asarray(kept_blocks, dtype=np.float64) * (in_features // 16)

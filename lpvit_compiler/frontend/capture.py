@@ -1,4 +1,4 @@
-"""Capture: nn.Module -> canonical torch.fx GraphModule, and the registry of prunable linear layers.
+"""Capture: nn.Module -> canonical torch.fx GraphModule.
 
 Input: the user's model (never modified: it is deep-copied) and one example batch [B, C, H, W].
 Output: a GraphModule whose every linear layer on a parameter is a ``call_module`` of an ``nn.Linear``
@@ -18,10 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from ..blocks import BlockGrid
 from .calibration import expected_input_shape, logits_of
-from ..state import CompileOptions, PrunableLayer
-from ..errors import CalibrationError, CaptureError, ConfigError
+from ..errors import CalibrationError, CaptureError
 
 LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
@@ -147,68 +145,3 @@ def capture(model: nn.Module, example: torch.Tensor, leaf_modules: Sequence = ()
                            f"(max abs difference {(captured - reference).abs().max().item():.3g}); mark the "
                            "module at fault as a leaf with leaf_modules=[...]")
     return gm, method
-
-
-def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
-
-
-def _head_names(gm: fx.GraphModule, linears: list[fx.Node], example: torch.Tensor) -> set[str]:
-    """Classifier heads: linears on pooled features ([batch, features] input) that feed no other linear.
-
-    Both conditions matter: a headless model's last fc2 feeds no linear either, but it sees every token.
-    """
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example[:2])
-    linear_set = set(linears)
-    feeds_linear: dict[fx.Node, bool] = {}
-    for node in reversed(gm.graph.nodes):
-        feeds_linear[node] = any(user in linear_set or feeds_linear.get(user, False) for user in node.users)
-    heads = set()
-    for node in linears:
-        meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-        if not feeds_linear[node] and meta is not None and len(meta.shape) == 2:
-            heads.add(node.target)
-    return heads
-
-
-def select_prunable_layers(gm: fx.GraphModule, options: CompileOptions, example: torch.Tensor
-                           ) -> tuple[dict[str, PrunableLayer], dict]:
-    """The layers to prune, and a record of why each linear was or was not chosen."""
-    linears = linear_nodes(gm)
-    if not linears:
-        raise ConfigError("the model has no nn.Linear layer (or linear call on a parameter) to prune; "
-                          "lpvit-compiler prunes the linear layers of transformer blocks")
-    calls: dict[str, int] = {}
-    for n in linears:
-        calls[n.target] = calls.get(n.target, 0) + 1
-    heads = _head_names(gm, linears, example)
-    if options.layers is not None:
-        unknown = [name for name in options.layers if name not in calls]
-        if unknown:
-            raise ConfigError(f"layers={list(unknown)} are not linear layers of the model; linear layers are: "
-                              f"{', '.join(list(calls)[:8])}{', ...' if len(calls) > 8 else ''}")
-    decisions: dict[str, str] = {}
-    layers: dict[str, PrunableLayer] = {}
-    for name, count in calls.items():
-        if options.layers is not None and name not in options.layers:
-            decisions[name] = "not in layers="
-        elif count > 1:
-            decisions[name] = f"called {count} times (shared weights); left dense"
-        elif options.layers is None and name in heads and not options.prune_heads:
-            decisions[name] = "classifier head; left dense (prune_heads=True to prune it)"
-        else:
-            weight = gm.get_submodule(name).weight
-            bh, bw = options.block_shape
-            if bh > weight.shape[0] or bw > weight.shape[1]:
-                raise ConfigError(f"block_shape {options.block_shape} is larger than layer '{name}' "
-                                  f"(out_features={weight.shape[0]}, in_features={weight.shape[1]}); choose a "
-                                  "smaller block_shape or leave the layer out with layers=[...]")
-            layers[name] = PrunableLayer(name, BlockGrid(weight.shape[0], weight.shape[1], options.block_shape))
-            decisions[name] = "pruned"
-    if not layers:
-        raise ConfigError("no linear layer is left to prune (only classifier heads or shared layers were found); "
-                          "pass prune_heads=True or layers=[...]")
-    return layers, decisions

@@ -1,17 +1,17 @@
-"""The pass pipeline, in order: capture (not a pass: it makes the graph) -> these.
-
-Each module holds one pass ``(GraphModule, CompileContext) -> PassResult`` and documents its input, output and
-the formula it implements.
+"""The pass pipeline, in order. Each module holds one pass ``(GraphModule, CompileState) -> PassResult``,
+declared with its contract (what it requires and provides, see pass_manager.py), and documents its input,
+output and the formula it implements.
 """
 
 from .block_mask_solve import block_mask_solve
 from .bsr_layout import bsr_layout
+from .capture import capture
 from .dead_block_elimination import dead_block_elimination
 from .hardware import hardware
 from .importance import importance
 from .reconstruct import reconstruct
 
-PIPELINE = (importance, hardware, block_mask_solve, reconstruct, dead_block_elimination, bsr_layout)
+PIPELINE = (capture, importance, hardware, block_mask_solve, reconstruct, dead_block_elimination, bsr_layout)
 
-__all__ = ["PIPELINE", "importance", "hardware", "block_mask_solve", "reconstruct", "dead_block_elimination",
-           "bsr_layout"]
+__all__ = ["PIPELINE", "capture", "importance", "hardware", "block_mask_solve", "reconstruct",
+           "dead_block_elimination", "bsr_layout"]

@@ -2,7 +2,7 @@
 
 Input: per-layer curves over k = blocks pruned — distortion d_l(k) (importance), flops/latency/power
 (hardware). Output: the graph unchanged; ``pruned_blocks`` and a ``block_mask`` (True = kept) per layer, the
-first k blocks of its importance order removed.
+first k blocks of its importance order removed, and ``state.solve`` (budget achieved, predicted speedup).
 
 Each layer's cost is C_l(k) = d_l(k) + beta * P_l(k), with P_l the power the *kept* layer draws (so beta > 0
 favours removing power-hungry blocks; a negative beta reproduces the official LPViT code's direction).
@@ -25,6 +25,7 @@ Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..state import CompileContext
 from ..errors import ConfigError
-from ..pass_manager import PassResult
+from ..pass_manager import PassResult, compiler_pass
+from ..state import CompileState, SolveOutcome
 from .importance import RATIO_GRID, sample_at_ratios
 
 BUDGET_TOLERANCE = 0.01  # relative: the achieved budget must be within 1% of the target
@@ -106,27 +107,30 @@ def _marginal_rates(cost: np.ndarray, resource: np.ndarray, k: int, k_max: int) 
     return forward, backward
 
 
-def block_mask_solve(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    opts = ctx.options
-    layers = list(ctx.layers.values())
+@compiler_pass(requires=("importance", "curves", "costs", "model_costs"), provides=("masks", "solve"), changes_costs=True)
+def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    opts = state.options
+    layers = list(state.layers.values())
+    curves = [l.curves for l in layers]
     if opts.power_weight == "auto":
-        beta = lpvit_beta([l.distortion for l in layers], [l.power for l in layers])
+        beta = lpvit_beta([l.distortion for l in layers], [c.power for c in curves])
     else:
         beta = float(opts.power_weight)
-    costs = [l.distortion + beta * l.power for l in layers]
+    costs = [l.distortion + beta * c.power for l, c in zip(layers, curves)]
     max_pruned = [l.num_blocks - max(1, math.ceil(opts.min_density * l.num_blocks)) for l in layers]
 
     if opts.budget == "flops":
-        resources = [l.flops for l in layers]
-        dense_total = sum(l.flops[0] for l in layers)
+        resources = [c.flops for c in curves]
+        dense_total = sum(c.flops[0] for c in curves)
         offset = 0.0
     elif opts.budget == "latency":
-        resources = [l.latency for l in layers]
-        dense_total = ctx.summary["dense_latency_s"]
-        offset = ctx.summary["other_latency_s"]
+        resources = [c.latency for c in curves]
+        dense_total = state.model_costs.dense_latency_s
+        offset = state.model_costs.other_latency_s
     else:
-        resources = [l.power for l in layers]
-        dense_total = sum(l.dense_energy if opts.power_model == "energy" else l.power[0] for l in layers)
+        resources = [c.power for c in curves]
+        dense_total = sum(l.costs.dense_energy_j if opts.power_model == "energy" else l.curves.power[0]
+                          for l in layers)
         offset = 0.0
     target = opts.budget_target * dense_total
     reachable = offset + sum(r[m] for r, m in zip(resources, max_pruned))
@@ -151,17 +155,15 @@ def block_mask_solve(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             "blocks": layer.num_blocks,
             "pruned_blocks": int(k),
             "keep_ratio": 1 - k / layer.num_blocks,
-            "flops_keep": layer.flops[k] / layer.flops[0],
+            "flops_keep": layer.curves.flops[k] / layer.curves.flops[0],
             "distortion": layer.distortion[k],
-            "power_term": beta * layer.power[k],
+            "power_term": beta * layer.curves.power[k],
             "cost_per_resource_next_block": forward,
             "cost_per_resource_last_block": backward,
             "at_min_density": bool(k == k_max),
             "why": _why(int(k), k_max, forward, backward, slope),
         }
-    _summarise(ctx, layers, ks)
-    ctx.summary.update(beta=beta, slope=slope, budget=opts.budget, budget_target=opts.budget_target,
-                       budget_achieved=achieved)
+    state.solve = _outcome(state, layers, ks, beta, slope, achieved)
     decisions = {
         "budget": opts.budget,
         "budget_target": opts.budget_target,
@@ -169,7 +171,7 @@ def block_mask_solve(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         "beta": beta,
         "equal_slope_lambda": slope,
         "min_density": opts.min_density,
-        "summary": dict(ctx.summary),
+        "outcome": dataclasses.asdict(state.solve),
         "how_to_read": "A layer keeps blocks while removing the next one costs more distortion per unit of "
                        "budget resource (cost_per_resource_next_block) than the common slope lambda; it is "
                        "pruned further when that rate is below lambda, down to min_density.",
@@ -190,19 +192,18 @@ def _why(k: int, k_max: int, forward, backward, slope: float) -> str:
             if forward is not None else "stopped at the last block")
 
 
-def _summarise(ctx: CompileContext, layers, ks) -> None:
-    flops_kept = sum(l.flops[k] for l, k in zip(layers, ks))
-    flops_dense = sum(l.flops[0] for l in layers)
-    latency = ctx.summary["other_latency_s"] + sum(l.latency[k] for l, k in zip(layers, ks))
-    energy = ctx.summary["other_energy_j"] + sum(l.energy[k] for l, k in zip(layers, ks))
-    ctx.summary.update(
-        flops_keep_achieved=flops_kept / flops_dense,
-        model_flops_keep=(ctx.other_flops + flops_kept) / ctx.model_flops if ctx.model_flops else None,
-        predicted_latency_s=latency,
-        predicted_speedup=ctx.summary["dense_latency_s"] / latency,
-        predicted_energy_j=energy,
-        predicted_energy_ratio=energy / ctx.summary["dense_energy_j"],
-    )
+def _outcome(state: CompileState, layers, ks, beta: float, slope: float, achieved: float) -> SolveOutcome:
+    model = state.model_costs
+    flops_kept = sum(l.curves.flops[k] for l, k in zip(layers, ks))
+    flops_dense = sum(l.curves.flops[0] for l in layers)
+    latency = model.other_latency_s + sum(l.curves.latency[k] for l, k in zip(layers, ks))
+    energy = model.other_energy_j + sum(l.curves.energy[k] for l, k in zip(layers, ks))
+    return SolveOutcome(
+        beta=float(beta), slope=float(slope), budget_achieved=float(achieved),
+        flops_keep_achieved=float(flops_kept / flops_dense),
+        model_flops_keep=float((model.other_flops + flops_kept) / model.model_flops) if model.model_flops else None,
+        predicted_latency_s=float(latency), predicted_speedup=float(model.dense_latency_s / latency),
+        predicted_energy_j=float(energy), predicted_energy_ratio=float(energy / model.dense_energy_j))
 
 
 def _infeasible_message(opts, reachable: float) -> str:

@@ -6,8 +6,9 @@ holding ``row_ptr``, ``col_idx``, ``values [nnz_blocks, bh, bw]`` and ``bias``: 
 elements is kept, masked elements inside it are zero, and edge blocks of dims that do not divide by the
 block are zero-padded (never skipped). y = x (W (.) M)^T + b exactly.
 
-With ``dense_fallback``, a layer the hardware pass found too dense for the block-sparse kernel to win
-(``sparse_faster[k]`` false) stays an nn.Linear on its masked weight W (.) M: the same numbers, a faster GEMM.
+With ``dense_fallback``, a layer the cost model finds too dense for the block-sparse kernel to win stays an
+nn.Linear on its masked weight W (.) M: the same numbers, a faster GEMM. The decision reads the layer's
+current ``costs`` — its shape after dead-block elimination and its live blocks in that shape.
 
 Also records the FLOPs the compiled model really executes (after elimination; dense layers count in full):
     flops_keep_executed = sum_l 2 * tokens_l * |executed elements_l| / sum_l 2 * tokens_l * |W_l|
@@ -15,27 +16,25 @@ Also records the FLOPs the compiled model really executes (after elimination; de
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
-from ..state import CompileContext
+from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import BlockSparseLinear
-from ..pass_manager import PassResult
+from ..state import CompileState
 
 
-def bsr_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+@compiler_pass(requires=("masks", "masked_weights", "costs"), provides=("layout",), invariant="masked_outputs")
+def bsr_layout(gm: fx.GraphModule, state: CompileState) -> PassResult:
     per_layer = {}
     executed = dense = 0.0
-    for name, layer in ctx.layers.items():
+    for name, layer in state.layers.items():
         linear = gm.get_submodule(name)
         live_mask = layer.live_mask()
         bsr = BlockSparseLinear.from_masked_weight(linear.weight, linear.bias, live_mask, layer.grid.block_shape)
         layer.nnz_blocks = bsr.nnz_blocks
         dense += 2.0 * layer.tokens * layer.out_features * layer.in_features
-        if ctx.options.dense_fallback and not layer.sparse_faster[layer.pruned_blocks]:
-            layer.layout = "dense"
-            with torch.no_grad():
-                linear.weight.mul_(live_mask)
+        if state.options.dense_fallback and not layer.costs.sparse_faster:
+            layer.layout = "dense"  # its weight is already masked (reconstruct's contract)
             executed += 2.0 * layer.tokens * linear.weight.numel()
         else:
             layer.layout = "bsr"
@@ -52,6 +51,6 @@ def bsr_layout(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             "bytes_bsr": 4 * bsr.values.numel() + 8 * (bsr.row_ptr.numel() + bsr.col_idx.numel()),
         }
     gm.recompile()
-    ctx.summary["flops_keep_executed"] = executed / dense
-    decisions = {"flops_keep_executed": ctx.summary["flops_keep_executed"], "layers": per_layer}
+    state.flops_keep_executed = executed / dense
+    decisions = {"flops_keep_executed": state.flops_keep_executed, "layers": per_layer}
     return PassResult(gm, True, decisions)

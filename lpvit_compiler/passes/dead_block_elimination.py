@@ -2,7 +2,8 @@
 the masks leave dead, keeping the model numerically identical to the masked one.
 
 Input: graph with nn.Linear modules and per-layer ``block_mask``. Output: smaller nn.Linear modules for A and B,
-``kept_rows`` of A and ``kept_cols`` of B (indices into the original weights), and B's bias updated.
+``kept_rows`` of A and ``kept_cols`` of B (indices into the original weights), and B's bias updated; the layers'
+shapes change, so the manager recomputes their costs after this pass.
 
 A hidden unit j (row j of A, column j of B) is dead when
   * column j of B's masked weight is all zero: A's row j is computed for nothing — drop it from both; or
@@ -22,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..blocks import BlockGrid
-from ..state import CompileContext
+from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import linear_from
-from ..pass_manager import PassResult
+from ..state import CompileState
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU,
                        nn.ELU, nn.Dropout, nn.Identity)
@@ -75,15 +75,12 @@ def _replace_linear(gm: fx.GraphModule, name: str, weight: torch.Tensor, bias: t
     gm.set_submodule(name, linear_from(weight, bias, requires_grad=True))
 
 
-def _live_block_mask(layer) -> torch.Tensor:
-    live = layer.live_mask()
-    return BlockGrid(live.shape[0], live.shape[1], layer.grid.block_shape).reduce_any(live)
-
-
-def dead_block_elimination(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
+@compiler_pass(requires=("masks", "masked_weights"), provides=("shrunk",), changes_costs=True,
+               invariant="masked_outputs")
+def dead_block_elimination(gm: fx.GraphModule, state: CompileState) -> PassResult:
     eliminated = []
     for a_node, chain, b_node in find_linear_chains(gm):
-        a_layer, b_layer = ctx.layers.get(a_node.target), ctx.layers.get(b_node.target)
+        a_layer, b_layer = state.layers.get(a_node.target), state.layers.get(b_node.target)
         if a_layer is None and b_layer is None:
             continue
         a, b = gm.get_submodule(a_node.target), gm.get_submodule(b_node.target)
@@ -114,9 +111,9 @@ def dead_block_elimination(gm: fx.GraphModule, ctx: CompileContext) -> PassResul
                            "dead_columns_of_to": int(dead_cols.sum()), "biases_folded": int(fold.sum())})
     gm.recompile()
     total = sum(e["removed"] for e in eliminated)
-    ctx.summary["hidden_units_removed"] = total
+    state.hidden_units_removed = total
     decisions = {"pairs": eliminated, "hidden_units_removed": total,
                  "note": "attention layers are never shrunk (head shapes are baked into reshapes)"}
-    masks = {name: _live_block_mask(layer) for name, layer in ctx.layers.items()
+    masks = {name: layer.live_block_mask() for name, layer in state.layers.items()
              if layer.kept_rows is not None or layer.kept_cols is not None}
     return PassResult(gm, bool(eliminated), decisions, masks=masks)

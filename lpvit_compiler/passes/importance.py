@@ -1,6 +1,6 @@
 """Importance analysis: per-block saliency and a distortion curve for every prunable linear.
 
-Input: the canonical GraphModule, ``ctx.layers`` (names, block grids) and ``ctx.calibration``.
+Input: the canonical GraphModule, ``state.layers`` (names, block grids) and ``state.calibration``.
 Output: the graph unchanged; every layer gets ``tokens`` (per image), ``block_scores`` [block_rows,
 block_cols] (higher = more important), ``prune_order`` (flat block indices, least important first) and
 ``distortion[k]``, the estimated damage of pruning the first k blocks of that order (k = 0 .. num_blocks).
@@ -21,8 +21,9 @@ Pruning a block means dW = -W on it. Criteria (``importance=``):
 ``obs`` (default) — the damage left after reconstruction (passes/reconstruct.py), per unit of loss.
     Optimal Brain Surgeon for a group: zeroing block b (rows R, columns C) and refitting the rest of each row
     leaves output error  e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T  per token (H = E[x x^T] damped
-    by ``reconstruct_damping`` * mean diag). Layers are put on one scale by the loss's sensitivity to their
-    outputs, a_l = sum over calibration tokens of ||dL/dy||^2 / out_features (L as for ``taylor``):
+    by ``hessian_damping`` * mean diag, as the reconstruction solves it). Layers are put on one scale by the
+    loss's sensitivity to their outputs, a_l = sum over calibration tokens of ||dL/dy||^2 / out_features
+    (L as for ``taylor``):
     d(k) = a_l * sum_{b pruned} e_b                                    (additive over blocks)
 
 ``magnitude`` — baseline: s_b = mean_b |W|,  d(k) = sum_{b pruned} ||W_b||^2 / ||W||^2.
@@ -38,8 +39,8 @@ from rich.progress import track
 from torch import fx
 
 from ..frontend.calibration import logits_of
-from ..state import CompileContext, PrunableLayer
-from ..pass_manager import PassResult
+from ..state import CompileState, LayerState
+from ..pass_manager import PassResult, compiler_pass
 
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
 CHUNK_IMAGES = 8
@@ -56,7 +57,7 @@ class CalibrationStats:
     images: int = 0
 
 
-def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: bool, need_hessians: bool
+def collect_statistics(gm: fx.GraphModule, state: CompileState, need_gradients: bool, need_hessians: bool
                        ) -> CalibrationStats:
     """Run the calibration batches once, recording per-layer tokens and what the criterion needs.
 
@@ -65,7 +66,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
     criterion needs neither gradients nor input moments, one image suffices to count tokens.
     """
     stats = CalibrationStats()
-    modules = {name: gm.get_submodule(name) for name in ctx.layers}
+    modules = {name: gm.get_submodule(name) for name in state.layers}
     rows: dict[str, int] = dict.fromkeys(modules, 0)
     images_in_chunk = [0]
 
@@ -79,7 +80,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
                 rows[name] += flat.shape[0]
         return hook
 
-    batches = ctx.calibration if need_gradients or need_hessians else [ctx.calibration[0][:1]]
+    batches = state.calibration if need_gradients or need_hessians else [state.calibration[0][:1]]
     def make_output_hook(name):
         def accumulate(grad):
             stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0.0) + float(
@@ -96,7 +97,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
     try:
         for p in gm.parameters():
             p.requires_grad_(need_gradients and any(p is m.weight for m in modules.values()))
-        for batch in track(batches, description="importance: calibration", disable=not ctx.progress,
+        for batch in track(batches, description="importance: calibration", disable=not state.progress,
                            transient=True):
             stats.images += batch.shape[0]
             for chunk in batch.split(CHUNK_IMAGES):
@@ -121,7 +122,7 @@ def collect_statistics(gm: fx.GraphModule, ctx: CompileContext, need_gradients: 
     return stats
 
 
-def _taylor(layer: PrunableLayer, weight: torch.Tensor, grad: torch.Tensor, damping: float):
+def _taylor(layer: LayerState, weight: torch.Tensor, grad: torch.Tensor, damping: float):
     grid = layer.grid
     wg = weight.double() * grad.double()
     saliency = grid.block_mean(wg.abs())
@@ -135,7 +136,7 @@ def _taylor(layer: PrunableLayer, weight: torch.Tensor, grad: torch.Tensor, damp
     return saliency, order, distortion
 
 
-def _quadratic_scores(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, column_matrix):
+def _quadratic_scores(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, column_matrix):
     """Per-block sum over its rows of w_{r,C} M_C w_{r,C}^T (M_C = ``column_matrix(cols)``), the prune order,
     and the additive distortion curve normalised by the layer's output energy tr(W H W^T)."""
     grid = layer.grid
@@ -154,11 +155,11 @@ def _quadratic_scores(layer: PrunableLayer, weight: torch.Tensor, moment: torch.
     return scores, order, distortion
 
 
-def _hessian(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor):
+def _hessian(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor):
     return _quadratic_scores(layer, weight, moment, lambda cols: moment[cols, cols])
 
 
-def _obs(layer: PrunableLayer, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: float, damping: float):
+def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: float, damping: float):
     """Optimal Brain Surgeon over blocks. Order: by the single-block cost of zeroing block b and refitting the
     rest of its rows, e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T (H damped by ``damping`` * mean diag).
     Curve: the exact output error per token after pruning the first k blocks and refitting — within a block
@@ -230,7 +231,7 @@ def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, or
     return errors
 
 
-def _magnitude(layer: PrunableLayer, weight: torch.Tensor):
+def _magnitude(layer: LayerState, weight: torch.Tensor):
     grid = layer.grid
     w = weight.double()
     saliency = grid.block_mean(w.abs())
@@ -246,21 +247,22 @@ def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
     return curve[np.rint(RATIO_GRID * n).astype(int)]
 
 
-def importance(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    criterion = ctx.options.importance
-    stats = collect_statistics(gm, ctx, need_gradients=criterion in ("taylor", "obs"),
+@compiler_pass(requires=("graph", "layers"), provides=("importance",))
+def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    criterion = state.options.importance
+    stats = collect_statistics(gm, state, need_gradients=criterion in ("taylor", "obs"),
                                need_hessians=criterion in ("hessian", "obs"))
     per_layer = {}
-    for name, layer in ctx.layers.items():
+    for name, layer in state.layers.items():
         weight = gm.get_submodule(name).weight.detach()
         layer.tokens = stats.tokens[name]
         if criterion == "taylor":
-            scores, order, distortion = _taylor(layer, weight, stats.gradients[name], ctx.options.damping)
+            scores, order, distortion = _taylor(layer, weight, stats.gradients[name], state.options.damping)
         elif criterion == "hessian":
             scores, order, distortion = _hessian(layer, weight, stats.input_moments[name])
         elif criterion == "obs":
             scores, order, distortion = _obs(layer, weight, stats.input_moments[name],
-                                             stats.output_gradient_energy[name], ctx.options.reconstruct_damping)
+                                             stats.output_gradient_energy[name], state.options.hessian_damping)
         else:
             scores, order, distortion = _magnitude(layer, weight)
         layer.block_scores = scores.float()
@@ -274,5 +276,5 @@ def importance(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             "distortion_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.distortion),
         }
     decisions = {"criterion": criterion, "calibration_images": stats.images,
-                 "calibration_batches": len(ctx.calibration), "layers": per_layer}
+                 "calibration_batches": len(state.calibration), "layers": per_layer}
     return PassResult(gm, False, decisions)

@@ -1,9 +1,9 @@
 """Weight reconstruction: refit each pruned layer's surviving weights so it reproduces the dense layer.
 
 Input: the graph with nn.Linear modules and every layer's ``block_mask`` (from the solve).
-Output: the same graph; every prunable layer's weight is zero outside its mask and its kept weights (and
-bias) refitted; ``decisions`` give each layer's relative output error on the calibration tokens without and
-with reconstruction.
+Output: the same graph; every prunable layer's weight is zero outside its mask (from here on the graph is the
+masked model) and, with ``reconstruct=True``, its kept weights (and bias) refitted; ``decisions`` give each
+layer's relative output error on the calibration tokens without and with reconstruction.
 
 Layer y = x W^T + b, W [N, K], block mask M. Calibration tokens give X_p [T, K], the layer's input in the model
 pruned and reconstructed so far, and X_d [T, K], its input in the dense model. Each output row n, with kept
@@ -15,7 +15,7 @@ With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + 
 
     H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
 
-lambda = ``reconstruct_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). Rows of one block row
+lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). Rows of one block row
 share S, so there is one Cholesky factorisation per block row, batched over block rows (columns outside S
 become identity rows with zero right-hand side, so their weights come out 0). A row whose refit would fit the
 calibration tokens worse than the plainly masked row (possible only through the damping) keeps the masked row:
@@ -34,8 +34,8 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
-from ..state import CompileContext
-from ..pass_manager import PassResult
+from ..pass_manager import PassResult, compiler_pass
+from ..state import CompileState
 
 SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
 
@@ -120,11 +120,15 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) ->
     return num / max(den, 1e-30)
 
 
-def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-    opts = ctx.options
+@compiler_pass(requires=("masks",), provides=("masked_weights",), invariant="zero_outside_masks")
+def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    opts = state.options
     if not opts.reconstruct:
-        return PassResult(gm, False, {"enabled": False})
-    images = torch.cat(ctx.calibration)[: opts.reconstruct_images]
+        with torch.no_grad():
+            for name, layer in state.layers.items():
+                gm.get_submodule(name).weight.mul_(layer.element_mask())
+        return PassResult(gm, True, {"enabled": False, "note": "weights masked, not refitted"})
+    images = torch.cat(state.calibration)[: opts.reconstruct_images]
     chunks = list(torch.split(images, opts.calib_batch_size))
     interpreter = fx.Interpreter(gm)
     last_use = {}
@@ -133,8 +137,8 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
             last_use[used] = node
     dense, pruned, per_layer = {}, {}, {}
     placeholders = 0
-    with Progress(disable=not ctx.progress, transient=True) as progress:
-        task = progress.add_task("reconstruct", total=len(ctx.layers))
+    with Progress(disable=not state.progress, transient=True) as progress:
+        task = progress.add_task("reconstruct", total=len(state.layers))
         for node in gm.graph.nodes:
             if node.op == "output":
                 break
@@ -143,8 +147,8 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                     raise NotImplementedError("reconstruction runs graphs with one tensor input")
                 dense[node] = pruned[node] = chunks if not placeholders else [node.args[0]] * len(chunks)
                 placeholders += 1
-            elif node.op == "call_module" and node.target in ctx.layers and node.target not in per_layer:
-                layer, linear = ctx.layers[node.target], gm.get_submodule(node.target)
+            elif node.op == "call_module" and node.target in state.layers and node.target not in per_layer:
+                layer, linear = state.layers[node.target], gm.get_submodule(node.target)
                 xd, xp = dense[node.args[0]], pruned[node.args[0]]
                 weight = linear.weight.detach().clone()
                 bias = None if linear.bias is None else linear.bias.detach().clone()
@@ -155,7 +159,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                     h, g, s = _normal_equations(xp, xd, bias is not None)
                     new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
                                                               layer.grid.block_shape[0], h, g, s,
-                                                              opts.reconstruct_damping)
+                                                              opts.hessian_damping)
                     linear.weight.copy_(new_weight)
                     if bias is not None:
                         linear.bias.copy_(new_bias)
@@ -173,5 +177,5 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
                     pruned.pop(used, None)
-    decisions = {"enabled": True, "images": len(images), "damping": opts.reconstruct_damping, "layers": per_layer}
+    decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping, "layers": per_layer}
     return PassResult(gm, True, decisions)

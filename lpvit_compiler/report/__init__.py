@@ -1,5 +1,7 @@
-"""The compile report (``compile_report.py``: per-layer records, summary, JSON) and its HTML rendering."""
+"""The compile report (``compile_report.py``: per-layer records, measurements, JSON), its summary lines
+(``summary.py``) and its HTML rendering (``html.py``)."""
 
-from .compile_report import LayerRow, Report
+from .compile_report import LayerMeasurement, LayerRow, Measurements, Report
+from .summary import summary_items
 
-__all__ = ["LayerRow", "Report"]
+__all__ = ["LayerMeasurement", "LayerRow", "Measurements", "Report", "summary_items"]

@@ -1,7 +1,15 @@
-"""The compile report: per-layer table and budget summary; prints as a table, converts to dict/JSON."""
+"""The compile report: per-layer table and budget summary, immutable once compile returns; prints as a table,
+converts to dict/JSON and HTML.
+
+Measurements taken after compiling (``lpvit compile --bench``/``--eval``, :func:`~lpvit_compiler.tools.bench.
+measure_layers`) never change a report: they are a separate :class:`Measurements` record, attached with
+:meth:`Report.with_measurements`, which returns a new report. The console caption and the HTML summary table
+both show the lines of one formatter (summary.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -11,12 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ..blocks import pack_mask
-from ..state import CompileContext
+from ..costmodel import layer_costs
+from ..state import CompileState
+from .summary import summary_items
 
 CURVE_POINTS = 101  # LPViT samples its curves at 101 ratios too
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerRow:
     name: str
     weight_shape: list[int]  # [out_features, in_features] in the original model
@@ -28,8 +38,8 @@ class LayerRow:
     flops_dense: float  # per image
     flops_kept: float
     distortion: float  # the criterion's estimate at the chosen operating point
-    latency_dense_us: float  # predicted, per inference of hw.batch_size images
-    latency_predicted_us: float
+    latency_dense_us: float  # predicted for the original dense layer, per inference of hw.batch_size images
+    latency_predicted_us: float  # predicted for the layer as compiled (its shape after elimination, its layout)
     energy_dense_mj: float
     energy_predicted_mj: float
     rows_removed: int  # by dead-block elimination
@@ -40,44 +50,72 @@ class LayerRow:
     curve_keep_ratio: list[float] = field(default_factory=list)
     curve_distortion: list[float] = field(default_factory=list)
     block_mask: str = ""  # blocks.pack_mask of the [block_rows, block_cols] mask, True = kept
-    # measured by ``measure_layers`` (lpvit compile --bench), per inference of hw batch_size images
-    latency_measured_us: float | None = None
-    latency_dense_measured_us: float | None = None
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return (-(-self.weight_shape[0] // self.block_shape[0]), -(-self.weight_shape[1] // self.block_shape[1]))
 
 
-@dataclass
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """One layer timed in onnxruntime as it runs after export, next to a dense layer of its original shape."""
+
+    latency_us: float
+    dense_latency_us: float
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What was measured after compiling; empty until attached."""
+
+    end_to_end: dict = field(default_factory=dict)  # bench.compare_sessions result + "threads"
+    layers: dict[str, LayerMeasurement] = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)  # data, images, dense, compiled (top-1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Measurements":
+        return cls(end_to_end=data.get("end_to_end", {}), accuracy=data.get("accuracy", {}),
+                   layers={name: LayerMeasurement(**m) for name, m in data.get("layers", {}).items()})
+
+
+@dataclass(frozen=True)
 class Report:
     hw: str
     importance: str
     budget: str
     budget_target: float
-    summary: dict
+    summary: dict  # the solve's outcome, the model's costs, what elimination and layout did (JSON values)
     layers: list[LayerRow]
     passes: list[dict] = field(default_factory=list)
     hw_profile: dict = field(default_factory=dict)  # HardwareProfile.to_dict(), incl. how it was calibrated
-    measured: dict = field(default_factory=dict)  # end-to-end onnxruntime timing, see bench.compare_sessions
-    accuracy: dict = field(default_factory=dict)  # top-1 of the dense and compiled model, where evaluated
+    notes: list[str] = field(default_factory=list)  # decisions a user should know about (small layers left dense)
+    measurements: Measurements = field(default_factory=Measurements)
 
     @property
     def flops_keep_achieved(self) -> float:
         return self.summary["flops_keep_achieved"]
 
+    def with_measurements(self, **changes) -> "Report":
+        """A copy with ``changes`` (end_to_end=, layers=, accuracy=) merged into its measurements."""
+        return dataclasses.replace(self, measurements=dataclasses.replace(self.measurements, **changes))
+
     def latency_error(self) -> float | None:
         """Median |predicted - measured| / measured of the per-layer latencies, where they were measured."""
-        errors = [abs(r.latency_predicted_us - r.latency_measured_us) / r.latency_measured_us
-                  for r in self.layers if r.latency_measured_us]
+        measured = self.measurements.layers
+        errors = [abs(r.latency_predicted_us - measured[r.name].latency_us) / measured[r.name].latency_us
+                  for r in self.layers if r.name in measured]
         return float(np.median(errors)) if errors else None
 
     @classmethod
-    def from_context(cls, ctx: CompileContext, passes: list[dict]) -> "Report":
+    def from_state(cls, state: CompileState, passes: list[dict]) -> "Report":
+        hw = state.options.hw
         rows = []
-        for layer in ctx.layers.values():
+        for layer in state.layers.values():
             k = layer.pruned_blocks
             curve_k = np.unique(np.round(np.linspace(0, layer.num_blocks, CURVE_POINTS)).astype(int))
+            original = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features),
+                                   layer.grid.block_shape, layer.num_blocks)
+            sparse = layer.layout == "bsr"
             rows.append(LayerRow(
                 name=layer.name,
                 weight_shape=[layer.out_features, layer.in_features],
@@ -86,34 +124,40 @@ class Report:
                 kept_blocks=layer.num_blocks - k,
                 keep_ratio=1 - k / layer.num_blocks,
                 tokens=layer.tokens,
-                flops_dense=float(layer.flops[0]),
-                flops_kept=float(layer.flops[k]),
+                flops_dense=float(layer.curves.flops[0]),
+                flops_kept=float(layer.curves.flops[k]),
                 distortion=float(layer.distortion[k]),
-                latency_dense_us=layer.dense_latency * 1e6,
-                latency_predicted_us=float(layer.latency[k]) * 1e6,
-                energy_dense_mj=layer.dense_energy * 1e3,
-                energy_predicted_mj=float(layer.energy[k]) * 1e3,
-                rows_removed=layer.out_features - (len(layer.kept_rows) if layer.kept_rows is not None
-                                                   else layer.out_features),
-                cols_removed=layer.in_features - (len(layer.kept_cols) if layer.kept_cols is not None
-                                                  else layer.in_features),
+                latency_dense_us=original.dense_latency_s * 1e6,
+                latency_predicted_us=layer.costs.latency(sparse) * 1e6,
+                energy_dense_mj=original.dense_energy_j * 1e3,
+                energy_predicted_mj=layer.costs.energy(sparse) * 1e3,
+                rows_removed=layer.out_features - layer.shape[0],
+                cols_removed=layer.in_features - layer.shape[1],
                 nnz_blocks=layer.nnz_blocks,
                 layout=layer.layout,
                 curve_keep_ratio=(1 - curve_k / layer.num_blocks).tolist(),
                 curve_distortion=layer.distortion[curve_k].astype(float).tolist(),
                 block_mask=pack_mask(layer.block_mask),
             ))
-        opts = ctx.options
-        return cls(hw=opts.hw.name, importance=opts.importance, budget=opts.budget,
-                   budget_target=opts.budget_target, summary=_plain(ctx.summary), layers=rows, passes=passes,
-                   hw_profile=opts.hw.to_dict())
+        model = state.model_costs
+        latency, energy = state.predicted_latency_s(), state.predicted_energy_j()
+        summary = {**dataclasses.asdict(model), **dataclasses.asdict(state.solve),
+                   "budget": state.options.budget, "budget_target": state.options.budget_target,
+                   "hidden_units_removed": state.hidden_units_removed,
+                   "flops_keep_executed": state.flops_keep_executed,
+                   "compiled_latency_s": latency, "compiled_speedup": model.dense_latency_s / latency,
+                   "compiled_energy_ratio": energy / model.dense_energy_j}
+        opts = state.options
+        return cls(hw=hw.name, importance=opts.importance, budget=opts.budget, budget_target=opts.budget_target,
+                   summary=summary, layers=rows, passes=passes, hw_profile=hw.to_dict(), notes=list(state.notes))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
-        return cls(**{**data, "layers": [LayerRow(**row) for row in data["layers"]]})
+        return cls(**{**data, "layers": [LayerRow(**row) for row in data["layers"]],
+                      "measurements": Measurements.from_dict(data.get("measurements", {}))})
 
     def to_html(self, path):
         """Write the report as one self-contained HTML file (figures inlined); returns the path."""
@@ -129,26 +173,16 @@ class Report:
         return text
 
     def __rich__(self) -> Table:
-        s = self.summary
-        budget = {"flops": "FLOPs kept", "latency": "latency kept", "power": "power kept"}[self.budget]
-        caption = (f"{budget}: target {self.budget_target:.3f}, achieved {s['budget_achieved']:.3f} | prunable-linear "
-                   f"FLOPs kept {s['flops_keep_achieved']:.3f} (executed {s.get('flops_keep_executed', float('nan')):.3f})"
-                   f" | model FLOPs kept {s['model_flops_keep']:.3f} | predicted on {self.hw} (batch "
-                   f"{s['hw_batch_size']}): {s['predicted_speedup']:.2f}x faster, energy x{s['predicted_energy_ratio']:.2f}")
+        caption = " | ".join(f"{label}: {value}" for label, value in summary_items(self))
         table = Table(title=f"lpvit compile report — {self.importance} importance, hw={self.hw}", caption=caption)
-        measured = any(r.latency_measured_us for r in self.layers)
-        if measured:
-            caption += f" | per-layer latency: median prediction error {self.latency_error():.0%}"
-        if self.accuracy:
-            caption += (f" | top-1 on {self.accuracy['data']} ({self.accuracy['images']} images): dense "
-                        f"{self.accuracy['dense']:.4f}, compiled {self.accuracy['compiled']:.4f}")
+        measured = self.measurements.layers
         columns = ["layer", "shape", "block", "layout", "kept/blocks", "keep", "distortion", "MFLOPs dense→kept",
                    "latency µs dense→pred", "energy mJ dense→pred", "rows/cols removed"]
         for column in columns + (["latency µs measured dense→ours"] if measured else []):
             table.add_column(column, justify="left" if column == "layer" else "right")
         for r in self.layers:
-            extra = ([f"{r.latency_dense_measured_us:.1f}→{r.latency_measured_us:.1f}"]
-                     if measured and r.latency_measured_us else [""] if measured else [])
+            m = measured.get(r.name)
+            extra = [f"{m.dense_latency_us:.1f}→{m.latency_us:.1f}" if m else ""] if measured else []
             table.add_row(
                 r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}", r.layout,
                 f"{r.kept_blocks}/{r.blocks}", f"{r.keep_ratio:.2f}", f"{r.distortion:.3g}",
@@ -161,7 +195,3 @@ class Report:
         buffer = io.StringIO()
         Console(file=buffer, width=180).print(self)
         return buffer.getvalue()
-
-
-def _plain(summary: dict) -> dict:
-    return {k: (float(v) if hasattr(v, "item") else v) for k, v in summary.items()}

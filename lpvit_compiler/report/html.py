@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import unpack_mask
+from .summary import summary_items
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
@@ -72,10 +73,10 @@ def _mask_figure(row) -> str:
     return _png(figure)
 
 
-def _latency_figure(rows) -> str:
+def _latency_figure(rows, measurements) -> str:
     import matplotlib.pyplot as plt
 
-    measured = np.array([r.latency_measured_us for r in rows])
+    measured = np.array([measurements[r.name].latency_us for r in rows])
     predicted = np.array([r.latency_predicted_us for r in rows])
     figure, axis = plt.subplots(figsize=(4.5, 3.5))
     axis.loglog(measured, predicted, "o", ms=4)
@@ -96,35 +97,9 @@ def _table(header: list[str], rows: list[list], css_class: str = "") -> str:
     return f'<table class="{css_class}">{thead}<tbody>{body}</tbody></table>'
 
 
-def _summary(report) -> list[list]:
-    s = report.summary
-    budget = {"flops": "FLOPs kept", "latency": "latency kept", "power": "power kept"}[report.budget]
-    items = [
-        ["hardware", f"{report.hw} — {report.hw_profile.get('description', '')}"],
-        ["importance criterion", report.importance],
-        [f"budget ({budget})", f"target {report.budget_target:.3f}, achieved {s['budget_achieved']:.3f}"],
-        ["prunable-linear FLOPs kept", f"{s['flops_keep_achieved']:.3f}"],
-        ["model FLOPs kept", f"{s['model_flops_keep']:.3f}"],
-        [f"predicted on {report.hw} (batch {s['hw_batch_size']})",
-         f"{s['predicted_speedup']:.2f}x faster, energy x{s['predicted_energy_ratio']:.2f}"],
-    ]
-    if report.hw_profile.get("calibration"):
-        items.append(["hardware profile", report.hw_profile["calibration"]])
-    error = report.latency_error()
-    if error is not None:
-        items.append(["per-layer latency, predicted vs measured", f"median error {error:.0%}"])
-    for batch, m in sorted(report.measured.get("batches", {}).items(), key=lambda kv: int(kv[0])):
-        items.append([f"measured end to end, batch {batch} ({report.measured['threads']} threads)",
-                      f"dense {m['dense_ms']:.1f} ms, compiled {m['compiled_ms']:.1f} ms: {m['speedup']:.2f}x"])
-    if report.accuracy:
-        a = report.accuracy
-        items.append([f"top-1 on {a['data']} ({a['images']} images)",
-                      f"dense {a['dense']:.4f}, compiled {a['compiled']:.4f} ({a['compiled'] - a['dense']:+.4f})"])
-    return items
-
-
 def write_html(report, path) -> Path:
-    measured = [r for r in report.layers if r.latency_measured_us]
+    layer_times = report.measurements.layers
+    measured = [r for r in report.layers if r.name in layer_times]
     header = ["layer", "shape", "block", "layout", "kept/blocks", "keep", "distortion", "MFLOPs dense", "MFLOPs kept",
               "pred. µs dense", "pred. µs", "pred. mJ dense", "pred. mJ"]
     if measured:
@@ -136,9 +111,9 @@ def write_html(report, path) -> Path:
                f"{r.flops_dense / 1e6:.1f}", f"{r.flops_kept / 1e6:.1f}", f"{r.latency_dense_us:.1f}",
                f"{r.latency_predicted_us:.1f}", f"{r.energy_dense_mj:.3f}", f"{r.energy_predicted_mj:.3f}"]
         if measured:
-            row += ([f"{r.latency_dense_measured_us:.1f}", f"{r.latency_measured_us:.1f}",
-                     f"{(r.latency_predicted_us - r.latency_measured_us) / r.latency_measured_us:+.0%}"]
-                    if r.latency_measured_us else ["", "", ""])
+            m = layer_times.get(r.name)
+            row += ([f"{m.dense_latency_us:.1f}", f"{m.latency_us:.1f}",
+                     f"{(r.latency_predicted_us - m.latency_us) / m.latency_us:+.0%}"] if m else ["", "", ""])
         rows.append(row)
     cards = "".join(
         f'<div class="card"><h4>{html.escape(r.name)} — keep {r.keep_ratio:.2f}</h4>'
@@ -146,14 +121,14 @@ def write_html(report, path) -> Path:
         f'<img alt="block mask of {html.escape(r.name)}" src="{_mask_figure(r)}"></div>'
         for r in report.layers)
     latency = (f'<h2>Predicted vs measured latency</h2><img alt="predicted vs measured latency" '
-               f'src="{_latency_figure(measured)}">' if measured else "")
+               f'src="{_latency_figure(measured, layer_times)}">' if measured else "")
     passes = _table(["pass", "seconds", "modified"], [[p["pass"], f"{p['seconds']:.2f}", p["modified"]]
                                                       for p in report.passes])
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lpvit compile report</title><style>{STYLE}</style></head>
 <body>
 <h1>lpvit compile report</h1>
-{_table([], _summary(report), "summary")}
+{_table([], summary_items(report), "summary")}
 <h2>Layers</h2>
 {_table(header, rows, "layers")}
 {latency}

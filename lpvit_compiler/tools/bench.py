@@ -1,36 +1,13 @@
-"""Side-by-side timing for noisy shared machines, used by ``lpvit bench``, ``hw="native"`` and benchmarks/.
-
-Candidates run interleaved (each repeat calls every candidate once, in turn) and results are medians, so a
-burst of load from another process hits all candidates alike; compare them by ratio, not absolute time.
-"""
+"""Timing models and layers in onnxruntime, side by side (timing.py), for ``lpvit bench``/``compile --bench``
+and benchmarks/."""
 
 from __future__ import annotations
-
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import ModelFileError
 from ..runtime.sessions import ort_session
-
-
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                progress: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median seconds per call of each candidate, the candidates taking turns in every repeat."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-        if progress is not None:
-            progress()
-    return {name: statistics.median(ts) for name, ts in times.items()}
+from .timing import interleaved
 
 
 def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -59,15 +36,18 @@ def compare_sessions(dense, compiled, batches, repeats: int, progress=None) -> d
     return {"batches": result, "repeats": repeats}
 
 
-def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progress=None) -> None:
+def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progress=None) -> dict:
     """Time every pruned layer of ``compiled`` in onnxruntime as it runs after export (our op, or MatMul+Add
     where the layout is dense) next to a dense layer of its original shape, on hw.batch_size * tokens rows —
-    the workload the report's predictions are for. Fills the report rows' ``latency_measured_us`` and
-    ``latency_dense_measured_us``."""
+    the workload the report's predictions are for. Returns {layer: LayerMeasurement} for
+    ``Report.with_measurements(layers=...)``."""
     import torch
 
     from ..lowering.onnx_export import dense_layer_model, single_layer_model
+    from ..report import LayerMeasurement
     from ..runtime.modules import BlockSparseLinear
+
+    measured = {}
 
     batch_size = compiled.report.summary["hw_batch_size"]
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +65,7 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
         x_dense = {"X": torch.randn(rows, in_features, generator=generator).numpy()}
         times = interleaved({"ours": lambda: ours.run(None, x_ours), "dense": lambda: dense.run(None, x_dense)},
                             repeats)
-        row.latency_measured_us = times["ours"] * 1e6
-        row.latency_dense_measured_us = times["dense"] * 1e6
+        measured[row.name] = LayerMeasurement(latency_us=times["ours"] * 1e6, dense_latency_us=times["dense"] * 1e6)
         if progress is not None:
             progress()
+    return measured

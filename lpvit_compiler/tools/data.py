@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import CalibrationError
 
@@ -49,6 +49,40 @@ def fashion_mnist(split: str = "test", root=None) -> TensorDataset:
     images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(labels_file, 1).astype(np.int64))
     return TensorDataset(images, labels)
+
+
+class _ResizedGrey(Dataset):
+    """Grey [1, h, w] images in [0, 1] as [C, H, W] ones, normalised by (mean, std); made per item, so a
+    224-px copy of the whole set never sits in memory."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, shape, mean, std):
+        self.pixels, self.labels, (self.channels, *self.size) = pixels, labels, shape
+        self.mean = torch.tensor(mean[: self.channels]).view(self.channels, 1, 1)
+        self.std = torch.tensor(std[: self.channels]).view(self.channels, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = torch.nn.functional.interpolate(self.pixels[index][None], size=tuple(self.size), mode="bilinear",
+                                                align_corners=False)[0]
+        return (image.expand(self.channels, -1, -1) - self.mean) / self.std, self.labels[index]
+
+
+def fashion_mnist_for(dataset: TensorDataset, input_shape, data_config: dict | None) -> Dataset:
+    """Fashion-MNIST made to fit a model that takes images [C, H, W] = ``input_shape``: grey copied to every
+    channel, resized (bilinear) and normalised with the model's ``data_config`` mean and std. For a model that
+    takes [1, 28, 28] the dataset is returned as it is; any other model needs a data config."""
+    images, labels = dataset.tensors
+    shape = tuple(int(d) for d in input_shape)
+    if shape == tuple(images.shape[1:]):
+        return dataset
+    if data_config is None or len(shape) != 3 or shape[0] not in (1, 3):
+        raise CalibrationError(f"the model takes images {list(shape)} but Fashion-MNIST is [1, 28, 28] grey, and "
+                               "the model does not say how to preprocess images (no data config); use "
+                               "--preprocess-as TIMM_NAME or an ImageFolder DIR")
+    pixels = images * FASHION_MNIST_STD + FASHION_MNIST_MEAN  # back to [0, 1]
+    return _ResizedGrey(pixels, labels, shape, data_config["mean"], data_config["std"])
 
 
 def data_config_of(model: torch.nn.Module) -> dict:

@@ -1,0 +1,167 @@
+"""The options of ``lpvit.compile``: one typed record, one place for every default, validated once.
+
+``CompileOptions.build(**kwargs)`` takes what a user passes (``lpvit.compile(..., **kwargs)``, the CLI's flags,
+tests) and returns a frozen :class:`CompileOptions`; every mistake — an unknown name, a wrong type, a value
+out of range, two budgets — raises :class:`~lpvit_compiler.errors.ConfigError` naming the option and the fix.
+The defaults are the field defaults below and nowhere else (the CLI reads them from here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .costmodel import HardwareProfile, get_profile
+from .errors import ConfigError
+
+IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
+POWER_MODELS = ("energy", "lpvit")
+BUDGETS = ("flops", "latency", "power")
+DEFAULT_HW = "cpu"
+DEFAULT_FLOPS_KEEP = 0.5
+
+
+def _number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable:
+    def check(name: str, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ConfigError(f"{name} must be in {interval}, got {value:g}")
+        return value
+    return check
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable:
+    def check(name: str, value):
+        if value not in choices:
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        return value
+    return check
+
+
+def _power_weight(name: str, value):
+    return value if value == "auto" else _number(float("-inf"), float("inf"), True, True)(name, value)
+
+
+def _layer_names(name: str, value):
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else value
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ConfigError(f"{name} must be a module name or a list of them, got {value!r}") from None
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{name} must hold module names (str), got {value!r}")
+    return names
+
+
+def _option(default, check: Callable, doc: str):
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything that decides a compile besides the model and the data. Build with :meth:`build`."""
+
+    hw: HardwareProfile  # the cost model's target
+    budget: str  # which resource the target limits: "flops", "latency" or "power"
+    budget_target: float  # fraction of the dense resource to keep (latency: 1 / target_speedup)
+    block_shape: tuple[int, int]  # (rows, cols) of a weight block
+    importance: str = _option("obs", _choice(IMPORTANCE_CRITERIA),
+                              "block criterion: obs (error left after refit), taylor (LPViT), hessian, magnitude")
+    min_density: float = _option(0.05, _number(0.0, 1.0, low_open=True), "share of blocks every layer keeps")
+    power_weight: float | str = _option(0.0, _power_weight, "beta of the solve's power term, or 'auto' (LPViT)")
+    power_model: str = _option("energy", _choice(POWER_MODELS), "power term: the profile's energy, or LPViT's proxy")
+    damping: float = _option(1e-7, _number(0.0, float("inf")), "lambda of the Taylor distortion's ||dW||^2 term")
+    hessian_damping: float = _option(0.01, _number(0.0, float("inf"), low_open=True),
+                                     "ridge lambda of layer Hessians X^T X, relative to their mean diagonal; "
+                                     "the obs criterion and the reconstruction solve the same ridge problem")
+    prune_heads: bool = _option(False, _flag, "also prune classifier heads")
+    layers: tuple[str, ...] | None = _option(None, _layer_names, "module names to prune (default: all but heads)")
+    calib_batch_size: int = _option(32, _positive_int, "calibration images per batch")
+    dense_fallback: bool = _option(True, _flag, "keep a layer dense where the block-sparse kernel would be slower")
+    reconstruct: bool = _option(True, _flag, "refit kept weights and biases to the dense outputs")
+    reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
+    verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
+
+    @classmethod
+    def tuning_names(cls) -> tuple[str, ...]:
+        """The options with a default (all but the hardware, the budget and the block shape)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if "check" in f.metadata)
+
+    @classmethod
+    def default(cls, name: str):
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+    @classmethod
+    def build(cls, hw: str | HardwareProfile = DEFAULT_HW, *, flops_keep: float | None = None,
+              target_speedup: float | None = None, power_keep: float | None = None, block_shape=None,
+              **tuning) -> CompileOptions:
+        """Validated options from keyword arguments; the budget is one of ``flops_keep`` (default 0.5),
+        ``target_speedup`` or ``power_keep``."""
+        known = cls.tuning_names()
+        for name in tuning:
+            if name not in known:
+                close = difflib.get_close_matches(name, [*known, "flops_keep", "target_speedup", "power_keep",
+                                                         "block_shape", "hw"], n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"unknown option {name!r}{hint}; options are: {', '.join(known)}")
+        profile = get_profile(hw)
+        budget, target = _budget(flops_keep, target_speedup, power_keep)
+        checked = {f.name: f.metadata["check"](f.name, tuning.get(f.name, f.default))
+                   for f in dataclasses.fields(cls) if "check" in f.metadata}
+        return cls(hw=profile, budget=budget, budget_target=target,
+                   block_shape=_block_shape(block_shape, profile), **checked)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {**data, "hw": self.hw.to_dict(), "block_shape": list(self.block_shape),
+                "layers": list(self.layers) if self.layers is not None else None}
+
+
+def _budget(flops_keep, target_speedup, power_keep) -> tuple[str, float]:
+    given = [name for name, value in (("flops_keep", flops_keep), ("target_speedup", target_speedup),
+                                      ("power_keep", power_keep)) if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one budget, not {' and '.join(given)}")
+    if target_speedup is not None:
+        speedup = _number(1.0, float("inf"), high_open=True)("target_speedup", target_speedup)
+        return "latency", 1.0 / speedup
+    if power_keep is not None:
+        return "power", _number(0.0, 1.0, low_open=True)("power_keep", power_keep)
+    keep = DEFAULT_FLOPS_KEEP if flops_keep is None else flops_keep
+    return "flops", _number(0.0, 1.0, low_open=True)("flops_keep", keep)
+
+
+def _block_shape(block_shape, hw: HardwareProfile) -> tuple[int, int]:
+    if block_shape is None:
+        return tuple(hw.block_shape)
+    if isinstance(block_shape, str) and "x" in block_shape:
+        block_shape = block_shape.split("x", 1)
+    if isinstance(block_shape, (int, str)):
+        block_shape = (block_shape, block_shape)
+    try:
+        bh, bw = (int(v) for v in block_shape)
+    except (TypeError, ValueError):
+        raise ConfigError(f"block_shape must be an int, (rows, cols) or 'RxC', got {block_shape!r}") from None
+    if bh < 1 or bw < 1:
+        raise ConfigError(f"block_shape must be positive, got ({bh}, {bw})")
+    return bh, bw
