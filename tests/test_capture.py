@@ -46,12 +46,15 @@ def test_layerscale_vit_compiles_exactly(calib):
         torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-5)
 
 
-def test_torchvision_vit_prunes_mlp_linears(calib):
+def test_torchvision_vit_prunes_mlp_and_attention_output_linears(calib):
+    """fx keeps nn.MultiheadAttention opaque; torch.export sees its out_proj, so that is pruned too."""
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                  hidden_dim=64, mlp_dim=128, num_classes=10).eval()
     compiled = lpvit.compile(model, reconstruct=False, flops_keep=0.6, calib=calib, block_shape=8, progress=False)
-    assert set(compiled.masks) == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
+    assert compiled.plan.capture == "torch.export"
+    assert set(compiled.masks) == {f"encoder.layers.encoder_layer_{i}.{name}" for i in range(2)
+                                   for name in ("mlp.0", "mlp.3", "self_attention.out_proj")}
     reference = masked_reference(model, compiled.masks)
     with torch.no_grad():
         torch.testing.assert_close(compiled(calib), reference(calib), rtol=1e-4, atol=1e-5)

@@ -94,7 +94,7 @@ def test_a_layer_smaller_than_a_block_stays_dense_with_a_report_note(calib):
                              reconstruct=False, layers=["vit.blocks.0.mlp.fc1", "tiny"], progress=False)
     assert list(compiled.masks) == ["vit.blocks.0.mlp.fc1"]
     assert type(compiled.graph_module.get_submodule("tiny")) is nn.Linear
-    note = "tiny stays dense: smaller than one 16x16 block (4x10); left dense"
+    note = "tiny: smaller than one 16x16 block (4x10); left dense"
     assert compiled.report.notes == [note]
     assert note in str(compiled.report)
     with torch.no_grad():

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
 
 INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
 

@@ -20,7 +20,7 @@ def capture(gm: None, state: CompileState) -> PassResult:
     example = state.calibration[0]
     gm, state.capture_method = capture_graph(state.model, example, state.leaf_modules, state.concrete_args)
     state.layers, state.selection = select_prunable_layers(gm, state.options, example)
-    state.notes.extend(f"{name} stays dense: {why}" for name, why in state.selection.items()
+    state.notes.extend(f"{name}: {why}" for name, why in state.selection.items()
                        if why.startswith("smaller than one"))
     decisions = {"method": state.capture_method, "linear_layers": state.selection,
                  "options": state.options.to_dict()}

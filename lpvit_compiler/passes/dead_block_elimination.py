@@ -20,27 +20,12 @@ which the graph's reshapes bake in; the BSR layout already skips those dead bloc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from ..frontend.patterns import is_elementwise
 from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import linear_from
 from ..state import CompileState
-
-ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.LeakyReLU,
-                       nn.ELU, nn.Dropout, nn.Identity)
-ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, torch.relu, torch.tanh, torch.sigmoid,
-                         torch.ops.aten.gelu.default, torch.ops.aten.relu.default, torch.ops.aten.silu.default,
-                         torch.ops.aten.dropout.default, torch.ops.aten.tanh.default, torch.ops.aten.sigmoid.default}
-
-
-def _is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if len(node.users) != 1 or any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
-        return False
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES)
-    return node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
-
 
 def _is_linear(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and \
@@ -54,7 +39,7 @@ def find_linear_chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node],
         if not _is_linear(gm, b):
             continue
         chain, node = [], b.args[0]
-        while isinstance(node, fx.Node) and _is_elementwise(gm, node):
+        while isinstance(node, fx.Node) and is_elementwise(gm, node):
             chain.append(node)
             node = node.args[0]
         if _is_linear(gm, node) and len(node.users) == 1:
