@@ -1,0 +1,164 @@
+"""A structured fuzzer over malformed ``ai.lpvit::BlockSparseLinear`` models.
+
+Each case starts from a valid random layer, applies a few mutations (lengths and contents of ``row_ptr``,
+``col_idx``, ``values`` and ``bias``, the attributes, dtypes) and feeds the weights as initializers or as graph
+inputs. The oracle is an independent numpy statement of the op's contract: where it says the buffers are
+malformed, onnxruntime must return an error; where it says they are valid, the output must equal X·Wᵀ + b.
+Nothing else — a crash, a hang, a wrong number, or (under AddressSanitizer, as CI runs this file) any
+out-of-bounds access — is acceptable.
+
+``LPVIT_FUZZ_CASES`` sets the campaign's size (10,000 by default, in the normal and the AddressSanitizer run;
+about 3 s and 30 s here); a failure names the case seed, and ``LPVIT_FUZZ_SEED`` replays one case.
+"""
+
+import math
+import os
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import lpvit_compiler as lpvit
+
+CASES = int(os.environ.get("LPVIT_FUZZ_CASES", "10000"))
+TIME_LIMIT_S = float(os.environ.get("LPVIT_FUZZ_SECONDS", "900"))
+BLOCKS = [(16, 16), (8, 4), (1, 1), (20, 12), (32, 64), (3, 5)]
+
+
+def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x):
+    """X·Wᵀ + b if the buffers satisfy the op's contract, else None (the op must then return an error)."""
+    if not (isinstance(block_shape, list) and len(block_shape) == 2):
+        return None
+    bh, bw = block_shape
+    if not (1 <= n < 2**31 and 1 <= k < 2**31 and 1 <= bh <= 4096 and 1 <= bw <= 4096):
+        return None
+    if row_ptr.dtype != np.int64 or col_idx.dtype != np.int64 or values.dtype != np.float32 or \
+            (bias is not None and bias.dtype != np.float32):
+        return None
+    if values.ndim != 3 or values.shape[1:] != (bh, bw) or x.shape[-1] != k:
+        return None
+    block_rows, block_cols, nnz = math.ceil(n / bh), math.ceil(k / bw), values.shape[0]
+    if row_ptr.ndim != 1 or row_ptr.size != block_rows + 1 or col_idx.ndim != 1 or col_idx.size != nnz:
+        return None
+    if nnz > block_rows * block_cols or row_ptr[0] != 0 or row_ptr[-1] != nnz or np.any(np.diff(row_ptr) < 0):
+        return None
+    if bias is not None and (bias.ndim != 1 or bias.size != n):
+        return None
+    dense = np.zeros((block_rows * bh, block_cols * bw), np.float64)
+    for r in range(block_rows):
+        cols = col_idx[row_ptr[r]:row_ptr[r + 1]]
+        if np.any(cols < 0) or np.any(cols >= block_cols) or np.any(np.diff(cols) <= 0):
+            return None
+        for b, c in zip(range(row_ptr[r], row_ptr[r + 1]), cols):
+            dense[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = values[b]
+    y = x.astype(np.float64) @ dense[:n, :k].T
+    return y + (bias if bias is not None else 0)
+
+
+def valid_layer(rng):
+    bh, bw = BLOCKS[rng.integers(len(BLOCKS))]
+    n, k = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+    block_rows, block_cols = math.ceil(n / bh), math.ceil(k / bw)
+    keep = rng.random((block_rows, block_cols)) < rng.choice([0.0, 0.3, 0.7, 1.0])
+    row_ptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
+    col_idx = np.nonzero(keep)[1].astype(np.int64)
+    values = rng.standard_normal((len(col_idx), bh, bw)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if rng.random() < 0.7 else None
+    return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
+
+
+def _poke(rng, array):
+    """One entry set to a boundary or random value (int arrays) or the array resized."""
+    array = array.copy()
+    if array.size and rng.random() < 0.7:
+        i = int(rng.integers(array.size))
+        if array.dtype.kind == "i":
+            limits = np.iinfo(array.dtype)
+            value = int(rng.choice([-1, 0, 1, 2**31, -(2**62), int(array.flat[i]) + int(rng.integers(-3, 4))]))
+            array.flat[i] = min(max(value, limits.min), limits.max)
+        else:
+            array.flat[i] = rng.choice([np.nan, np.inf, 0.0, 1e30])
+        return array
+    size = max(0, array.shape[0] + int(rng.choice([-2, -1, 1, 2])))
+    return np.resize(array, (size, *array.shape[1:])) if array.ndim else array
+
+
+MUTATIONS = [
+    lambda rng, c: c.update(row_ptr=_poke(rng, c["row_ptr"])),
+    lambda rng, c: c.update(col_idx=_poke(rng, c["col_idx"])),
+    lambda rng, c: c.update(col_idx=np.sort(c["col_idx"])[::-1].copy()),  # order broken within rows
+    lambda rng, c: c.update(values=_poke(rng, c["values"])),
+    lambda rng, c: c.update(values=c["values"].reshape(c["values"].shape[0], c["values"][0].size if c["values"].size
+                                                       else 0)),  # wrong rank
+    lambda rng, c: c.update(values=np.zeros((len(c["values"]), c["values"].shape[-2] + 1, c["values"].shape[-1]),
+                                            np.float32) if c["values"].ndim == 3 else c["values"]),
+    lambda rng, c: c.update(bias=_poke(rng, c["bias"]) if c["bias"] is not None else
+                            np.zeros(int(rng.integers(0, 80)), np.float32)),
+    lambda rng, c: c.update(bias=c["bias"][None] if c["bias"] is not None else None),
+    lambda rng, c: c.update(n=int(rng.choice([0, -64, c["n"] + 1, c["n"] - 1, 2**40]))),
+    lambda rng, c: c.update(k=int(rng.choice([0, -1, c["k"] + 1, 2**40]))),
+    lambda rng, c: c.update(block_shape=[[0, 16], [-16, 16], [16], [16, 16, 1], [5000, 1],
+                                         c["block_shape"][::-1]][int(rng.integers(6))]),
+    lambda rng, c: c.update(col_idx=c["col_idx"].astype(np.int32)),
+    lambda rng, c: c.update(row_ptr=np.full_like(c["row_ptr"], c["values"].shape[0])),
+]
+
+
+def build_model(case, as_inputs: bool) -> tuple[onnx.ModelProto, dict]:
+    names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if case["bias"] is not None else [])
+    tensors = {name: case[name] for name in names[1:]}
+    node = helper.make_node("BlockSparseLinear", names, ["Y"], domain="ai.lpvit",
+                            block_shape=[int(v) for v in case["block_shape"]], N=case["n"], K=case["k"])
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", case["x"].shape[1]])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    if as_inputs:
+        inputs = [x] + [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), list(t.shape))
+                        for name, t in tensors.items()]
+        graph, feeds = helper.make_graph([node], "fuzz", inputs, [y]), {"X": case["x"], **tensors}
+    else:
+        initializers = [numpy_helper.from_array(t, name) for name, t in tensors.items()]
+        graph, feeds = helper.make_graph([node], "fuzz", [x], [y], initializers), {"X": case["x"]}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.lpvit", 1)])
+    return model, feeds
+
+
+def run_case(seed: int, options: ort.SessionOptions) -> str:
+    """'rejected' or 'computed'; raises AssertionError when the op's behaviour breaks the contract."""
+    rng = np.random.default_rng(seed)
+    case = valid_layer(rng)
+    case["x"] = rng.standard_normal((int(rng.integers(1, 9)), case["k"])).astype(np.float32)
+    for _ in range(int(rng.integers(0, 4))):
+        MUTATIONS[int(rng.integers(len(MUTATIONS)))](rng, case)
+    expected = expected_output(case["n"], case["k"], case["block_shape"], case["row_ptr"], case["col_idx"],
+                               case["values"], case["bias"], case["x"])
+    model, feeds = build_model(case, as_inputs=bool(rng.integers(2)))
+    try:
+        got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]) \
+            .run(None, feeds)[0]
+    except Exception as error:  # onnxruntime reports every refusal as an exception
+        assert expected is None, f"case {seed}: valid buffers rejected: {str(error)[:300]}"
+        return "rejected"
+    assert expected is not None, f"case {seed}: malformed buffers accepted (output shape {got.shape})"
+    finite = np.isfinite(expected)
+    assert got.shape == expected.shape and np.array_equal(np.isfinite(got), finite), f"case {seed}: non-finite mismatch"
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4, err_msg=f"case {seed}")
+    return "computed"
+
+
+def test_fuzz_campaign_every_case_is_rejected_or_computed_correctly():
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 4  # the refusals are expected: keep onnxruntime from logging each one
+    options.register_custom_ops_library(lpvit.kernels_library_path())
+    if "LPVIT_FUZZ_SEED" in os.environ:
+        run_case(int(os.environ["LPVIT_FUZZ_SEED"]), options)
+        return
+    outcomes = {"rejected": 0, "computed": 0}
+    start = time.monotonic()
+    for seed in range(CASES):
+        outcomes[run_case(seed, options)] += 1
+        assert time.monotonic() - start < TIME_LIMIT_S, f"fuzzing took over {TIME_LIMIT_S:.0f} s after {seed} cases"
+    # the campaign must exercise both sides of the contract, not only refusals
+    assert min(outcomes.values()) > CASES // 10, outcomes
