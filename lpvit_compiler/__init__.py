@@ -10,16 +10,19 @@ __version__ = "0.1.0"
 
 from .api import compile
 from .compiled import CompiledModel, Plan, load
-from .tools.evaluate import evaluate
-from .tools.finetune import finetune
-from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
-from .runtime.sessions import InferenceSession
 from .costmodel import PROFILES, HardwareProfile, get_profile, known_profiles
+from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
+from .options import CompileOptions
+from .pass_manager import PipelineError
 from .runtime.kernels import KernelLibraryError, kernel_isa, kernels_library_path
 from .runtime.modules import BlockSparseLinear
+from .runtime.sessions import InferenceSession
+from .tools.evaluate import evaluate
+from .tools.finetune import finetune
 
 __all__ = [
-    "compile", "evaluate", "finetune", "load", "CompiledModel", "Plan", "HardwareProfile", "PROFILES", "get_profile",
+    "compile", "evaluate", "finetune", "load", "CompiledModel", "CompileOptions", "Plan", "PipelineError",
+    "HardwareProfile", "PROFILES", "get_profile",
     "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa",
     "KernelLibraryError",
     "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",

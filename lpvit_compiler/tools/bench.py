@@ -69,3 +69,39 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
         if progress is not None:
             progress()
     return measured
+
+
+def op_type_profile(model, feed: dict, threads: int | None = None, custom_ops: bool = True, runs: int = 5
+                    ) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX op type (onnxruntime's own profiler, summed kernel time over
+    ``runs`` runs after a warm-up), largest first: where the time of an end-to-end run goes."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from ..runtime.kernels import kernels_library_path
+    from ..runtime.sessions import default_threads, open_session
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        if custom_ops:
+            options.register_custom_ops_library(kernels_library_path())
+        session = open_session(model, options)
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        with open(session.end_profiling()) as trace:
+            events = json.load(trace)
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    warm = run_starts[1] if len(run_starts) > 1 else 0  # the first run warms caches and is left out
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= warm:
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
