@@ -89,10 +89,10 @@ def check_order(passes: Sequence[CompilerPass]) -> list[PassContract]:
                                 "(decorate it with @compiler_pass(requires=..., provides=...))")
         missing = sorted(contract.requires - available)
         if missing:
-            later = {fact: c.name for c in (getattr(p, "contract", None) for p in passes) if c
-                     for fact in c.provides}
-            where = "; ".join(f"'{fact}' comes from pass '{later[fact]}', which must run before it"
-                              if fact in later else f"no pass in the pipeline provides '{fact}'"
+            providers = {fact: c.name for c in (getattr(p, "contract", None) for p in passes) if c
+                         for fact in c.provides}
+            where = "; ".join(f"'{fact}' comes from pass '{providers[fact]}', which must run before it"
+                              if fact in providers else f"no pass in the pipeline provides '{fact}'"
                               for fact in missing)
             raise PipelineError(f"pass '{contract.name}' runs too early: it requires {missing} ({where})")
         available |= contract.provides
