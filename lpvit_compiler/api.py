@@ -77,11 +77,12 @@ def compile(
     report = Report.from_state(state, timer.timings)
     plan = Plan(
         options=opts.to_dict(), capture=state.capture_method, input_shape=list(batches[0].shape[1:]),
-        layers={name: {"weight_shape": [l.out_features, l.in_features], "block_shape": list(l.grid.block_shape),
-                       "blocks": l.num_blocks, "pruned_blocks": l.pruned_blocks,
-                       "keep_ratio": 1 - l.pruned_blocks / l.num_blocks} for name, l in state.layers.items()},
+        layers={name: {"weight_shape": [layer.out_features, layer.in_features],
+                       "block_shape": list(layer.grid.block_shape), "blocks": layer.num_blocks,
+                       "pruned_blocks": layer.pruned_blocks, "keep_ratio": 1 - layer.pruned_blocks / layer.num_blocks}
+                for name, layer in state.layers.items()},
         summary=report.summary, versions=versions(), data_config=data_config)
     if dump_dir is not None:
         report.to_json(Path(dump_dir) / "report.json")
-    masks = {name: (l.grid, l.block_mask) for name, l in state.layers.items()}
+    masks = {name: (layer.grid, layer.block_mask) for name, layer in state.layers.items()}
     return CompiledModel(gm, report, plan, masks)

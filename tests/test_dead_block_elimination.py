@@ -26,7 +26,8 @@ class MLP(nn.Module):
 
 def _state(model, fc1_blocks, fc2_blocks):
     options = CompileOptions.build("cpu", block_shape=16, importance="magnitude", dense_fallback=False)
-    layers = {"fc1": LayerState("fc1", BlockGrid(64, 32, (16, 16))), "fc2": LayerState("fc2", BlockGrid(32, 64, (16, 16)))}
+    layers = {"fc1": LayerState("fc1", BlockGrid(64, 32, (16, 16))),
+              "fc2": LayerState("fc2", BlockGrid(32, 64, (16, 16)))}
     layers["fc1"].block_mask, layers["fc2"].block_mask = fc1_blocks, fc2_blocks
     for layer in layers.values():
         layer.tokens = 1

@@ -105,7 +105,8 @@ def test_a_layer_smaller_than_a_block_stays_dense_with_a_report_note(calib):
 def test_report_caption_shows_every_summary_line_and_measurements(compiled):
     text = " ".join(str(compiled.report).split())  # the console wraps the caption
     for line in ("hardware: cpu-avx2", "budget (FLOPs kept): target 0.500, achieved 0.500",
-                 "prunable-linear FLOPs kept: 0.500 (executed", "model FLOPs kept:", "predicted on cpu-avx2 (batch 8):"):
+                 "prunable-linear FLOPs kept: 0.500 (executed", "model FLOPs kept:",
+                 "predicted on cpu-avx2 (batch 8):"):
         assert line in text, line
     first = compiled.report.layers[0]
     measured = compiled.report.with_measurements(

@@ -27,6 +27,7 @@ from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import linear_from
 from ..state import CompileState
 
+
 def _is_linear(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and \
         isinstance(gm.get_submodule(node.target), nn.Linear)
