@@ -101,11 +101,12 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
 
 void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa) const {
   if (m <= 0) return;
-  const TileJob job{x, y, m, n_, k_, bh_, bw_, bh_padded_, bw_ * bh_padded_, row_ptr_.data(), col_idx_.data(),
-                    packed_.data(), bias_.data()};
+  const int64_t panel = isa == Isa::kAvx512 && bh_padded_ % kWidePanel == 0 ? kWidePanel : kPanel;
+  const TileJob job{x, y, m, n_, k_, bh_, bw_, bh_padded_, panel, bw_ * bh_padded_, row_ptr_.data(),
+                    col_idx_.data(), packed_.data(), bias_.data()};
   void (*task_fn)(const TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa == Isa::kAvx512 ? run_task_avx512 : isa == Isa::kAvx2 ? run_task_avx2 : run_task_scalar;
-  const int64_t panels = bh_padded_ / kPanel;
+  const int64_t panels = bh_padded_ / panel;
   const int64_t row_tiles = (m + kRowTile - 1) / kRowTile;
   const int64_t per_tile = block_rows_ * panels;
   parallel_for(static_cast<size_t>(row_tiles * per_tile), [&](size_t task) {

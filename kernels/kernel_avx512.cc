@@ -1,4 +1,5 @@
-// AVX-512F path (compiled with -mavx512f): 12 rows x 16 outputs = 12 zmm accumulators.
+// AVX-512F path (compiled with -mavx512f): 12 rows x 16 outputs = 12 zmm accumulators, or 12 x 32 = 24 where
+// the block rows are 32 outputs tall (or a multiple).
 #include <immintrin.h>
 
 #include "microkernel.h"
@@ -17,7 +18,10 @@ struct Avx512 {
 }  // namespace
 
 void run_task_avx512(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
-  run_task<Avx512, 12>(job, m0, m1, block_row, panel);
+  if (job.panel == kWidePanel)  // two zmm per row: each broadcast of X feeds two FMAs
+    run_task<Avx512, 12, kWidePanel>(job, m0, m1, block_row, panel);
+  else
+    run_task<Avx512, 12>(job, m0, m1, block_row, panel);
 }
 
 }  // namespace lpvit

@@ -19,10 +19,10 @@ namespace {
 
 constexpr int64_t min2(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <class V, int ROWS>
+template <class V, int ROWS, int PANEL>
 inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, int64_t blocks,
-                       const float* packed, float out[][kPanel]) {
-  constexpr int kVecs = kPanel / V::kWidth;
+                       const float* packed, float out[][PANEL]) {
+  constexpr int kVecs = PANEL / V::kWidth;
   typename V::Reg acc[ROWS][kVecs];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = V::zero();
@@ -45,32 +45,32 @@ inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, 
 }
 
 // Rows [m, m + rows) with rows < ROWS: pick the instantiation that fits.
-template <class V, int ROWS>
+template <class V, int ROWS, int PANEL>
 inline void panel_tail(const TileJob& job, int rows, const float* x, const int64_t* cols, int64_t blocks,
-                       const float* packed, float out[][kPanel]) {
+                       const float* packed, float out[][PANEL]) {
   if constexpr (ROWS > 0) {
-    if (rows == ROWS) return panel_tile<V, ROWS>(job, x, cols, blocks, packed, out);
-    panel_tail<V, ROWS - 1>(job, rows, x, cols, blocks, packed, out);
+    if (rows == ROWS) return panel_tile<V, ROWS, PANEL>(job, x, cols, blocks, packed, out);
+    panel_tail<V, ROWS - 1, PANEL>(job, rows, x, cols, blocks, packed, out);
   }
 }
 
-// One task: rows [m0, m1) of X against panel `panel` of block row `block_row`.
-template <class V, int ROWS>
+// One task: rows [m0, m1) of X against panel `panel` (PANEL outputs wide) of block row `block_row`.
+template <class V, int ROWS, int PANEL = kPanel>
 inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
   const int64_t first = job.row_ptr[block_row];
   const int64_t blocks = job.row_ptr[block_row + 1] - first;
   const int64_t* cols = job.col_idx + first;
-  const float* packed = job.packed + first * job.block_stride + panel * kPanel;
-  const int64_t out0 = block_row * job.bh + panel * kPanel;
-  const int64_t width = min2(min2(kPanel, job.bh - panel * kPanel), job.n - out0);
-  alignas(64) float out[ROWS][kPanel];
+  const float* packed = job.packed + first * job.block_stride + panel * PANEL;
+  const int64_t out0 = block_row * job.bh + panel * PANEL;
+  const int64_t width = min2(min2(PANEL, job.bh - panel * PANEL), job.n - out0);
+  alignas(64) float out[ROWS][PANEL];
   for (int64_t m = m0; m < m1; m += ROWS) {
     const int rows = static_cast<int>(min2(ROWS, m1 - m));
     const float* x = job.x + m * job.k;
     if (rows == ROWS)
-      panel_tile<V, ROWS>(job, x, cols, blocks, packed, out);
+      panel_tile<V, ROWS, PANEL>(job, x, cols, blocks, packed, out);
     else
-      panel_tail<V, ROWS - 1>(job, rows, x, cols, blocks, packed, out);
+      panel_tail<V, ROWS - 1, PANEL>(job, rows, x, cols, blocks, packed, out);
     for (int r = 0; r < rows; ++r) {
       float* y = job.y + (m + r) * job.n + out0;
       const float* bias = job.bias + out0;

@@ -5,6 +5,7 @@
 
 namespace lpvit {
 
+constexpr int64_t kWidePanel = 32;  // AVX-512 panel where bh_padded is a multiple of it
 constexpr int64_t kPanel = 16;  // outputs per micro-kernel panel; packed block rows are padded to a multiple
 
 struct TileJob {
@@ -12,6 +13,7 @@ struct TileJob {
   float* y;               // [m, n]
   int64_t m, n, k, bh, bw;
   int64_t bh_padded;      // bh rounded up to kPanel
+  int64_t panel;          // outputs per task: kPanel, or kWidePanel (AVX-512, bh_padded a multiple of it)
   int64_t block_stride;   // floats per packed block: bw * bh_padded
   const int64_t* row_ptr;
   const int64_t* col_idx;

@@ -65,8 +65,9 @@ def _cpu_flags() -> set[str]:
 ISA_CPU_FLAGS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f"}}
 
 
+@pytest.mark.parametrize("block", [(16, 32), (32, 16)])  # (32, 16): AVX-512 runs 32-output panels
 @pytest.mark.parametrize("isa", sorted(ISA_CPU_FLAGS))
-def test_every_instruction_set_path_matches(isa, tmp_path):
+def test_every_instruction_set_path_matches(isa, block, tmp_path):
     """Each kernel path this CPU can run, forced with LPVIT_KERNEL_ISA, gives the masked dense numbers."""
     missing = ISA_CPU_FLAGS[isa] - _cpu_flags()
     if missing:
@@ -75,14 +76,14 @@ def test_every_instruction_set_path_matches(isa, tmp_path):
         "import numpy as np, torch, lpvit_compiler as lpvit\n"
         "from lpvit_compiler.blocks import BlockGrid\n"
         "from lpvit_compiler.runtime.modules import BlockSparseLinear\n"
-        "torch.manual_seed(0); g = BlockGrid(100, 72, (16, 32))\n"
+        "torch.manual_seed(0); g = BlockGrid(100, 72, %r)\n"
         "m = g.expand(torch.rand(g.block_rows, g.block_cols) < 0.6)\n"
         "w, b = torch.randn(100, 72), torch.randn(100)\n"
-        "layer = BlockSparseLinear.from_masked_weight(w, b, m, (16, 32))\n"
+        "layer = BlockSparseLinear.from_masked_weight(w, b, m, %r)\n"
         "x = torch.randn(3, 29, 72)\n"
         "assert lpvit.kernel_isa() == '%s', lpvit.kernel_isa()\n"
         "torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w * m, b), rtol=1e-4, atol=1e-4)\n"
-    ) % isa
+    ) % (block, block, isa)
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "LPVIT_KERNEL_ISA": isa})
 
 
