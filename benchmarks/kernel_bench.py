@@ -5,8 +5,9 @@ onnxruntime, onnxruntime's dense MatMul+Add on the same (masked) weights, torch 
 CPU BSR linear. Speedups are ratios against onnxruntime dense.
 
     python benchmarks/kernel_bench.py [--models deit_s deit_b] [--threads 2] [--repeats 7]
+                                      [--out benchmarks/results/kernel_bench]
 
-Writes benchmarks/results/kernel_bench.{md,json,png}.
+Writes <out>.md, <out>.json and <out>.png.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's (slow) CPU BSR linear")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernel_bench", help="results stem (.md, .json, .png)")
     args = parser.parse_args()
 
     rows = []
@@ -91,11 +93,11 @@ def main() -> None:
                         rows.append(row)
                         print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
                               f"{row['speedup_vs_ort_dense']:.2f}x vs ORT dense", flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
-    (RESULTS / "kernel_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "kernel_bench.md").write_text(_markdown(rows, meta))
-    _plot(rows, RESULTS / "kernel_bench.png")
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(rows, meta))
+    _plot(rows, args.out.with_suffix(".png"))
     print(_markdown(rows, meta))
 
 
