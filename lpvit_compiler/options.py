@@ -19,7 +19,6 @@ from .errors import ConfigError
 
 IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
 POWER_MODELS = ("energy", "lpvit")
-BUDGETS = ("flops", "latency", "power")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 

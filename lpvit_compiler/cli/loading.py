@@ -11,8 +11,6 @@ from pathlib import Path
 from ..errors import CalibrationError, ConfigError, ModelFileError, first_line
 from .ui import Ui
 
-DEFAULT_MODEL = "deit_small_patch16_224"
-
 
 def load_model(spec: str, checkpoint: str | None = None, pretrained: bool = False):
     """(model, compiled) from MODEL: a saved .pt2 (compiled → (None, CompiledModel); plain torch.export →
