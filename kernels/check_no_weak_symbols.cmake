@@ -1,5 +1,10 @@
-# cmake -DNM=nm -DOBJECTS="a.o;b.o" -P check_no_weak_symbols.cmake: fails if any object defines a weak symbol.
-foreach(object IN LISTS OBJECTS)
+# cmake -DNM=nm -DOBJECTS="a.o|b.o" -P check_no_weak_symbols.cmake: fails if any object defines a weak symbol.
+string(REPLACE "|" ";" objects "${OBJECTS}")
+list(LENGTH objects count)
+if(count EQUAL 0)
+  message(FATAL_ERROR "check_no_weak_symbols: no object files given")
+endif()
+foreach(object IN LISTS objects)
   execute_process(COMMAND "${NM}" -C --defined-only "${object}" OUTPUT_VARIABLE symbols COMMAND_ERROR_IS_FATAL ANY)
   string(REGEX MATCHALL "[^\n]* [WVu] [^\n]*" weak "${symbols}")
   if(weak)
