@@ -41,6 +41,7 @@ class CostCurves:
     energy: np.ndarray  # joules, same choice
     power: np.ndarray  # the solve's power term: energy, or LPViT's proxy
     sparse_faster: np.ndarray  # bool: the block-sparse kernel beats the dense GEMM at k
+    dense: LayerCosts  # the original dense layer's costs (k = 0, no kernel choice)
 
 
 @dataclass

@@ -5,11 +5,10 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .native import native_profile
 from .profiles import PROFILES, HardwareProfile, LayerCosts, layer_costs, lpvit_power_proxy, this_cpu
 
 __all__ = ["PROFILES", "HardwareProfile", "LayerCosts", "get_profile", "known_profiles", "layer_costs",
-           "lpvit_power_proxy", "native_profile", "this_cpu"]
+           "lpvit_power_proxy", "this_cpu"]
 
 
 def known_profiles() -> list[str]:
@@ -24,7 +23,7 @@ def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
         raise ConfigError(f"hw must be a profile name or a HardwareProfile, got {type(hw).__name__}")
     if hw == "cpu":
         return this_cpu()
-    if hw == "native":
+    if hw == "native":  # imported only when asked for: it needs onnxruntime and the exporter
         from .native import native_profile
 
         return native_profile()

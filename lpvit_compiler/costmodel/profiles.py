@@ -23,11 +23,11 @@ kernel and onnxruntime's dense GEMM on this machine (``native.py``).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.sessions import default_threads
 
 INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
 
@@ -158,7 +158,7 @@ def _cpu(name: str, cores: int, avx512: bool) -> HardwareProfile:
 
 
 def this_cpu() -> HardwareProfile:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = default_threads()
     try:
         with open("/proc/cpuinfo") as f:
             avx512 = "avx512f" in f.read()

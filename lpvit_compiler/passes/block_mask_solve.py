@@ -107,7 +107,7 @@ def _marginal_rates(cost: np.ndarray, resource: np.ndarray, k: int, k_max: int) 
     return forward, backward
 
 
-@compiler_pass(requires=("importance", "curves", "costs", "model_costs"), provides=("masks", "solve"), changes_costs=True)
+@compiler_pass(requires=("importance", "curves", "model_costs"), provides=("masks", "solve"), changes_costs=True)
 def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
     opts = state.options
     layers = list(state.layers.values())
@@ -129,7 +129,7 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
         offset = state.model_costs.other_latency_s
     else:
         resources = [c.power for c in curves]
-        dense_total = sum(l.costs.dense_energy_j if opts.power_model == "energy" else l.curves.power[0]
+        dense_total = sum(l.curves.dense.dense_energy_j if opts.power_model == "energy" else l.curves.power[0]
                           for l in layers)
         offset = 0.0
     target = opts.budget_target * dense_total

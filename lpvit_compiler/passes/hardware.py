@@ -43,7 +43,7 @@ def model_flops_per_image(gm: fx.GraphModule, image: torch.Tensor) -> float:
 @compiler_pass(requires=("importance",), provides=("curves", "costs", "model_costs"), changes_costs=True)
 def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
     hw = state.options.hw
-    per_layer, dense_costs = {}, []
+    per_layer = {}
     for name, layer in state.layers.items():
         grid = layer.grid
         counts = grid.element_counts().flatten().numpy()[layer.prune_order]
@@ -51,7 +51,6 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
         kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
         dense = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features), grid.block_shape,
                             layer.num_blocks)
-        dense_costs.append(dense)
         sparse_latency, sparse_energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
                                                        layer.in_features, layer.out_features, sparse=True)
         sparse_faster = sparse_latency < dense.dense_latency_s
@@ -60,7 +59,7 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
         energy = np.where(use_sparse, sparse_energy, dense.dense_energy_j)
         power = lpvit_power_proxy(kept_blocks, layer.in_features) if state.options.power_model == "lpvit" else energy
         layer.curves = CostCurves(flops=2.0 * layer.tokens * kept_elements, latency=latency, energy=energy,
-                                  power=power, sparse_faster=sparse_faster)
+                                  power=power, sparse_faster=sparse_faster, dense=dense)
         per_layer[name] = {
             "tokens": layer.tokens,
             "dense_flops": layer.curves.flops[0],
@@ -77,8 +76,8 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
     state.model_costs = ModelCosts(
         hw_batch_size=hw.batch_size, model_flops=model_flops, other_flops=other_flops,
         other_latency_s=other_latency, other_energy_j=other_energy,
-        dense_latency_s=other_latency + sum(c.dense_latency_s for c in dense_costs),
-        dense_energy_j=other_energy + sum(c.dense_energy_j for c in dense_costs))
+        dense_latency_s=other_latency + sum(layer.curves.dense.dense_latency_s for layer in state.layers.values()),
+        dense_energy_j=other_energy + sum(layer.curves.dense.dense_energy_j for layer in state.layers.values()))
     decisions = {
         "profile": hw.to_dict(),
         "power_model": state.options.power_model,

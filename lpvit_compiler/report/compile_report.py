@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..blocks import pack_mask
-from ..costmodel import layer_costs
 from ..state import CompileState
 from .summary import summary_items
 
@@ -113,8 +112,7 @@ class Report:
         for layer in state.layers.values():
             k = layer.pruned_blocks
             curve_k = np.unique(np.round(np.linspace(0, layer.num_blocks, CURVE_POINTS)).astype(int))
-            original = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features),
-                                   layer.grid.block_shape, layer.num_blocks)
+            original = layer.curves.dense
             sparse = layer.layout == "bsr"
             rows.append(LayerRow(
                 name=layer.name,

@@ -13,17 +13,26 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def ort_session(model, threads: int | None = None, custom_ops: bool = True):
-    """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads and, with
-    ``custom_ops``, the lpvit op library registered."""
+def session_options(custom_ops: bool = True, **settings):
+    """``onnxruntime.SessionOptions`` with ``settings`` set on it (e.g. ``intra_op_num_threads``,
+    ``enable_profiling``) and, with ``custom_ops``, the lpvit op library registered."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
+    for name, value in settings.items():
+        if not hasattr(options, name):
+            raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
+        setattr(options, name, value)
     if custom_ops:
         options.register_custom_ops_library(kernels_library_path())
-    return open_session(model, options)
+    return options
+
+
+def ort_session(model, threads: int | None = None, custom_ops: bool = True, **settings):
+    """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads (one
+    inter-op thread), further ``SessionOptions`` ``settings`` and, with ``custom_ops``, the lpvit op library."""
+    return open_session(model, session_options(custom_ops, intra_op_num_threads=threads or default_threads(),
+                                               inter_op_num_threads=1, **settings))
 
 
 def open_session(model, options, providers=None):
@@ -47,14 +56,6 @@ def InferenceSession(path, intra_op_num_threads: int | None = None, providers=No
 
     ``options`` are set on the ``onnxruntime.SessionOptions`` (e.g. ``graph_optimization_level``).
     """
-    import onnxruntime as ort
-
-    session_options = ort.SessionOptions()
-    session_options.register_custom_ops_library(kernels_library_path())
     if intra_op_num_threads is not None:
-        session_options.intra_op_num_threads = intra_op_num_threads
-    for name, value in options.items():
-        if not hasattr(session_options, name):
-            raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
-        setattr(session_options, name, value)
-    return open_session(path, session_options, providers)
+        options["intra_op_num_threads"] = intra_op_num_threads
+    return open_session(path, session_options(True, **options), providers)

@@ -79,20 +79,9 @@ def op_type_profile(model, feed: dict, threads: int | None = None, custom_ops: b
     import os
     import tempfile
 
-    import onnxruntime as ort
-
-    from ..runtime.kernels import kernels_library_path
-    from ..runtime.sessions import default_threads, open_session
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        if custom_ops:
-            options.register_custom_ops_library(kernels_library_path())
-        session = open_session(model, options)
+        session = ort_session(model, threads, custom_ops, enable_profiling=True,
+                              profile_file_prefix=os.path.join(folder, "profile"))
         for _ in range(runs + 1):
             session.run(None, feed)
         with open(session.end_profiling()) as trace:
