@@ -2,8 +2,11 @@
 
 For each model and flops_keep: compile (random weights; importance "magnitude" — the criterion changes which
 blocks go, not how many, so speed does not depend on it), export with ai.lpvit::BlockSparseLinear, export the
-dense original, and time both side by side (interleaved, median of --repeats) at each batch size. Next to the
-ratios, onnxruntime's own profiler gives the time per op type of both models at the largest batch, so anyone
+dense original, and time side by side (interleaved, median of --repeats) at each batch size: the dense model
+as exported, the dense model after onnxruntime's transformer optimizer (``--model_type vit``), the compiled
+model, and the compiled model without epilogue fusion (``fuse_epilogues=False``: the same blocks, GELU and
+residual adds left to onnxruntime). The speedup is against the faster of the two dense models. Next to the
+ratios, onnxruntime's own profiler gives the time per op type of the models at the largest batch, so anyone
 can see where the time goes.
 
     python benchmarks/e2e_bench.py [--models deit_small_patch16_224 deit_base_patch16_224]
@@ -53,30 +56,37 @@ def main() -> None:
         model = timm.create_model(name).eval()
         dense_path = work / f"{name}-dense.onnx"
         export_onnx(model, torch.zeros(2, 3, 224, 224), dense_path)
-        dense = ort_session(str(dense_path), args.threads, custom_ops=False)
+        paths = {"dense": dense_path, "dense_ort_opt": ort_optimized(dense_path, model)}
         calib = torch.randn(16, 3, 224, 224)
         for flops_keep in args.flops_keep:
-            compiled = lpvit.compile(model, hw=args.hw, flops_keep=flops_keep, calib=calib, importance="magnitude",
-                                     block_shape=args.block, progress=False)
-            sparse_path = compiled.export(work / f"{name}-{flops_keep}.onnx")
-            sparse = ort_session(str(sparse_path), args.threads, custom_ops=True)
+            compiled = {}
+            for label, fuse in (("lpvit", True), ("lpvit_unfused", False)):
+                compiled[label] = lpvit.compile(model, hw=args.hw, flops_keep=flops_keep, calib=calib,
+                                                importance="magnitude", block_shape=args.block, progress=False,
+                                                fuse_epilogues=fuse)
+                paths[label] = compiled[label].export(work / f"{name}-{flops_keep}-{label}.onnx")
+            sessions = {label: ort_session(str(path), args.threads, custom_ops=label.startswith("lpvit"))
+                        for label, path in paths.items()}
             for batch in args.batches:
                 feed = {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, 224, 224),
                                                                                 dtype=np.float32)}
-                with torch.no_grad():
-                    expected = compiled(torch.from_numpy(feed["pixel_values"])).numpy()
-                got = sparse.run(None, feed)[0]
-                assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
-                times = interleaved({"lpvit": lambda: sparse.run(None, feed), "dense": lambda: dense.run(None, feed)},
+                for label in ("lpvit", "lpvit_unfused"):  # the exported model computes what torch's does
+                    with torch.no_grad():
+                        expected = compiled[label](torch.from_numpy(feed["pixel_values"])).numpy()
+                    got = sessions[label].run(None, feed)[0]
+                    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), label
+                times = interleaved({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
                                     args.repeats)
-                row = {"model": name, "flops_keep": flops_keep, "block": list(compiled.report.layers[0].block_shape),
-                       "model_flops_keep": compiled.report.summary["model_flops_keep"], "batch": batch,
-                       "threads": args.threads, "ms_lpvit": times["lpvit"] * 1e3, "ms_dense": times["dense"] * 1e3,
-                       "speedup": times["dense"] / times["lpvit"],
-                       "predicted_speedup": compiled.report.summary["predicted_speedup"]}
+                best_dense = min(times["dense"], times["dense_ort_opt"])
+                report = compiled["lpvit"].report
+                row = {"model": name, "flops_keep": flops_keep, "block": list(report.layers[0].block_shape),
+                       "model_flops_keep": report.summary["model_flops_keep"], "batch": batch,
+                       "threads": args.threads, **{f"ms_{label}": t * 1e3 for label, t in times.items()},
+                       "speedup": best_dense / times["lpvit"], "speedup_unfused": best_dense / times["lpvit_unfused"],
+                       "predicted_speedup": report.summary["predicted_speedup"]}
                 if batch == max(args.batches):
-                    row["profile_ms"] = {"dense": op_type_profile(str(dense_path), feed, args.threads, False),
-                                         "lpvit": op_type_profile(str(sparse_path), feed, args.threads, True)}
+                    row["profile_ms"] = {label: op_type_profile(str(path), feed, args.threads, label.startswith("lpvit"))
+                                         for label, path in paths.items() if label != "dense_ort_opt"}
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "profile_ms"}, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +94,16 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"onnxruntime {__import__('onnxruntime').__version__}, kernel ISA {meta['isa']}, {args.threads} threads, "
              f"median of {args.repeats} interleaved runs; random weights.", "",
-             "| model | flops_keep (linears) | model FLOPs kept | block | batch | dense ms | lpvit ms | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Speedup: the faster dense model (as exported, or after onnxruntime's transformer optimizer) over lpvit; "
+             "unfused: the same compiled model without epilogue fusion.", "",
+             "| model | flops_keep (linears) | model FLOPs kept | block | batch | dense ms | dense ORT-opt ms | "
+             "lpvit unfused ms | lpvit ms | speedup unfused | **speedup** |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['flops_keep']} | {r['model_flops_keep']:.3f} | "
-                     f"{r['block'][0]}x{r['block'][1]} | {r['batch']} | {r['ms_dense']:.1f} | {r['ms_lpvit']:.1f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['block'][0]}x{r['block'][1]} | {r['batch']} | {r['ms_dense']:.1f} | "
+                     f"{r['ms_dense_ort_opt']:.1f} | {r['ms_lpvit_unfused']:.1f} | {r['ms_lpvit']:.1f} | "
+                     f"{r['speedup_unfused']:.2f}x | **{r['speedup']:.2f}x** |")
     for r in rows:
         if "profile_ms" in r:
             lines += ["", *profile_table(r)]
@@ -99,15 +113,27 @@ def main() -> None:
 
 def profile_table(row: dict) -> list[str]:
     """Markdown: ms per run by op type, dense vs compiled (onnxruntime's profiler, summed kernel time)."""
-    dense, ours = row["profile_ms"]["dense"], row["profile_ms"]["lpvit"]
+    profiles = row["profile_ms"]
     lines = [f"Where the time goes: {row['model']}, flops_keep {row['flops_keep']}, batch {row['batch']} "
              "(onnxruntime profiler, ms per run, summed kernel time)", "",
-             "| op type | dense ms | lpvit ms |", "|---|---|---|"]
-    for op in sorted(set(dense) | set(ours), key=lambda o: -max(dense.get(o, 0), ours.get(o, 0))):
-        if max(dense.get(op, 0), ours.get(op, 0)) >= 0.1:
-            lines.append(f"| {op} | {dense.get(op, 0):.1f} | {ours.get(op, 0):.1f} |")
-    lines.append(f"| **total** | {sum(dense.values()):.1f} | {sum(ours.values()):.1f} |")
+             "| op type | " + " | ".join(f"{label} ms" for label in profiles) + " |",
+             "|---" * (len(profiles) + 1) + "|"]
+    for op in sorted(set().union(*profiles.values()), key=lambda o: -max(p.get(o, 0) for p in profiles.values())):
+        if max(p.get(op, 0) for p in profiles.values()) >= 0.1:
+            lines.append(f"| {op} | " + " | ".join(f"{p.get(op, 0):.1f}" for p in profiles.values()) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(p.values()):.1f}" for p in profiles.values()) + " |")
     return lines
+
+
+def ort_optimized(dense_path: Path, model) -> Path:
+    """The dense model after onnxruntime's transformer optimizer for ViT (attention, GELU, LayerNorm fusions)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(dense_path), model_type="vit", num_heads=model.blocks[0].attn.num_heads,
+                               hidden_size=model.embed_dim, opt_level=0)
+    path = dense_path.with_name(dense_path.stem + "-ort-opt.onnx")
+    optimized.save_model_to_file(str(path))
+    return path
 
 
 if __name__ == "__main__":

@@ -27,6 +27,21 @@ const char* isa_name(Isa isa) {
   }
 }
 
+const char* const kActivationNames = "none, relu, gelu, gelu_tanh";
+
+bool parse_activation(const std::string& name, Activation* out) {
+  static const struct { const char* name; Activation value; } kNames[] = {
+      {"none", Activation::kNone}, {"relu", Activation::kRelu}, {"gelu", Activation::kGeluErf},
+      {"gelu_tanh", Activation::kGeluTanh}};
+  for (const auto& entry : kNames) {
+    if (name == entry.name) {
+      *out = entry.value;
+      return true;
+    }
+  }
+  return false;
+}
+
 Isa best_isa() {
   Isa isa = Isa::kScalar;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -99,11 +114,12 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
   return w;
 }
 
-void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa) const {
+void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
+                     Activation activation, const float* residual) const {
   if (m <= 0) return;
   const int64_t panel = isa == Isa::kAvx512 && bh_padded_ % kWidePanel == 0 ? kWidePanel : kPanel;
   const TileJob job{x, y, m, n_, k_, bh_, bw_, bh_padded_, panel, bw_ * bh_padded_, row_ptr_.data(),
-                    col_idx_.data(), packed_.data(), bias_.data()};
+                    col_idx_.data(), packed_.data(), bias_.data(), residual, activation};
   void (*task_fn)(const TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa == Isa::kAvx512 ? run_task_avx512 : isa == Isa::kAvx2 ? run_task_avx2 : run_task_scalar;
   const int64_t panels = bh_padded_ / panel;

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "tile_job.h"
+
 namespace lpvit {
 
 // Runs body(task) for every task in [0, tasks), possibly in parallel.
@@ -20,6 +22,10 @@ enum class Isa { kScalar, kAvx2, kAvx512 };
 
 Isa best_isa();              // what this CPU supports (LPVIT_KERNEL_ISA=scalar|avx2|avx512 lowers it)
 const char* isa_name(Isa isa);
+
+// "none", "relu", "gelu" (erf form), "gelu_tanh" -> Activation; false for any other name.
+bool parse_activation(const std::string& name, Activation* out);
+extern const char* const kActivationNames;  // for error messages: "none, relu, gelu, gelu_tanh"
 
 class BsrWeights {
  public:
@@ -35,8 +41,9 @@ class BsrWeights {
                                             const float* values, int64_t values_len,
                                             const float* bias, int64_t bias_len, std::string* error);
 
-  // y [m, n] = x [m, k] * W^T + bias.
-  void run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa) const;
+  // y [m, n] = activation(x [m, k] * W^T + bias) + residual [m, n] (residual may be nullptr).
+  void run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
+           Activation activation = Activation::kNone, const float* residual = nullptr) const;
 
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }

@@ -59,8 +59,10 @@ __attribute__((visibility("default"))) void* lpvit_bsr_create(
   }
 }
 
-// y [m, n] = x [m, k] * W^T + bias with `threads` threads (>= 1). Returns 0, or -1 with the reason in `error`.
+// y [m, n] = activation(x [m, k] * W^T + bias) + residual [m, n] with `threads` threads (>= 1); residual may be
+// null; activation is a name lpvit::parse_activation knows. Returns 0, or -1 with the reason in `error`.
 __attribute__((visibility("default"))) int lpvit_bsr_run(const void* handle, const float* x, int64_t m, float* y,
+                                                          const float* residual, const char* activation,
                                                           int threads, char* error, int64_t error_len) {
   try {
     if (handle == nullptr || x == nullptr || y == nullptr || m < 0 || threads < 1) {
@@ -68,7 +70,14 @@ __attribute__((visibility("default"))) int lpvit_bsr_run(const void* handle, con
                      std::to_string(threads) + ")", error, error_len);
       return -1;
     }
-    static_cast<const lpvit::BsrWeights*>(handle)->run(x, m, y, thread_split(threads), lpvit::best_isa());
+    lpvit::Activation act = lpvit::Activation::kNone;
+    if (activation != nullptr && !lpvit::parse_activation(activation, &act)) {
+      copy_error(std::string("unknown activation '") + activation + "', expected one of " + lpvit::kActivationNames,
+                 error, error_len);
+      return -1;
+    }
+    static_cast<const lpvit::BsrWeights*>(handle)->run(x, m, y, thread_split(threads), lpvit::best_isa(), act,
+                                                       residual);
     return 0;
   } catch (const std::exception& e) {
     copy_error(std::string("native kernel failed: ") + e.what(), error, error_len);

@@ -1,5 +1,6 @@
 // The block-sparse micro-kernel, written once over a vector type and compiled once per ISA
-// (kernel_scalar.cc, kernel_avx2.cc, kernel_avx512.cc, each with its own compiler flags).
+// (kernel_scalar.cc, kernel_avx2.cc, kernel_avx512.cc, each with its own compiler flags). The write-back applies
+// the epilogue (epilogue.h): bias, activation, residual.
 //
 // A tile is ROWS rows of X times one 16-output panel of a block row. For every kept block of the row and every
 // column j inside it, the panel's 16 weights W^T[j][0:16] are loaded once and multiplied by the broadcast
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 
+#include "epilogue.h"
 #include "tile_job.h"
 
 namespace lpvit {
@@ -71,11 +73,9 @@ inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_r
       panel_tile<V, ROWS, PANEL>(job, x, cols, blocks, packed, out);
     else
       panel_tail<V, ROWS - 1, PANEL>(job, rows, x, cols, blocks, packed, out);
-    for (int r = 0; r < rows; ++r) {
-      float* y = job.y + (m + r) * job.n + out0;
-      const float* bias = job.bias + out0;
-      for (int64_t i = 0; i < width; ++i) y[i] = out[r][i] + bias[i];
-    }
+    const int64_t offset = m * job.n + out0;
+    write_back(job.activation, &out[0][0], rows, PANEL, width, job.bias + out0,
+               job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
   }
 }
 

@@ -1,34 +1,36 @@
-// onnxruntime custom op ai.lpvit::BlockSparseLinear (version 1), built on the lite custom-op API.
+// onnxruntime custom op ai.lpvit::BlockSparseLinear (version 1), on onnxruntime's Ort::CustomOpBase.
 //
-//   Y[..., N] = X[..., K] * W^T + bias,  W in BSR: row_ptr [N/bh + 1], col_idx [nnz], values [nnz, bh, bw]
-//   attributes: block_shape = [bh, bw], N, K
+//   Y[..., N] = activation(X[..., K] * W^T + bias) + residual[..., N]
+//   W in BSR: row_ptr [N/bh + 1], col_idx [nnz], values [nnz, bh, bw]; bias [N] and residual (Y's shape) optional
+//   attributes: block_shape = [bh, bw], N, K; activation = "none" (default, also when absent: models written
+//   before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh"
 //
 // Weights stored as constant initializers are validated and packed once, when the session creates the kernel,
 // and only read afterwards. Weights fed as graph inputs are validated and packed on every call into storage
 // local to that call, so concurrent Run()s on one session share no mutable state. Any malformed input
-// becomes an error status, never an out-of-bounds access.
+// becomes an error status, never an out-of-bounds access. Inputs are read one by one with null checks (not
+// through the lite API's argument tuple, which dereferences an optional input left empty with "" in the middle
+// of the input list, e.g. no bias but a residual).
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <vector>
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
-#include "onnxruntime_lite_custom_op.h"
 #undef ORT_API_MANUAL_INIT
 
 #include "bsr_kernel.h"
 
 namespace {
 
-using Ort::Custom::Tensor;
-
 Ort::Status invalid(const std::string& message) {
   return Ort::Status(("BlockSparseLinear: " + message).c_str(), ORT_INVALID_ARGUMENT);
 }
 
-// One weight input as the op sees it: data, shape, element count (from a graph input or an initializer).
+enum Input : size_t { kX, kRowPtr, kColIdx, kValues, kBias, kResidual, kInputs };
+
+// One input as the op sees it: data, shape, element count (from a graph input or an initializer).
 template <typename T>
 struct InputView {
   const T* data = nullptr;
@@ -36,13 +38,19 @@ struct InputView {
   int64_t size = 0;
 };
 
+// The view of `value`, or false when it is absent or not a tensor of T.
 template <typename T>
-InputView<T> view(const Tensor<T>& tensor) {
-  return {tensor.Data(), tensor.Shape(), tensor.NumberOfElement()};
+bool view(Ort::ConstValue value, InputView<T>* out) {
+  if (value == nullptr || !value.IsTensor()) return false;
+  const auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != Ort::TypeToTensorType<T>::type) return false;
+  *out = {value.GetTensorData<T>(), info.GetShape(), static_cast<int64_t>(info.GetElementCount())};
+  return true;
 }
 
 struct Attributes {
   int64_t n = 0, k = 0, bh = 0, bw = 0;
+  lpvit::Activation activation = lpvit::Activation::kNone;
   std::string error;  // first attribute that could not be read
 };
 
@@ -75,13 +83,22 @@ bool constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index, 
     api->ReleaseStatus(status);
     return false;
   }
-  if (!is_constant || value == nullptr) return false;
-  Ort::ConstValue tensor{value};
-  const auto type_and_shape = tensor.GetTensorTypeAndShapeInfo();
-  if (type_and_shape.GetElementType() != Ort::TypeToTensorType<T>::type) return false;
-  *out = {tensor.GetTensorData<T>(), type_and_shape.GetShape(),
-          static_cast<int64_t>(type_and_shape.GetElementCount())};
-  return true;
+  return is_constant && view(Ort::ConstValue{value}, out);
+}
+
+// Whether the node lists input `index` with a name (an absent optional input is left out or named "").
+bool named_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) {
+  size_t inputs = 0, name_len = 0;
+  if (OrtStatus* status = api->KernelInfo_GetInputCount(info, &inputs)) {
+    api->ReleaseStatus(status);
+    return false;
+  }
+  if (index >= inputs) return false;
+  if (OrtStatus* status = api->KernelInfo_GetInputName(info, index, nullptr, &name_len)) {
+    api->ReleaseStatus(status);
+    return false;
+  }
+  return name_len > 1;  // the length counts the terminating NUL
 }
 
 struct ParallelJob {
@@ -109,40 +126,55 @@ struct BlockSparseLinearKernel {
         attributes_.bh = shape[0], attributes_.bw = shape[1];
       }
     }
+    if (attributes_.error.empty()) read_activation(api, info);
     if (attributes_.error.empty()) pack_constant_weights(api, info);
   }
 
-  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, const Tensor<int64_t>& row_ptr,
-                      const Tensor<int64_t>& col_idx, const Tensor<float>& values,
-                      std::optional<const Tensor<float>*> bias, Tensor<float>& y) {  // reads no mutable member
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const { return compute(context).release(); }
+
+ private:
+  Ort::Status compute(OrtKernelContext* context) const {  // reads no mutable member
     try {
       if (!attributes_.error.empty()) return invalid("bad attribute: " + attributes_.error);
-      const std::vector<int64_t> x_shape = x.Shape();
-      if (x_shape.empty() || x_shape.back() != attributes_.k)
+      Ort::KernelContext ctx(context);
+      const size_t inputs = ctx.GetInputCount();
+      auto input = [&](size_t index) { return index < inputs ? ctx.GetInput(index) : Ort::ConstValue{nullptr}; };
+      InputView<float> x;
+      if (!view(input(kX), &x)) return invalid("X must be a float tensor");
+      if (x.shape.empty() || x.shape.back() != attributes_.k)
         return invalid("X's last dimension must be K=" + std::to_string(attributes_.k));
       int64_t m = 1;
-      for (size_t i = 0; i + 1 < x_shape.size(); ++i) {
-        if (x_shape[i] < 0) return invalid("X has a negative dimension");
-        m *= x_shape[i];
+      for (size_t i = 0; i + 1 < x.shape.size(); ++i) {
+        if (x.shape[i] < 0) return invalid("X has a negative dimension");
+        m *= x.shape[i];
       }
 
       const lpvit::BsrWeights* weights = constant_weights_.get();
       std::unique_ptr<lpvit::BsrWeights> call_weights;  // weights fed as inputs: this call's own copy
       if (weights == nullptr) {
         if (!constant_error_.empty()) return invalid(constant_error_);
+        InputView<int64_t> row_ptr, col_idx;
+        InputView<float> values, bias;
+        if (!view(input(kRowPtr), &row_ptr) || !view(input(kColIdx), &col_idx) || !view(input(kValues), &values))
+          return invalid("row_ptr, col_idx (int64) and values (float) are required");
+        const bool has_bias = input(kBias) != nullptr;
+        if (has_bias && !view(input(kBias), &bias)) return invalid("bias must be a float tensor");
         std::string error;
-        const InputView<float> bias_view = bias.has_value() && *bias ? view(**bias) : InputView<float>{};
-        call_weights = pack(attributes_, view(row_ptr), view(col_idx), view(values),
-                            bias.has_value() && *bias ? &bias_view : nullptr, &error);
+        call_weights = pack(attributes_, row_ptr, col_idx, values, has_bias ? &bias : nullptr, &error);
         if (!call_weights) return invalid(error);
         weights = call_weights.get();
       }
 
-      std::vector<int64_t> y_shape = x_shape;
+      std::vector<int64_t> y_shape = x.shape;
       y_shape.back() = attributes_.n;
-      float* out = y.Allocate(y_shape);
+      InputView<float> residual;
+      if (input(kResidual) != nullptr) {
+        if (!view(input(kResidual), &residual) || residual.shape != y_shape)
+          return invalid("residual must be a float tensor of Y's shape (X's with K replaced by N)");
+      }
+      float* out = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
       const OrtApi& api = Ort::GetApi();
-      weights->run(x.Data(), m, out,
+      weights->run(x.data, m, out,
                    [&](size_t tasks, const std::function<void(size_t)>& body) {
                      ParallelJob job{&body};
                      OrtStatus* status = api.KernelContext_ParallelFor(context, run_one, tasks, 0, &job);
@@ -151,49 +183,44 @@ struct BlockSparseLinearKernel {
                        for (size_t t = 0; t < tasks; ++t) body(t);
                      }
                    },
-                   isa_);
+                   isa_, attributes_.activation, residual.data);
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {  // bad_alloc, Ort::Exception: an error status, never terminate
       return Ort::Status(("BlockSparseLinear: " + std::string(e.what())).c_str(), ORT_FAIL);
     }
   }
 
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    try {
-      Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-      if (shape.empty()) return invalid("X must have at least one dimension");
-      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
-      return ctx.SetOutputShape(0, shape);
-    } catch (const std::exception& e) {
-      return invalid(e.what());
+  // Optional string attribute "activation"; absent means "none".
+  void read_activation(const OrtApi* api, const OrtKernelInfo* info) {
+    size_t length = 0;
+    if (OrtStatus* status = api->KernelInfoGetAttribute_string(info, "activation", nullptr, &length)) {
+      const std::string message = api->GetErrorMessage(status);
+      api->ReleaseStatus(status);
+      if (message.find("No attribute") == std::string::npos) attributes_.error = "activation: " + message;
+      return;
     }
+    std::string name(length, '\0');
+    if (OrtStatus* status = api->KernelInfoGetAttribute_string(info, "activation", name.data(), &length)) {
+      attributes_.error = std::string("activation: ") + api->GetErrorMessage(status);
+      api->ReleaseStatus(status);
+      return;
+    }
+    name.resize(length > 0 ? length - 1 : 0);  // the reported length counts the terminating NUL
+    if (!lpvit::parse_activation(name, &attributes_.activation))
+      attributes_.error = "activation is '" + name + "', expected one of " + lpvit::kActivationNames;
   }
 
- private:
   // When every weight input is a constant initializer, validate and pack it now, once; a malformed one is
-  // remembered and reported by every Compute (kernel creation has no way to return an error here).
+  // remembered and reported by every Compute (so the error reads the same as for weights fed as inputs).
   void pack_constant_weights(const OrtApi* api, const OrtKernelInfo* info) {
     try {
-      size_t inputs = 0;
-      if (OrtStatus* status = api->KernelInfo_GetInputCount(info, &inputs)) {
-        api->ReleaseStatus(status);
-        return;
-      }
       InputView<int64_t> row_ptr, col_idx;
       InputView<float> values, bias;
-      if (!constant_input(api, info, 1, &row_ptr) || !constant_input(api, info, 2, &col_idx) ||
-          !constant_input(api, info, 3, &values))
+      if (!constant_input(api, info, kRowPtr, &row_ptr) || !constant_input(api, info, kColIdx, &col_idx) ||
+          !constant_input(api, info, kValues, &values))
         return;
-      bool has_bias = false;
-      if (inputs > 4) {
-        size_t name_len = 0;  // an absent optional input has an empty name
-        if (OrtStatus* status = api->KernelInfo_GetInputName(info, 4, nullptr, &name_len)) {
-          api->ReleaseStatus(status);
-          return;
-        }
-        has_bias = name_len > 1;
-        if (has_bias && !constant_input(api, info, 4, &bias)) return;
-      }
+      const bool has_bias = named_input(api, info, kBias);
+      if (has_bias && !constant_input(api, info, kBias, &bias)) return;
       std::string error;
       constant_weights_ = pack(attributes_, row_ptr, col_idx, values, has_bias ? &bias : nullptr, &error);
       if (!constant_weights_) constant_error_ = error;
@@ -207,6 +234,41 @@ struct BlockSparseLinearKernel {
   lpvit::Isa isa_ = lpvit::best_isa();
   std::unique_ptr<const lpvit::BsrWeights> constant_weights_;  // set once at creation, then only read
   std::string constant_error_;
+};
+
+struct BlockSparseLinearOp : Ort::CustomOpBase<BlockSparseLinearOp, BlockSparseLinearKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new BlockSparseLinearKernel(&api, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, (std::string("BlockSparseLinear: ") + e.what()).c_str());
+    }
+  }
+  const char* GetName() const { return "BlockSparseLinear"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kRowPtr || index == kColIdx ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                                : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kBias ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                          : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    try {
+      Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
+      if (shape.empty()) return invalid("X must have at least one dimension");
+      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
+      return ctx.SetOutputShape(0, shape);
+    } catch (const std::exception& e) {
+      return invalid(e.what());
+    }
+  }
 };
 
 }  // namespace
@@ -223,10 +285,9 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
   std::call_once(once, [&] {
     Ort::InitApi(api);
-    static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op{
-        Ort::Custom::CreateLiteCustomOp<BlockSparseLinearKernel>("BlockSparseLinear", "CPUExecutionProvider")};
+    static const BlockSparseLinearOp op;
     if ((init_error = api->CreateCustomOpDomain("ai.lpvit", &domain)) != nullptr) return;
-    init_error = api->CustomOpDomain_Add(domain, op.get());
+    init_error = api->CustomOpDomain_Add(domain, &op);
   });
   if (init_error != nullptr) return api->CreateStatus(ORT_FAIL, api->GetErrorMessage(init_error));
   return api->AddCustomOpDomain(options, domain);

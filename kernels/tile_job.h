@@ -8,6 +8,9 @@ namespace lpvit {
 constexpr int64_t kWidePanel = 32;  // AVX-512 panel where bh_padded is a multiple of it
 constexpr int64_t kPanel = 16;  // outputs per micro-kernel panel; packed block rows are padded to a multiple
 
+// Applied to every output in the write-back: y = activation(x W^T + bias) + residual.
+enum class Activation : int { kNone = 0, kRelu = 1, kGeluErf = 2, kGeluTanh = 3 };
+
 struct TileJob {
   const float* x;         // [m, k]
   float* y;               // [m, n]
@@ -19,6 +22,8 @@ struct TileJob {
   const int64_t* col_idx;
   const float* packed;    // per block [bw][bh_padded]
   const float* bias;      // [n]
+  const float* residual;  // [m, n] added after the activation, or nullptr
+  Activation activation;
 };
 
 // One entry per ISA translation unit: rows [m0, m1) against one panel of one block row.

@@ -97,6 +97,8 @@ class CompileOptions:
     layers: tuple[str, ...] | None = _option(None, _layer_names, "module names to prune (default: all but heads)")
     calib_batch_size: int = _option(32, _positive_int, "calibration images per batch")
     dense_fallback: bool = _option(True, _flag, "keep a layer dense where the block-sparse kernel would be slower")
+    fuse_epilogues: bool = _option(True, _flag, "fold the activation and residual add after a block-sparse layer "
+                                               "into its write-back")
     reconstruct: bool = _option(True, _flag, "refit kept weights and biases to the dense outputs")
     reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")

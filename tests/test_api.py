@@ -102,7 +102,7 @@ def test_report_prints_and_converts(compiled):
     assert data["summary"]["flops_keep_achieved"] == pytest.approx(0.5, rel=0.01)
     assert [row["name"] for row in data["layers"]] == list(compiled.masks)
     assert [p["pass"] for p in data["passes"]] == ["capture", "importance", "hardware", "block_mask_solve",
-                                                    "reconstruct", "dead_block_elimination", "bsr_layout"]
+                                                    "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
 
 
 def test_plan_is_json_and_reproducible(compiled, tmp_path, model, calib):
@@ -119,7 +119,7 @@ def test_dumps_one_numbered_folder_per_pass(model, calib, tmp_path):
     lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["00-capture", "01-importance", "02-hardware", "03-block_mask_solve",
-                       "04-reconstruct", "05-dead_block_elimination", "06-bsr_layout"]
+                       "04-reconstruct", "05-dead_block_elimination", "06-bsr_layout", "07-fuse_epilogues"]
     for folder in folders:
         assert (tmp_path / folder / "graph.txt").read_text().startswith("class ")
         assert json.loads((tmp_path / folder / "decisions.json").read_text())["pass"] == folder[3:]

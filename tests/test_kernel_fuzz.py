@@ -1,9 +1,11 @@
 """A structured fuzzer over malformed ``ai.lpvit::BlockSparseLinear`` models.
 
-Each case starts from a valid random layer, applies a few mutations (lengths and contents of ``row_ptr``,
-``col_idx``, ``values`` and ``bias``, the attributes, dtypes) and feeds the weights as initializers or as graph
-inputs. The oracle is an independent numpy statement of the op's contract: where it says the buffers are
-malformed, onnxruntime must return an error; where it says they are valid, the output must equal X·Wᵀ + b.
+Each case starts from a valid random layer, with or without a fused epilogue (``activation`` attribute,
+``residual`` input, the bias slot left empty as ``""`` before a residual), applies a few mutations (lengths and
+contents of ``row_ptr``, ``col_idx``, ``values``, ``bias`` and ``residual``, the attributes, dtypes) and feeds
+the weights as initializers or as graph inputs. The oracle is an independent numpy statement of the op's
+contract: where it says the inputs are malformed, onnxruntime must return an error; where it says they are
+valid, the output must equal activation(X·Wᵀ + b) + residual.
 Nothing else — a crash, a hang, a wrong number, or (under AddressSanitizer, as CI runs this file) any
 out-of-bounds access — is acceptable.
 
@@ -19,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from scipy.special import erfc, expit
 
 import lpvit_compiler as lpvit
 
@@ -27,9 +30,20 @@ TIME_LIMIT_S = float(os.environ.get("LPVIT_FUZZ_SECONDS", "900"))
 BLOCKS = [(16, 16), (8, 4), (1, 1), (20, 12), (32, 64), (3, 5)]
 
 
-def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x):
-    """X·Wᵀ + b if the buffers satisfy the op's contract, else None (the op must then return an error)."""
+ACTIVATIONS = {  # float64 statements of the fused activations
+    "none": lambda v: v, "relu": lambda v: np.where(v < 0, 0.0, v), "gelu": lambda v: v * 0.5 * erfc(-v / np.sqrt(2)),
+    "gelu_tanh": lambda v: v * expit(2 * np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)),
+}
+
+
+def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activation=None, residual=None):
+    """activation(X·Wᵀ + b) + residual if the inputs satisfy the op's contract, else None (the op must then
+    return an error). ``activation`` None means the attribute is absent."""
     if not (isinstance(block_shape, list) and len(block_shape) == 2):
+        return None
+    if activation is not None and activation not in ACTIVATIONS:
+        return None
+    if residual is not None and (residual.dtype != np.float32 or residual.shape != (x.shape[0], n)):
         return None
     bh, bw = block_shape
     if not (1 <= n < 2**31 and 1 <= k < 2**31 and 1 <= bh <= 4096 and 1 <= bw <= 4096):
@@ -53,8 +67,9 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x):
             return None
         for b, c in zip(range(row_ptr[r], row_ptr[r + 1]), cols):
             dense[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = values[b]
-    y = x.astype(np.float64) @ dense[:n, :k].T
-    return y + (bias if bias is not None else 0)
+    with np.errstate(all="ignore"):  # NaN and inf entries are part of the campaign
+        y = ACTIVATIONS[activation or "none"](x.astype(np.float64) @ dense[:n, :k].T + (bias if bias is not None else 0))
+        return y + residual if residual is not None else y
 
 
 def valid_layer(rng):
@@ -66,7 +81,9 @@ def valid_layer(rng):
     col_idx = np.nonzero(keep)[1].astype(np.int64)
     values = rng.standard_normal((len(col_idx), bh, bw)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32) if rng.random() < 0.7 else None
-    return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
+    activation = [None, *ACTIVATIONS][int(rng.integers(len(ACTIVATIONS) + 1))]
+    return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias,
+                activation=activation, residual=rng.random() < 0.3)
 
 
 def _poke(rng, array):
@@ -103,23 +120,40 @@ MUTATIONS = [
                                          c["block_shape"][::-1]][int(rng.integers(6))]),
     lambda rng, c: c.update(col_idx=c["col_idx"].astype(np.int32)),
     lambda rng, c: c.update(row_ptr=np.full_like(c["row_ptr"], c["values"].shape[0])),
+    lambda rng, c: c.update(activation=["swish", "", "GELU", 2][int(rng.integers(4))]),
+    lambda rng, c: c.update(residual=_poke(rng, c["residual"]) if c["residual"] is not None else
+                            np.zeros((len(c["x"]), max(0, min(c["n"], 99)) + 1), np.float32)),
+    lambda rng, c: c.update(residual=c["residual"].astype(np.float64) if c["residual"] is not None else None),
 ]
 
 
+def _value_info(name: str, array: np.ndarray):
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape))
+
+
 def build_model(case, as_inputs: bool) -> tuple[onnx.ModelProto, dict]:
-    names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if case["bias"] is not None else [])
-    tensors = {name: case[name] for name in names[1:]}
+    """The case as a one-node model: weights as initializers or graph inputs; the residual always an input."""
+    names = ["X", "row_ptr", "col_idx", "values", "bias" if case["bias"] is not None else ""]
+    names += ["residual"] if case["residual"] is not None else []
+    while not names[-1]:
+        names.pop()
+    tensors = {name: case[name] for name in names[1:] if name and name != "residual"}
+    attributes = {"activation": case["activation"]} if case["activation"] is not None else {}
     node = helper.make_node("BlockSparseLinear", names, ["Y"], domain="ai.lpvit",
-                            block_shape=[int(v) for v in case["block_shape"]], N=case["n"], K=case["k"])
+                            block_shape=[int(v) for v in case["block_shape"]], N=case["n"], K=case["k"], **attributes)
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", case["x"].shape[1]])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    feeds = {"X": case["x"]}
+    inputs = [x]
+    if case["residual"] is not None:
+        inputs.append(_value_info("residual", case["residual"]))
+        feeds["residual"] = case["residual"]
     if as_inputs:
-        inputs = [x] + [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(t.dtype), list(t.shape))
-                        for name, t in tensors.items()]
-        graph, feeds = helper.make_graph([node], "fuzz", inputs, [y]), {"X": case["x"], **tensors}
+        inputs += [_value_info(name, t) for name, t in tensors.items()]
+        graph, feeds = helper.make_graph([node], "fuzz", inputs, [y]), {**feeds, **tensors}
     else:
         initializers = [numpy_helper.from_array(t, name) for name, t in tensors.items()]
-        graph, feeds = helper.make_graph([node], "fuzz", [x], [y], initializers), {"X": case["x"]}
+        graph = helper.make_graph([node], "fuzz", inputs, [y], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.lpvit", 1)])
     return model, feeds
 
@@ -129,10 +163,12 @@ def run_case(seed: int, options: ort.SessionOptions) -> str:
     rng = np.random.default_rng(seed)
     case = valid_layer(rng)
     case["x"] = rng.standard_normal((int(rng.integers(1, 9)), case["k"])).astype(np.float32)
+    case["residual"] = rng.standard_normal((len(case["x"]), case["n"])).astype(np.float32) if case["residual"] \
+        else None
     for _ in range(int(rng.integers(0, 4))):
         MUTATIONS[int(rng.integers(len(MUTATIONS)))](rng, case)
     expected = expected_output(case["n"], case["k"], case["block_shape"], case["row_ptr"], case["col_idx"],
-                               case["values"], case["bias"], case["x"])
+                               case["values"], case["bias"], case["x"], case["activation"], case["residual"])
     model, feeds = build_model(case, as_inputs=bool(rng.integers(2)))
     try:
         got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]) \
@@ -141,7 +177,7 @@ def run_case(seed: int, options: ort.SessionOptions) -> str:
         assert expected is None, f"case {seed}: valid buffers rejected: {str(error)[:300]}"
         return "rejected"
     assert expected is not None, f"case {seed}: malformed buffers accepted (output shape {got.shape})"
-    finite = np.isfinite(expected)
+    finite = np.isfinite(expected)  # where it is not (NaN/inf weights), inf and NaN are both right: -inf * 0
     assert got.shape == expected.shape and np.array_equal(np.isfinite(got), finite), f"case {seed}: non-finite mismatch"
     np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4, err_msg=f"case {seed}")
     return "computed"

@@ -65,13 +65,18 @@ def _cpu_flags() -> set[str]:
 ISA_CPU_FLAGS = {"scalar": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f"}}
 
 
+def skip_unless_cpu_runs(isa: str) -> None:
+    """Skip, saying why, when this CPU lacks what the ``isa`` kernel path needs."""
+    missing = ISA_CPU_FLAGS[isa] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}, so the {isa} kernel cannot run here")
+
+
 @pytest.mark.parametrize("block", [(16, 32), (32, 16)])  # (32, 16): AVX-512 runs 32-output panels
 @pytest.mark.parametrize("isa", sorted(ISA_CPU_FLAGS))
 def test_every_instruction_set_path_matches(isa, block, tmp_path):
     """Each kernel path this CPU can run, forced with LPVIT_KERNEL_ISA, gives the masked dense numbers."""
-    missing = ISA_CPU_FLAGS[isa] - _cpu_flags()
-    if missing:
-        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}, so the {isa} kernel cannot run here")
+    skip_unless_cpu_runs(isa)
     code = (
         "import numpy as np, torch, lpvit_compiler as lpvit\n"
         "from lpvit_compiler.blocks import BlockGrid\n"

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from ..errors import LpvitError
-from ..runtime.modules import BlockSparseLinear, linear_from
+from ..runtime.modules import BlockSparseLinear, DenseEpilogueLinear, linear_from
 
 DOMAIN = "ai.lpvit"
 DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
@@ -38,32 +38,41 @@ def _register_schema() -> None:
     parameter = schema.FormalParameter
     onnx.defs.register_schema(schema(
         "BlockSparseLinear", DOMAIN, 1,
-        doc="Y[..., N] = X[..., K] * W^T + bias, W [N, K] in BSR (row_ptr, col_idx, values [nnz, bh, bw])",
+        doc="Y[..., N] = activation(X[..., K] * W^T + bias) + residual, W [N, K] in BSR (row_ptr, col_idx, "
+            "values [nnz, bh, bw]); bias and residual optional",
         inputs=[parameter("X", "T"), parameter("row_ptr", "tensor(int64)"), parameter("col_idx", "tensor(int64)"),
-                parameter("values", "T"), parameter("bias", "T", param_option=schema.FormalParameterOption.Optional)],
+                parameter("values", "T"), parameter("bias", "T", param_option=schema.FormalParameterOption.Optional),
+                parameter("residual", "T", param_option=schema.FormalParameterOption.Optional)],
         outputs=[parameter("Y", "T")],
         type_constraints=[("T", ["tensor(float)"], "fp32")],
         attributes=[schema.Attribute("block_shape", schema.AttrType.INTS, "[bh, bw]"),
                     schema.Attribute("N", schema.AttrType.INT, "out features"),
-                    schema.Attribute("K", schema.AttrType.INT, "in features")],
+                    schema.Attribute("K", schema.AttrType.INT, "in features"),
+                    schema.Attribute("activation", onnx.helper.make_attribute("activation", "none"),
+                                     "fused epilogue applied before the residual add: none | relu | gelu (erf form) "
+                                     "| gelu_tanh; absent means none")],
     ))
 
 
-def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0):
+def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0,
+                        activation: str = "none", residual=None):
     import onnxscript
 
     lpvit_opset = onnxscript.values.Opset(DOMAIN, 1)
-    return lpvit_opset.BlockSparseLinear(x, row_ptr, col_idx, values, bias,
-                                         block_shape=[int(values.shape[1]), int(values.shape[2])],
-                                         N=out_features, K=in_features)
+    attributes = {"activation": activation} if activation != "none" else {}  # unfused nodes stay as before
+    inputs = (x, row_ptr, col_idx, values, bias) + ((residual,) if residual is not None else ())
+    return lpvit_opset.BlockSparseLinear(*inputs, block_shape=[int(values.shape[1]), int(values.shape[2])],
+                                         N=out_features, K=in_features, **attributes)
 
 
 def _densified(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy with every BlockSparseLinear replaced by the nn.Linear of its masked dense weight."""
+    """A copy with every BlockSparseLinear replaced by the nn.Linear of its masked dense weight (and its fused
+    epilogue written out in standard ops)."""
     dense = copy.deepcopy(gm)
     for name, module in list(dense.named_modules()):
         if isinstance(module, BlockSparseLinear):
-            dense.set_submodule(name, linear_from(module.to_dense(), module.bias))
+            dense.set_submodule(name, DenseEpilogueLinear(linear_from(module.to_dense(), module.bias),
+                                                          module.activation))
     dense.recompile()
     return dense
 
@@ -122,17 +131,25 @@ def dense_layer_model(weight: torch.Tensor, bias: torch.Tensor | None = None) ->
     return _layer_model(nodes, {"W": weight.T.contiguous(), "bias": bias}, weight.shape[1], weight.shape[0], False)
 
 
-def single_layer_model(layer: BlockSparseLinear, dense: bool = False) -> onnx.ModelProto:
+def single_layer_model(layer: BlockSparseLinear, dense: bool = False, residual: bool = False) -> onnx.ModelProto:
     """One layer as an ONNX model, input ``X`` [M, K] -> ``Y`` [M, N]: the ai.lpvit op on the layer's BSR
-    buffers, or (``dense=True``) MatMul + Add on the same weights densified. For kernel tests and benchmarks."""
-    from onnx import helper
+    buffers (its ``activation`` attribute set unless "none"; ``residual=True`` adds a graph input ``R`` [M, N]
+    fed to the op's residual), or (``dense=True``) MatMul + Add on the same weights densified, without epilogue.
+    For kernel tests and benchmarks."""
+    from onnx import TensorProto, helper
 
     if dense:
         return dense_layer_model(layer.to_dense(), layer.bias)
-    names = ["X", "row_ptr", "col_idx", "values"] + (["bias"] if layer.bias is not None else [])
-    nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN,
-                              block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features)]
+    names = ["X", "row_ptr", "col_idx", "values", "bias" if layer.bias is not None else "", "R" if residual else ""]
+    while not names[-1]:  # absent optional inputs at the end are left out, in the middle named ""
+        names.pop()
+    attributes = {"activation": layer.activation} if layer.activation != "none" else {}
+    nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN, block_shape=list(layer.block_shape),
+                              N=layer.out_features, K=layer.in_features, **attributes)]
     tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values}
     if layer.bias is not None:
         tensors["bias"] = layer.bias
-    return _layer_model(nodes, tensors, layer.in_features, layer.out_features, True)
+    model = _layer_model(nodes, tensors, layer.in_features, layer.out_features, True)
+    if residual:
+        model.graph.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, ["M", layer.out_features]))
+    return model

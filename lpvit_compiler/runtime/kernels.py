@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
     lib.lpvit_bsr_create.restype = ptr
     lib.lpvit_bsr_create.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_char_p, i64]
     lib.lpvit_bsr_run.restype = ctypes.c_int
-    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_char_p, i64]
+    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, i64]
     lib.lpvit_bsr_destroy.restype = None
     lib.lpvit_bsr_destroy.argtypes = [ptr]
     lib.lpvit_kernel_isa.restype = ctypes.c_char_p
@@ -94,13 +94,16 @@ _packed: dict[int, tuple] = {}
 
 
 def native_bsr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                      bias: torch.Tensor | None, out_features: int, in_features: int) -> torch.Tensor | None:
-    """y = x W^T + b with the native kernel, or None when it cannot run these tensors (the caller falls back)."""
+                      bias: torch.Tensor | None, out_features: int, in_features: int, activation: str = "none",
+                      residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """y = activation(x W^T + b) + residual with the native kernel, or None when it cannot run these tensors
+    (the caller falls back)."""
     lib = _library()
     tensors = (row_ptr, col_idx, values) + ((bias,) if bias is not None else ())
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or values.dtype != torch.float32 or \
             row_ptr.dtype != torch.int64 or col_idx.dtype != torch.int64 or \
-            (bias is not None and bias.dtype != torch.float32) or not all(t.is_contiguous() for t in tensors):
+            (bias is not None and bias.dtype != torch.float32) or not all(t.is_contiguous() for t in tensors) or \
+            (residual is not None and (residual.device.type != "cpu" or residual.dtype != torch.float32)):
         return None
     identity = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors) + ((out_features, in_features),)
     cached = _packed.get(id(values))
@@ -113,9 +116,12 @@ def native_bsr_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
         raise KernelLibraryError(f"input's last dimension is {x.shape[-1]}, the layer expects {in_features}")
     x2 = x.reshape(-1, in_features).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    if residual is not None:  # its shape is checked by the op (ops.check_epilogue)
+        residual = residual.reshape(-1, out_features).contiguous()
     error = ctypes.create_string_buffer(ERROR_BYTES)
     # `cached` keeps the packed weights alive while the call runs (ctypes releases the GIL during it)
-    if lib.lpvit_bsr_run(cached[1].handle, x2.data_ptr(), x2.shape[0], y.data_ptr(), max(1, torch.get_num_threads()),
-                         error, ERROR_BYTES) != 0:
+    if lib.lpvit_bsr_run(cached[1].handle, x2.data_ptr(), x2.shape[0], y.data_ptr(),
+                         residual.data_ptr() if residual is not None else None, activation.encode(),
+                         max(1, torch.get_num_threads()), error, ERROR_BYTES) != 0:
         raise KernelLibraryError(error.value.decode())
     return y.reshape(*x.shape[:-1], out_features)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops  # noqa: F401  (registers torch.ops.lpvit.bsr_linear)
+from . import ops  # also registers torch.ops.lpvit.bsr_linear
 from ..blocks import BlockGrid
 
 
@@ -19,18 +19,23 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: 
 
 
 class BlockSparseLinear(nn.Module):
-    """y = x W^T + b with W [out_features, in_features] held in BSR buffers.
+    """y = activation(x W^T + b) + residual with W [out_features, in_features] held in BSR buffers.
 
     Buffers: ``row_ptr`` [block_rows + 1] int64, ``col_idx`` [nnz_blocks] int64, ``values`` [nnz_blocks, bh, bw]
     (W's [out, in] orientation, edge blocks zero-padded), ``bias`` [out_features] or None.
-    Input x [..., in_features] -> output [..., out_features], via ``torch.ops.lpvit.bsr_linear``.
+    ``activation``: the fused epilogue, one of ``ops.ACTIVATIONS`` ("none" unless the fuse_epilogues pass set it).
+    Input x [..., in_features] and optional residual [..., out_features] -> output [..., out_features], via
+    ``torch.ops.lpvit.bsr_linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                 values: torch.Tensor, bias: torch.Tensor | None):
+                 values: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
         super().__init__()
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ops.ACTIVATIONS)}")
         self.in_features = in_features
         self.out_features = out_features
+        self.activation = activation
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_idx", col_idx)
         self.register_buffer("values", values)
@@ -38,7 +43,7 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     def from_masked_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
-                           block_shape: tuple[int, int]) -> "BlockSparseLinear":
+                           block_shape: tuple[int, int], activation: str = "none") -> "BlockSparseLinear":
         """Store ``weight * element_mask``: every block with a kept element, zero elsewhere in it."""
         grid = BlockGrid(weight.shape[0], weight.shape[1], block_shape)
         block_mask = grid.reduce_any(element_mask)
@@ -46,7 +51,7 @@ class BlockSparseLinear(nn.Module):
         row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), block_mask.sum(1).cumsum(0)])
         col_idx = block_mask.nonzero()[:, 1].contiguous()
         return cls(weight.shape[1], weight.shape[0], row_ptr, col_idx, values,
-                   bias.detach().clone() if bias is not None else None)
+                   bias.detach().clone() if bias is not None else None, activation)
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -67,11 +72,25 @@ class BlockSparseLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         return ops.bsr_to_dense(self.row_ptr, self.col_idx, self.values, self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.lpvit.bsr_linear(x, self.row_ptr, self.col_idx, self.values, self.bias,
-                                          self.out_features, self.in_features)
+                                          self.out_features, self.in_features, self.activation, residual)
 
     def extra_repr(self) -> str:
         bh, bw = self.block_shape
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_shape=({bh}, {bw}), "
-                f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}")
+                f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}, activation={self.activation}")
+
+
+class DenseEpilogueLinear(nn.Module):
+    """``activation(linear(x)) + residual`` on a dense nn.Linear: a fused BlockSparseLinear written out in
+    standard ops (the portable ONNX export and fine-tuning replace fused layers with it)."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        self.linear = linear
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = ops.ACTIVATIONS[self.activation](self.linear(x))
+        return y + residual if residual is not None else y

@@ -1,9 +1,11 @@
 """The block-sparse linear operator ``torch.ops.lpvit.bsr_linear`` — the boundary kernels plug in behind.
 
-    Y[..., N] = X[..., K] @ W^T + bias,   W [N, K] in BSR:
+    Y[..., N] = activation(X[..., K] @ W^T + bias) + residual[..., N],   W [N, K] in BSR:
       row_ptr [ceil(N/bh) + 1] int64   block-row r holds blocks row_ptr[r] .. row_ptr[r+1]-1
       col_idx [nnz_blocks] int64       block-column of each block
       values  [nnz_blocks, bh, bw]     each block in W's [out, in] orientation, zero-padded at the edges
+      activation                        one of ACTIVATIONS (the fused epilogue; "none" by default)
+      residual                          Y's shape, or None
 
 This is the same contract as the ONNX op ``ai.lpvit::BlockSparseLinear``. On CPU float32 the op runs the native
 kernel (kernels/, through :mod:`lpvit_compiler.kernels`); elsewhere, or when the library is not built (with a
@@ -65,24 +67,52 @@ def bsr_to_dense(row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features:
     return dense[:out_features, :in_features]
 
 
+# The fused activations, as torch computes them unfused (names shared with the native kernel and the ONNX op).
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+}
+
+
+def check_epilogue(activation: str, residual: Optional[Tensor], output_shape: tuple[int, ...]) -> None:
+    """Raise :class:`KernelLibraryError` for an activation or residual the native kernel would reject."""
+    if activation not in ACTIVATIONS:
+        raise kernels.KernelLibraryError(f"unknown activation '{activation}', expected one of "
+                                         f"{', '.join(ACTIVATIONS)}")
+    if residual is not None and tuple(residual.shape) != tuple(output_shape):
+        raise kernels.KernelLibraryError(f"residual has shape {list(residual.shape)}, the layer's output has "
+                                         f"{list(output_shape)}")
+
+
 def bsr_linear_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
-                         out_features: int, in_features: int) -> Tensor:
+                         out_features: int, in_features: int, activation: str = "none",
+                         residual: Optional[Tensor] = None) -> Tensor:
+    """The unfused statement of the op: densify W, F.linear, the activation, then + residual."""
+    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
     weight = bsr_to_dense(row_ptr, col_idx, values, out_features, in_features)
-    return F.linear(x, weight.to(x.dtype), bias)
+    y = ACTIVATIONS[activation](F.linear(x, weight.to(x.dtype), bias))
+    return y + residual if residual is not None else y
 
 
 @torch.library.custom_op("lpvit::bsr_linear", mutates_args=())
 def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
-               out_features: int, in_features: int) -> Tensor:
-    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features)
+               out_features: int, in_features: int, activation: str = "none",
+               residual: Optional[Tensor] = None) -> Tensor:
+    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
+    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                  residual)
     if y is None:
         if not kernels.native_available():
             warnings.warn("lpvit: the native kernel library is not built; block-sparse layers run the slow "
                           "pure-torch reference (reinstall with `pip install .` to build it)", stacklevel=2)
-        y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features)
+        y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                 residual)
     return y
 
 
 @bsr_linear.register_fake
-def _bsr_linear_fake(x, row_ptr, col_idx, values, bias, out_features, in_features):
+def _bsr_linear_fake(x, row_ptr, col_idx, values, bias, out_features, in_features, activation="none",
+                     residual=None):
     return x.new_empty((*x.shape[:-1], out_features))

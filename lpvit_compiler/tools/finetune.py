@@ -27,19 +27,23 @@ from ..frontend.calibration import logits_of
 from ..errors import CalibrationError, ConfigError
 from .evaluate import _images_and_labels
 from ..runtime.modules import BlockSparseLinear, linear_from
+from ..runtime.ops import ACTIVATIONS
 
 
 class _MaskedLinear(nn.Module):
-    """y = x (W * mask)^T + b, trainable W, fixed mask."""
+    """y = activation(x (W * mask)^T + b) + residual, trainable W, fixed mask (a fused layer keeps its epilogue)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                 activation: str = "none"):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone() * mask)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.register_buffer("mask", mask.to(weight.dtype))
+        self.activation = activation
 
-    def forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
+    def forward(self, x, residual=None):
+        y = ACTIVATIONS[self.activation](F.linear(x, self.weight * self.mask, self.bias))
+        return y + residual if residual is not None else y
 
 
 def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Module | None = None,
@@ -65,7 +69,8 @@ def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Modu
         module = gm.get_submodule(row.name)
         if isinstance(module, BlockSparseLinear):
             layouts[row.name] = module.block_shape
-            gm.set_submodule(row.name, _MaskedLinear(module.to_dense(), module.bias, module.element_mask()))
+            gm.set_submodule(row.name, _MaskedLinear(module.to_dense(), module.bias, module.element_mask(),
+                                                     module.activation))
         else:
             layouts[row.name] = None
             gm.set_submodule(row.name, _MaskedLinear(module.weight, module.bias, module.weight != 0))
@@ -108,7 +113,8 @@ def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Modu
         weight, mask = masked.weight.detach() * masked.mask, masked.mask.bool()
         bias = masked.bias.detach() if masked.bias is not None else None
         if block_shape is not None:
-            gm.set_submodule(name, BlockSparseLinear.from_masked_weight(weight, bias, mask, block_shape))
+            gm.set_submodule(name, BlockSparseLinear.from_masked_weight(weight, bias, mask, block_shape,
+                                                                        masked.activation))
         else:
             gm.set_submodule(name, linear_from(weight, bias))
     for parameter in gm.parameters():
