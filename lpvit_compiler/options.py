@@ -125,7 +125,8 @@ class CompileOptions:
                                                          "block_shape", "hw"], n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise ConfigError(f"unknown option {name!r}{hint}; options are: {', '.join(known)}")
-        profile = get_profile(hw)
+        requested_block = _block_shape(block_shape, None) if block_shape is not None else None
+        profile = get_profile(hw, requested_block)  # "native" is measured at the block it will run
         budget, target = _budget(flops_keep, target_speedup, power_keep)
         checked = {f.name: f.metadata["check"](f.name, tuning.get(f.name, f.default))
                    for f in dataclasses.fields(cls) if "check" in f.metadata}
@@ -152,7 +153,7 @@ def _budget(flops_keep, target_speedup, power_keep) -> tuple[str, float]:
     return "flops", _number(0.0, 1.0, low_open=True)("flops_keep", keep)
 
 
-def _block_shape(block_shape, hw: HardwareProfile) -> tuple[int, int]:
+def _block_shape(block_shape, hw: HardwareProfile | None) -> tuple[int, int]:
     if block_shape is None:
         return tuple(hw.block_shape)
     if isinstance(block_shape, str) and "x" in block_shape:

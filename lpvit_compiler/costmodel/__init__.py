@@ -15,8 +15,9 @@ def known_profiles() -> list[str]:
     return sorted([*PROFILES, "cpu", "native"])
 
 
-def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
-    """A profile by name (``"cpu"`` is this machine's cores and ISA) or the profile object itself."""
+def get_profile(hw: str | HardwareProfile, block_shape: tuple[int, int] | None = None) -> HardwareProfile:
+    """A profile by name (``"cpu"`` is this machine's cores and ISA) or the profile object itself;
+    ``"native"`` is fitted at ``block_shape`` (default 16×16)."""
     if isinstance(hw, HardwareProfile):
         return hw
     if not isinstance(hw, str):
@@ -26,7 +27,7 @@ def get_profile(hw: str | HardwareProfile) -> HardwareProfile:
     if hw == "native":  # imported only when asked for: it needs onnxruntime and the exporter
         from .native import native_profile
 
-        return native_profile()
+        return native_profile(block_shape=tuple(block_shape or (16, 16)))
     if hw not in PROFILES:
         raise ConfigError(f"unknown hardware profile {hw!r}; known profiles: {', '.join(known_profiles())} "
                           "(or pass a lpvit_compiler.HardwareProfile)")

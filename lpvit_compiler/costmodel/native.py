@@ -1,15 +1,21 @@
 """``hw="native"``: the CPU profile with its coefficients fitted to measurements on this machine.
 
-A few seconds of micro-benchmark in onnxruntime, on this machine's threads: dense MatMul+Add (how exported
-dense linears run) and the built ai.lpvit::BlockSparseLinear kernel at 16×16 blocks, densities 0.25 and 0.5,
-on ViT-like shapes. Least-squares fits of the roofline model's compute term
+A few seconds of micro-benchmark in onnxruntime, on this machine's threads, of ViT-shaped layers at the row
+count the predictions are for (8 images of 197 tokens, and the 8 rows of a classifier head): dense MatMul+Add
+(how exported dense linears run) and the built ai.lpvit::BlockSparseLinear kernel at the compile's block shape,
+densities 0.25, 0.5 and 0.9. Least-squares fits of the roofline model's compute term
 
-    dense:  t = c_dense  + flops / peak_flops
-    sparse: t = c_sparse + flops_kept / (peak_flops * sparse_efficiency)
+    dense:  t = call_overhead + flops / peak_flops
+    sparse: t = call_overhead + flops_kept / (peak_flops * sparse_efficiency)
+                + rows * (sparse_output_s * out + sparse_input_s * in)
+            (call_overhead measured on a 16x16 layer; the other terms by non-negative least squares)
 
-give ``peak_flops``, ``sparse_efficiency`` and ``call_overhead_s`` (mean of the two intercepts). Memory
-bandwidth and the energy figures stay those of the ``cpu`` profile (these shapes are compute-bound; energy is
-not measurable here). Fitted once per process.
+give ``peak_flops``, ``call_overhead_s``, ``sparse_efficiency``, ``sparse_output_s`` and ``sparse_input_s``
+(``min_efficient_block``
+is the measured block edge, so smaller blocks are scaled down from it). The sessions do not spin-wait (``ort_session``), so
+interleaved candidates do not slow each other down. Memory bandwidth and the energy figures stay those of the
+``cpu`` profile (these shapes are compute-bound; energy is not measurable here). Fitted once per process and
+block shape.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import dataclasses
 import functools
 
 import numpy as np
+import scipy.optimize
 import torch
 
+from ..runtime.kernels import kernel_isa
 from ..runtime.sessions import default_threads, ort_session
 from ..tools.timing import interleaved
 from ..blocks import BlockGrid
@@ -27,53 +35,62 @@ from ..lowering.onnx_export import dense_layer_model, single_layer_model
 from .profiles import HardwareProfile, this_cpu
 from ..runtime.modules import BlockSparseLinear
 
-SHAPES = ((64, 384, 384), (394, 384, 1152), (1576, 384, 1536), (1576, 1536, 384))  # (rows, in, out)
-DENSITIES = (0.25, 0.5)
-BLOCK = (16, 16)
-REPEATS = 5
+SHAPES = ((8, 384, 1000), (1576, 384, 384), (1576, 384, 1152), (1576, 384, 1536), (1576, 1536, 384))  # (rows, in, out)
+DENSITIES = (0.25, 0.5, 0.9)
+REPEATS = 7
 
 
-def _fit(flops: list[float], seconds: list[float]) -> tuple[float, float]:
-    """(intercept s, slope s/FLOP) of seconds ≈ intercept + slope * flops, intercept clamped at 0."""
-    design = np.stack([np.ones(len(flops)), np.asarray(flops)], axis=1)
-    intercept, slope = np.linalg.lstsq(design, np.asarray(seconds), rcond=None)[0]
-    if intercept < 0:  # noise can tip a tiny intercept negative: refit through the origin
-        intercept, slope = 0.0, float(np.dot(flops, seconds) / np.dot(flops, flops))
-    return float(intercept), float(slope)
+def _call_overhead(threads: int) -> float:
+    """Seconds of one session run of a layer too small to cost anything but the call (8 x 16 x 16)."""
+    session = ort_session(dense_layer_model(torch.zeros(16, 16)).SerializeToString(), threads, False)
+    x = {"X": np.zeros((8, 16), np.float32)}
+    return interleaved({"call": functools.partial(session.run, None, x)}, 5 * REPEATS)["call"]
 
 
-@functools.lru_cache(maxsize=1)
-def native_profile(threads: int | None = None) -> HardwareProfile:
+def fit_terms(dense_points, sparse_points, overhead: float) -> tuple[float, float, float, float]:
+    """(peak_flops, sparse_efficiency, sparse_output_s, sparse_input_s) by non-negative least squares.
+
+    dense_points: ([flops], [seconds]); sparse_points: ([(flops_kept, rows * out, rows * in)], [seconds])."""
+    (dense_slope,), _ = scipy.optimize.nnls(np.asarray(dense_points[0], float)[:, None],
+                                            np.asarray(dense_points[1]) - overhead)
+    (sparse_slope, per_output, per_input), _ = scipy.optimize.nnls(np.asarray(sparse_points[0], float),
+                                                                   np.asarray(sparse_points[1]) - overhead)
+    efficiency = float(np.clip(dense_slope / max(sparse_slope, 1e-30), 0.05, 2.0))
+    return 1.0 / dense_slope, efficiency, float(per_output), float(per_input)
+
+
+@functools.lru_cache(maxsize=4)
+def native_profile(threads: int | None = None, block_shape: tuple[int, int] = (16, 16)) -> HardwareProfile:
     threads = threads or default_threads()
+    block_shape = tuple(block_shape)
     generator = torch.Generator().manual_seed(0)
     dense_points, sparse_points = ([], []), ([], [])
     for rows, in_features, out_features in SHAPES:
         weight, bias = torch.randn(out_features, in_features, generator=generator), torch.zeros(out_features)
         x = {"X": torch.randn(rows, in_features, generator=generator).numpy()}
-        grid = BlockGrid(out_features, in_features, BLOCK)
+        grid = BlockGrid(out_features, in_features, block_shape)
         candidates = {"dense": ort_session(dense_layer_model(weight, bias).SerializeToString(), threads, False)}
         kept = {}
         for density in DENSITIES:
             block_mask = torch.rand(grid.block_rows, grid.block_cols, generator=generator) < density
-            layer = BlockSparseLinear.from_masked_weight(weight, bias, grid.expand(block_mask), BLOCK)
+            layer = BlockSparseLinear.from_masked_weight(weight, bias, grid.expand(block_mask), block_shape)
             candidates[density] = ort_session(single_layer_model(layer).SerializeToString(), threads, True)
             kept[density] = int(block_mask.sum())
         times = interleaved({name: functools.partial(s.run, None, x) for name, s in candidates.items()}, REPEATS)
         dense_points[0].append(2.0 * rows * in_features * out_features)
         dense_points[1].append(times["dense"])
         for density in DENSITIES:
-            sparse_points[0].append(2.0 * rows * kept[density] * BLOCK[0] * BLOCK[1])
+            sparse_points[0].append((2.0 * rows * kept[density] * block_shape[0] * block_shape[1],
+                                     float(rows * out_features), float(rows * in_features)))
             sparse_points[1].append(times[density])
-    dense_overhead, dense_slope = _fit(*dense_points)
-    sparse_overhead, sparse_slope = _fit(*sparse_points)
-    peak = 1.0 / dense_slope
-    efficiency = float(np.clip(dense_slope / sparse_slope, 0.05, 2.0))
-    overhead = (dense_overhead + sparse_overhead) / 2
-    base = this_cpu()
+    overhead = _call_overhead(threads)  # measured, not an intercept: five shapes cannot pin one down
+    peak, efficiency, per_output, per_input = fit_terms(dense_points, sparse_points, overhead)
     return dataclasses.replace(
-        base, name="native", peak_flops=peak, sparse_efficiency=efficiency, call_overhead_s=overhead,
-        min_efficient_block=BLOCK[0],
-        calibration=(f"measured on this machine ({threads} threads, onnxruntime): dense GEMM {peak / 1e9:.1f} "
-                     f"GFLOP/s, block-sparse kernel {efficiency:.2f}x dense per kept FLOP at {BLOCK[0]}x{BLOCK[1]} "
-                     f"blocks, {overhead * 1e6:.0f} µs per layer call"),
+        this_cpu(), name="native", peak_flops=peak, sparse_efficiency=efficiency, call_overhead_s=overhead,
+        sparse_output_s=per_output, sparse_input_s=per_input, block_shape=block_shape, min_efficient_block=min(block_shape),
+        calibration=(f"measured on this machine ({threads} threads, onnxruntime, kernel ISA {kernel_isa()}): dense "
+                     f"GEMM {peak / 1e9:.1f} GFLOP/s, block-sparse kernel {efficiency:.2f}x dense per kept FLOP at "
+                     f"{block_shape[0]}x{block_shape[1]} blocks plus {per_output * 1e9:.2f} / {per_input * 1e9:.2f} ns per "
+                     "output / input element, "
+                     f"{overhead * 1e6:.0f} µs per layer call"),
     )

@@ -7,6 +7,7 @@ layer follows from it by a roofline model of a block-sparse GEMM — no measured
     bytes   = 4 * (kept_blocks*bh*bw + rows*(in + out)) + 8 * (kept_blocks + out/bh + 1)   (values, X, Y, indices)
     eff     = sparse_efficiency * min(1, bh/min_efficient_block) * min(1, bw/min_efficient_block)
     latency = call_overhead_s + max(flops / (peak_flops * eff), bytes / memory_bandwidth)
+              + sparse_output_s * rows * out + sparse_input_s * rows * in    (block-sparse only, whatever is kept)
     energy  = static_power_w * latency + energy_per_flop_j * flops + energy_per_byte_j * bytes
 
 A dense layer uses eff = 1 and stores the whole weight without indices. The rest of the model (attention
@@ -48,6 +49,11 @@ class HardwareProfile:
     batch_size: int  # images per inference that predictions are made for
     bytes_per_value: int = 4  # fp32
     calibration: str = "vendor figures and published estimates"  # where the coefficients came from
+    # seconds per output / input element of a block-sparse layer whatever its kept blocks (write-back and
+    # epilogue; X rows too long to stay in L1 across a block row): what makes the kernel's time per kept FLOP
+    # depend on density and shape; fitted by "native", 0 in the vendor profiles
+    sparse_output_s: float = 0.0
+    sparse_input_s: float = 0.0
 
     def linear_cost(
         self,
@@ -71,11 +77,14 @@ class HardwareProfile:
                 * min(1.0, bw / self.min_efficient_block)
             )
             weight_bytes = self.bytes_per_value * kept * bh * bw + INDEX_BYTES * (kept + out_features / bh + 1)
+            per_output = rows * (self.sparse_output_s * out_features + self.sparse_input_s * in_features)
         else:
             eff = 1.0
             weight_bytes = self.bytes_per_value * kept * bh * bw
+            per_output = 0.0
         total_bytes = weight_bytes + activation_bytes
-        latency = self.call_overhead_s + np.maximum(flops / (self.peak_flops * eff), total_bytes / self.memory_bandwidth)
+        latency = self.call_overhead_s + per_output + np.maximum(flops / (self.peak_flops * eff),
+                                                                 total_bytes / self.memory_bandwidth)
         energy = self.static_power_w * latency + self.energy_per_flop_j * flops + self.energy_per_byte_j * total_bytes
         return latency, energy
 

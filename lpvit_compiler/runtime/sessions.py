@@ -30,9 +30,18 @@ def session_options(custom_ops: bool = True, **settings):
 
 def ort_session(model, threads: int | None = None, custom_ops: bool = True, **settings):
     """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads (one
-    inter-op thread), further ``SessionOptions`` ``settings`` and, with ``custom_ops``, the lpvit op library."""
-    return open_session(model, session_options(custom_ops, intra_op_num_threads=threads or default_threads(),
-                                               inter_op_num_threads=1, **settings))
+    inter-op thread), further ``SessionOptions`` ``settings`` and, with ``custom_ops``, the lpvit op library —
+    for timing sessions side by side in one process (benchmarks, ``--bench``, the native profile) and eval.
+
+    Its thread pool does not spin-wait after a run: a spinning worker of one session keeps a core busy while
+    the next session runs, which on 2 cores doubled the median time of a timed GEMM (7.7 vs 3.8 ms) and made
+    every interleaved comparison measure the neighbour's spinning. (Serving with one session,
+    :func:`InferenceSession`, keeps onnxruntime's default.)"""
+    options = session_options(custom_ops, intra_op_num_threads=threads or default_threads(), inter_op_num_threads=1,
+                              **settings)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return open_session(model, options)
 
 
 def open_session(model, options, providers=None):
