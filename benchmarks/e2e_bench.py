@@ -13,10 +13,15 @@ can see where the time goes.
                                    [--flops-keep 0.5 0.3] [--batches 1 8] [--threads 2] [--repeats 9]
                                    [--out benchmarks/results/e2e_bench]
 
-Writes <out>.md and <out>.json.
+Writes <out>.md and <out>.json. No session spin-waits after its run (``ort_session``), nor do torch's OpenMP
+threads (OMP_WAIT_POLICY=PASSIVE), so the candidates taking turns do not slow each other down.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
 import argparse
 import json

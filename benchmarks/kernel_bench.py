@@ -7,10 +7,16 @@ CPU BSR linear. Speedups are ratios against onnxruntime dense.
     python benchmarks/kernel_bench.py [--models deit_s deit_b] [--threads 2] [--repeats 7]
                                       [--out benchmarks/results/kernel_bench]
 
-Writes <out>.md, <out>.json and <out>.png.
+Writes <out>.md, <out>.json and <out>.png. No candidate spin-waits after its run (onnxruntime sessions from
+``ort_session``; torch's OpenMP threads with OMP_WAIT_POLICY=PASSIVE), so candidates taking turns do not slow
+each other down. ``LPVIT_KERNEL_ISA=avx2`` measures the AVX2 path on an AVX-512 machine.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
 import argparse
 import json
