@@ -10,6 +10,7 @@ Who fills what (each pass's contract in ``passes/`` says the same to the pass ma
     reconstruct        -> (weights in the graph only)
     dead_block_elim.   -> kept_rows, kept_cols (the layer's shape shrinks); CompileState.hidden_units_removed
     bsr_layout         -> nnz_blocks, layout; CompileState.flops_keep_executed
+    fuse_epilogues     -> epilogue
 
 ``LayerState.costs`` is an analysis of the layer as it is *now* — its current shape (after dead-block
 elimination), its tokens and its live blocks — and :meth:`CompileState.refresh_costs` recomputes it. The pass
@@ -65,6 +66,7 @@ class LayerState:
     # layout
     nnz_blocks: int = 0
     layout: str = ""  # "bsr", or "dense" where dense_fallback kept the masked layer a dense GEMM
+    epilogue: str = ""  # what fuse_epilogues folded into the layer's write-back: "gelu", "residual", "gelu+residual"
 
     @property
     def out_features(self) -> int:

@@ -187,6 +187,9 @@ def test_pass_folds_activation_and_residual_and_export_matches_torch(act, name, 
     calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     assert "blocks.0.act" not in calls and len(calls["blocks.0.fc2"].args) == 2  # GELU folded; fc2 takes the residual
     assert not any(n.op == "call_function" and "add" in str(n.target) for n in gm.graph.nodes)
+    layouts = {row.name: row.layout_and_epilogue for row in compiled.report.layers}
+    assert layouts["blocks.0.fc1"] == f"bsr+{name}" and layouts["blocks.0.fc2"] == "bsr+residual"
+    assert f"bsr+{name}" in str(compiled.report)
     x = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
         expected = compiled(x)

@@ -12,7 +12,8 @@ nonzero rate is kept, so a later fine-tune still sees it). A step is folded only
 user, so nothing else ever reads the unfused intermediate. Each fusion saves a full pass over the layer's
 output in the runtime (onnxruntime runs GELU as five element-wise ops; the residual add as one more).
 
-Shapes come from one fx ShapeProp run on two calibration images (batch 2, so a batch-broadcast residual never
+Each fused layer's ``LayerState.epilogue`` (and so the report's layout column) says what it took, e.g.
+``gelu+residual``. Shapes come from one fx ShapeProp run on two calibration images (batch 2, so a batch-broadcast residual never
 looks like an exact match).
 """
 
@@ -124,6 +125,8 @@ def fuse_epilogues(gm: fx.GraphModule, state: CompileState) -> PassResult:
             epilogue.append("residual")
         if epilogue:
             fused[str(linear.target)] = epilogue
+            if str(linear.target) in state.layers:
+                state.layers[str(linear.target)].epilogue = "+".join(epilogue)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(fused), {"enabled": True, "fused": fused})

@@ -45,10 +45,16 @@ class LayerRow:
     cols_removed: int
     nnz_blocks: int  # blocks stored in the BSR layout
     layout: str  # "bsr", or "dense" (masked dense GEMM: the kernel would not be faster at this density)
+    epilogue: str = ""  # fused into the block-sparse layer's write-back, e.g. "gelu+residual"
     # the distortion curve sampled at CURVE_POINTS keep ratios, for plots (the solve used every block count)
     curve_keep_ratio: list[float] = field(default_factory=list)
     curve_distortion: list[float] = field(default_factory=list)
     block_mask: str = ""  # blocks.pack_mask of the [block_rows, block_cols] mask, True = kept
+
+    @property
+    def layout_and_epilogue(self) -> str:
+        """``bsr``, ``dense`` or e.g. ``bsr+gelu+residual``: the layout and what was fused into it."""
+        return f"{self.layout}+{self.epilogue}" if self.epilogue else self.layout
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -133,6 +139,7 @@ class Report:
                 cols_removed=layer.in_features - layer.shape[1],
                 nnz_blocks=layer.nnz_blocks,
                 layout=layer.layout,
+                epilogue=layer.epilogue,
                 curve_keep_ratio=(1 - curve_k / layer.num_blocks).tolist(),
                 curve_distortion=layer.distortion[curve_k].astype(float).tolist(),
                 block_mask=pack_mask(layer.block_mask),
@@ -182,7 +189,8 @@ class Report:
             m = measured.get(r.name)
             extra = [f"{m.dense_latency_us:.1f}→{m.latency_us:.1f}" if m else ""] if measured else []
             table.add_row(
-                r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}", r.layout,
+                r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}",
+                r.layout_and_epilogue,
                 f"{r.kept_blocks}/{r.blocks}", f"{r.keep_ratio:.2f}", f"{r.distortion:.3g}",
                 f"{r.flops_dense / 1e6:.1f}→{r.flops_kept / 1e6:.1f}",
                 f"{r.latency_dense_us:.1f}→{r.latency_predicted_us:.1f}",

@@ -106,7 +106,8 @@ def write_html(report, path) -> Path:
         header += ["measured µs dense", "measured µs", "error"]
     rows = []
     for r in report.layers:
-        row = [r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}", r.layout,
+        row = [r.name, f"{r.weight_shape[0]}x{r.weight_shape[1]}", f"{r.block_shape[0]}x{r.block_shape[1]}",
+               r.layout_and_epilogue,
                f"{r.kept_blocks}/{r.blocks}", f"{r.keep_ratio:.2f}", f"{r.distortion:.3g}",
                f"{r.flops_dense / 1e6:.1f}", f"{r.flops_kept / 1e6:.1f}", f"{r.latency_dense_us:.1f}",
                f"{r.latency_predicted_us:.1f}", f"{r.energy_dense_mj:.3f}", f"{r.energy_predicted_mj:.3f}"]
