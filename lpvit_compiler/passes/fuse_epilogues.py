@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..errors import first_line
 from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import BlockSparseLinear
 from ..state import CompileState
@@ -99,9 +100,15 @@ def _fold(gm: fx.GraphModule, linear: fx.Node, last: fx.Node, dead: list[fx.Node
 def fuse_epilogues(gm: fx.GraphModule, state: CompileState) -> PassResult:
     if not state.options.fuse_epilogues:
         return PassResult(gm, False, {"enabled": False})
+    for node in gm.graph.nodes:  # shapes an earlier pass recorded may come from another batch size
+        node.meta.pop("tensor_meta", None)
     first = state.calibration[0]
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.cat([first, first])[:2])
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.cat([first, first])[:2])
+    except Exception as error:  # noqa: BLE001 (any failure only means no shapes: residual adds stay unfused)
+        state.notes.append(f"fuse_epilogues: shapes could not be propagated ({first_line(error)}); activations "
+                           "were fused, residual adds were not")
     fused = {}
     for linear in list(gm.graph.nodes):
         if linear.op != "call_module" or not isinstance(gm.get_submodule(linear.target), BlockSparseLinear) or \
