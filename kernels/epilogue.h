@@ -23,20 +23,22 @@
 namespace lpvit {
 namespace {
 
+// c[0] + c[1] x + ... + c[N-1] x^(N-1) by Horner's rule (unrolled: N is a constant)
+template <int N>
+inline float horner(float x, const float (&c)[N]) {
+  float p = c[N - 1];
+  for (int i = N - 2; i >= 0; --i) p = p * x + c[i];
+  return p;
+}
+
 inline float exp_approx(float a) {
   a = a > -87.0f ? a : -87.0f;  // (min/max instructions)
   a = a < 88.0f ? a : 88.0f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (a * 1.44269504f + kRound) - kRound;
   const float r = (a - n * 0.693145751953125f) - n * 1.42860677e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  constexpr float kTaylor[] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+  const float p = horner(r, kTaylor);
   const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -49,21 +51,11 @@ inline float gelu_erf(float v) {
   z = z < kZMax ? z : kZMax;  // (compiles to min/max; a NaN v still gives NaN through the final product)
   z = z > -kZMax ? z : -kZMax;
   const float x = z * z * (2.0f / (kZMax * kZMax)) - 1.0f;  // z^2 mapped to [-1, 1]
-  float p = 0.0016582222f;
-  p = p * x - 0.0043327297f;
-  p = p * x + 0.0033466473f;
-  p = p * x - 0.0035915326f;
-  p = p * x + 0.0124062537f;
-  p = p * x - 0.0228462374f;
-  p = p * x + 0.0308199922f;
-  p = p * x - 0.0423749541f;
-  p = p * x + 0.0580405789f;
-  p = p * x - 0.0742210393f;
-  p = p * x + 0.0906499996f;
-  p = p * x - 0.1091625919f;
-  p = p * x + 0.1340816265f;
-  p = p * x - 0.1801090208f;
-  p = p * x + 0.3607368373f;
+  // erf(z) / z in powers of x, constant term first
+  constexpr float kErf[] = {0.3607368373f,  -0.1801090208f, 0.1340816265f,  -0.1091625919f, 0.0906499996f,
+                            -0.0742210393f, 0.0580405789f,  -0.0423749541f, 0.0308199922f,  -0.0228462374f,
+                            0.0124062537f,  -0.0035915326f, 0.0033466473f,  -0.0043327297f, 0.0016582222f};
+  const float p = horner(x, kErf);
   const float gelu = 0.5f * v + 0.5f * v * (z * p);  // v * (1 + erf(z)) / 2
   // Past the clamp on the left GELU is below 1e-7 in size: exactly 0 (times v, so -inf gives NaN as in torch),
   // not the rounding error of 1 + erf(z) times a possibly huge v.
