@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import erfc, expit
 from torch import nn
+from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
@@ -71,16 +72,19 @@ def test_fused_op_matches_unfused_reference(out_features, in_features, rows, blo
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_gelu_is_at_least_as_accurate_as_torchs_float_gelu(activation):
-    """GELU on [-20, 20] through an identity weight, against float64: absolute error <= 3e-7 * max(1, |v|) and
-    relative error <= 1e-3 where |GELU| > 1e-3 (torch's own float32 GELU: 3.3e-7 and 9.4e-4 on this grid)."""
+    """GELU on [-20, 20] through an identity weight, against float64: absolute error <= 3e-7 * max(1, |v|),
+    relative error <= 1e-3 where |GELU| > 1e-3, and both within 1.25x of torch's own float32 GELU's."""
     layer = BlockSparseLinear.from_masked_weight(torch.eye(16), None, torch.ones(16, 16, dtype=torch.bool), (16, 16),
                                                  activation)
     x = torch.linspace(-20, 20, 16 * 4001).reshape(-1, 16)
     expected = _unfused(layer, x.numpy(), None)
+    scale, visible = np.maximum(1.0, np.abs(x.numpy())), np.abs(expected) > 1e-3
+    torch_error = np.abs(F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none").double().numpy()
+                         - expected)
     error = np.abs(layer(x).double().numpy() - expected)
-    assert np.max(error / np.maximum(1.0, np.abs(x.numpy()))) <= 3e-7
-    visible = np.abs(expected) > 1e-3
-    assert np.max(error[visible] / np.abs(expected[visible])) <= 1e-3
+    assert np.max(error / scale) <= min(3e-7, 1.25 * np.max(torch_error / scale))
+    relative = error[visible] / np.abs(expected[visible])
+    assert np.max(relative) <= min(1e-3, 1.25 * np.max(torch_error[visible] / np.abs(expected[visible])))
 
 
 @pytest.mark.parametrize("isa", sorted(ISA_CPU_FLAGS))
