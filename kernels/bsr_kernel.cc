@@ -27,13 +27,24 @@ const char* isa_name(Isa isa) {
   }
 }
 
-const char* const kActivationNames = "none, relu, gelu, gelu_tanh";
+namespace {
+const struct {
+  const char* name;
+  Activation value;
+} kActivations[] = {{"none", Activation::kNone},
+                    {"relu", Activation::kRelu},
+                    {"gelu", Activation::kGeluErf},
+                    {"gelu_tanh", Activation::kGeluTanh}};
+}  // namespace
+
+std::string activation_names() {
+  std::string names;
+  for (const auto& entry : kActivations) names += (names.empty() ? "" : ", ") + std::string(entry.name);
+  return names;
+}
 
 bool parse_activation(const std::string& name, Activation* out) {
-  static const struct { const char* name; Activation value; } kNames[] = {
-      {"none", Activation::kNone}, {"relu", Activation::kRelu}, {"gelu", Activation::kGeluErf},
-      {"gelu_tanh", Activation::kGeluTanh}};
-  for (const auto& entry : kNames) {
+  for (const auto& entry : kActivations) {
     if (name == entry.name) {
       *out = entry.value;
       return true;

@@ -25,7 +25,7 @@ const char* isa_name(Isa isa);
 
 // "none", "relu", "gelu" (erf form), "gelu_tanh" -> Activation; false for any other name.
 bool parse_activation(const std::string& name, Activation* out);
-extern const char* const kActivationNames;  // for error messages: "none, relu, gelu, gelu_tanh"
+std::string activation_names();  // for error messages: "none, relu, gelu, gelu_tanh"
 
 class BsrWeights {
  public:

@@ -72,7 +72,7 @@ __attribute__((visibility("default"))) int lpvit_bsr_run(const void* handle, con
     }
     lpvit::Activation act = lpvit::Activation::kNone;
     if (activation != nullptr && !lpvit::parse_activation(activation, &act)) {
-      copy_error(std::string("unknown activation '") + activation + "', expected one of " + lpvit::kActivationNames,
+      copy_error(std::string("unknown activation '") + activation + "', expected one of " + lpvit::activation_names(),
                  error, error_len);
       return -1;
     }

@@ -207,7 +207,7 @@ struct BlockSparseLinearKernel {
     }
     name.resize(length > 0 ? length - 1 : 0);  // the reported length counts the terminating NUL
     if (!lpvit::parse_activation(name, &attributes_.activation))
-      attributes_.error = "activation is '" + name + "', expected one of " + lpvit::kActivationNames;
+      attributes_.error = "activation is '" + name + "', expected one of " + lpvit::activation_names();
   }
 
   // When every weight input is a constant initializer, validate and pack it now, once; a malformed one is

@@ -13,8 +13,8 @@ user, so nothing else ever reads the unfused intermediate. Each fusion saves a f
 output in the runtime (onnxruntime runs GELU as five element-wise ops; the residual add as one more).
 
 Each fused layer's ``LayerState.epilogue`` (and so the report's layout column) says what it took, e.g.
-``gelu+residual``. Shapes come from one fx ShapeProp run on two calibration images (batch 2, so a batch-broadcast residual never
-looks like an exact match).
+``gelu+residual``. Shapes come from one fx ShapeProp run on two calibration images (batch 2, so a
+batch-broadcast residual never looks like an exact match).
 """
 
 from __future__ import annotations
@@ -132,8 +132,7 @@ def fuse_epilogues(gm: fx.GraphModule, state: CompileState) -> PassResult:
             epilogue.append("residual")
         if epilogue:
             fused[str(linear.target)] = epilogue
-            if str(linear.target) in state.layers:
-                state.layers[str(linear.target)].epilogue = "+".join(epilogue)
+            state.layers[str(linear.target)].epilogue = "+".join(epilogue)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(fused), {"enabled": True, "fused": fused})

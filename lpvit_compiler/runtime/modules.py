@@ -92,5 +92,4 @@ class DenseEpilogueLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = ops.ACTIVATIONS[self.activation](self.linear(x))
-        return y + residual if residual is not None else y
+        return ops.apply_epilogue(self.linear(x), self.activation, residual)

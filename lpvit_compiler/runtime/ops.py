@@ -76,6 +76,12 @@ ACTIVATIONS = {
 }
 
 
+def apply_epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
+    """``activation(y) + residual``: the op's epilogue unfused, for every torch-side stand-in of a fused layer."""
+    y = ACTIVATIONS[activation](y)
+    return y + residual if residual is not None else y
+
+
 def check_epilogue(activation: str, residual: Optional[Tensor], output_shape: tuple[int, ...]) -> None:
     """Raise :class:`KernelLibraryError` for an activation or residual the native kernel would reject."""
     if activation not in ACTIVATIONS:
@@ -92,8 +98,7 @@ def bsr_linear_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Te
     """The unfused statement of the op: densify W, F.linear, the activation, then + residual."""
     check_epilogue(activation, residual, (*x.shape[:-1], out_features))
     weight = bsr_to_dense(row_ptr, col_idx, values, out_features, in_features)
-    y = ACTIVATIONS[activation](F.linear(x, weight.to(x.dtype), bias))
-    return y + residual if residual is not None else y
+    return apply_epilogue(F.linear(x, weight.to(x.dtype), bias), activation, residual)
 
 
 @torch.library.custom_op("lpvit::bsr_linear", mutates_args=())

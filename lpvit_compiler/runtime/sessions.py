@@ -34,8 +34,8 @@ def ort_session(model, threads: int | None = None, custom_ops: bool = True, **se
     for timing sessions side by side in one process (benchmarks, ``--bench``, the native profile) and eval.
 
     Its thread pool does not spin-wait after a run: a spinning worker of one session keeps a core busy while
-    the next session runs, which on 2 cores doubled the median time of a timed GEMM (7.7 vs 3.8 ms) and made
-    every interleaved comparison measure the neighbour's spinning. (Serving with one session,
+    the next session runs, so every interleaved comparison would measure the neighbour's spinning (on 2 cores
+    1.4-2.4x the time per run of a DeiT-S qkv layer: benchmarks/spinning.py). (Serving with one session,
     :func:`InferenceSession`, keeps onnxruntime's default.)"""
     options = session_options(custom_ops, intra_op_num_threads=threads or default_threads(), inter_op_num_threads=1,
                               **settings)

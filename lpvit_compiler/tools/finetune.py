@@ -27,7 +27,7 @@ from ..frontend.calibration import logits_of
 from ..errors import CalibrationError, ConfigError
 from .evaluate import _images_and_labels
 from ..runtime.modules import BlockSparseLinear, linear_from
-from ..runtime.ops import ACTIVATIONS
+from ..runtime.ops import apply_epilogue
 
 
 class _MaskedLinear(nn.Module):
@@ -42,8 +42,7 @@ class _MaskedLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x, residual=None):
-        y = ACTIVATIONS[self.activation](F.linear(x, self.weight * self.mask, self.bias))
-        return y + residual if residual is not None else y
+        return apply_epilogue(F.linear(x, self.weight * self.mask, self.bias), self.activation, residual)
 
 
 def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Module | None = None,
