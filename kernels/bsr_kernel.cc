@@ -1,8 +1,10 @@
 #include "bsr_kernel.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "tile_job.h"
 
@@ -68,80 +70,221 @@ Isa best_isa() {
   return isa;
 }
 
+std::string BsrIndex::validate(int64_t n, int64_t k, int64_t bh, int64_t bw, const int64_t* row_ptr,
+                               int64_t row_ptr_len, const int64_t* col_idx, int64_t nnz_blocks, int64_t values_len,
+                               const float* bias, int64_t bias_len) {
+  if (n <= 0 || k <= 0 || n >= kMaxDim || k >= kMaxDim)
+    return "N and K must be in [1, 2^31), got N=" + std::to_string(n) + ", K=" + std::to_string(k);
+  if (bh <= 0 || bw <= 0 || bh > kMaxBlock || bw > kMaxBlock)
+    return "block_shape must be in [1, 4096], got [" + std::to_string(bh) + ", " + std::to_string(bw) + "]";
+  const int64_t block_rows = (n + bh - 1) / bh;
+  const int64_t block_cols = (k + bw - 1) / bw;
+  if (row_ptr_len != block_rows + 1) return describe("row_ptr length", row_ptr_len, block_rows + 1);
+  if (nnz_blocks < 0 || nnz_blocks > block_rows * block_cols)
+    return "nnz_blocks is " + std::to_string(nnz_blocks) + ", must be in [0, " +
+           std::to_string(block_rows * block_cols) + "]";
+  if (values_len != nnz_blocks * bh * bw)
+    return describe("values size", values_len, nnz_blocks * bh * bw) + " (nnz_blocks * bh * bw)";
+  if (bias != nullptr && bias_len != n) return describe("bias length", bias_len, n);
+  if (row_ptr[0] != 0) return describe("row_ptr[0]", row_ptr[0], 0);
+  for (int64_t r = 0; r < block_rows; ++r) {
+    if (row_ptr[r + 1] < row_ptr[r] || row_ptr[r + 1] > nnz_blocks)
+      return "row_ptr must be non-decreasing and within [0, nnz_blocks]: row_ptr[" + std::to_string(r + 1) +
+             "] = " + std::to_string(row_ptr[r + 1]);
+  }
+  for (int64_t r = 0; r < block_rows; ++r) {  // row_ptr is now known to index col_idx safely
+    for (int64_t b = row_ptr[r]; b < row_ptr[r + 1]; ++b) {
+      if (col_idx[b] < 0 || col_idx[b] >= block_cols)
+        return "col_idx[" + std::to_string(b) + "] = " + std::to_string(col_idx[b]) + " is out of range [0, " +
+               std::to_string(block_cols) + ")";
+      if (b > row_ptr[r] && col_idx[b] <= col_idx[b - 1])
+        return "col_idx must increase within a block row: col_idx[" + std::to_string(b) + "] = " +
+               std::to_string(col_idx[b]) + " after " + std::to_string(col_idx[b - 1]);
+    }
+  }
+  if (row_ptr[block_rows] != nnz_blocks) return describe("row_ptr[last]", row_ptr[block_rows], nnz_blocks);
+  return "";
+}
+
+BsrIndex BsrIndex::copy(int64_t n, int64_t k, int64_t bh, int64_t bw, const int64_t* row_ptr,
+                        const int64_t* col_idx, int64_t nnz_blocks, const float* bias) {
+  BsrIndex index;
+  index.n = n, index.k = k, index.bh = bh, index.bw = bw;
+  index.block_rows = (n + bh - 1) / bh, index.block_cols = (k + bw - 1) / bw;
+  index.bh_padded = (bh + kPanel - 1) / kPanel * kPanel;
+  index.row_ptr.assign(row_ptr, row_ptr + index.block_rows + 1);
+  index.col_idx.assign(col_idx, col_idx + nnz_blocks);
+  index.bias.assign(static_cast<size_t>(n), 0.0f);
+  if (bias != nullptr) std::copy(bias, bias + n, index.bias.begin());
+  return index;
+}
+
+void BsrIndex::for_each_task(int64_t m, int64_t panel, const ParallelFor& parallel_for,
+                             const std::function<void(int64_t, int64_t, int64_t, int64_t)>& task) const {
+  const int64_t panels = bh_padded / panel;
+  const int64_t row_tiles = (m + kRowTile - 1) / kRowTile;
+  const int64_t per_tile = block_rows * panels;
+  parallel_for(static_cast<size_t>(row_tiles * per_tile), [&](size_t index) {
+    const int64_t t = static_cast<int64_t>(index);
+    const int64_t tile = t / per_tile, rest = t % per_tile;
+    const int64_t m0 = tile * kRowTile;
+    task(m0, std::min(m, m0 + kRowTile), rest / panels, rest % panels);
+  });
+}
+
 std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh, int64_t bw,
                                                const int64_t* row_ptr, int64_t row_ptr_len,
                                                const int64_t* col_idx, int64_t nnz_blocks,
                                                const float* values, int64_t values_len,
                                                const float* bias, int64_t bias_len, std::string* error) {
-  auto fail = [&](std::string message) {
-    *error = std::move(message);
-    return std::unique_ptr<BsrWeights>();
-  };
-  if (n <= 0 || k <= 0 || n >= kMaxDim || k >= kMaxDim)
-    return fail("N and K must be in [1, 2^31), got N=" + std::to_string(n) + ", K=" + std::to_string(k));
-  if (bh <= 0 || bw <= 0 || bh > kMaxBlock || bw > kMaxBlock)
-    return fail("block_shape must be in [1, 4096], got [" + std::to_string(bh) + ", " + std::to_string(bw) + "]");
-  const int64_t block_rows = (n + bh - 1) / bh;
-  const int64_t block_cols = (k + bw - 1) / bw;
-  if (row_ptr_len != block_rows + 1) return fail(describe("row_ptr length", row_ptr_len, block_rows + 1));
-  if (nnz_blocks < 0 || nnz_blocks > block_rows * block_cols)
-    return fail("nnz_blocks is " + std::to_string(nnz_blocks) + ", must be in [0, " +
-                std::to_string(block_rows * block_cols) + "]");
-  if (values_len != nnz_blocks * bh * bw)
-    return fail(describe("values size", values_len, nnz_blocks * bh * bw) + " (nnz_blocks * bh * bw)");
-  if (bias != nullptr && bias_len != n) return fail(describe("bias length", bias_len, n));
-  if (row_ptr[0] != 0) return fail(describe("row_ptr[0]", row_ptr[0], 0));
-  for (int64_t r = 0; r < block_rows; ++r) {
-    if (row_ptr[r + 1] < row_ptr[r] || row_ptr[r + 1] > nnz_blocks)
-      return fail("row_ptr must be non-decreasing and within [0, nnz_blocks]: row_ptr[" + std::to_string(r + 1) +
-                  "] = " + std::to_string(row_ptr[r + 1]));
-  }
-  for (int64_t r = 0; r < block_rows; ++r) {  // row_ptr is now known to index col_idx safely
-    for (int64_t b = row_ptr[r]; b < row_ptr[r + 1]; ++b) {
-      if (col_idx[b] < 0 || col_idx[b] >= block_cols)
-        return fail("col_idx[" + std::to_string(b) + "] = " + std::to_string(col_idx[b]) + " is out of range [0, " +
-                    std::to_string(block_cols) + ")");
-      if (b > row_ptr[r] && col_idx[b] <= col_idx[b - 1])
-        return fail("col_idx must increase within a block row: col_idx[" + std::to_string(b) + "] = " +
-                    std::to_string(col_idx[b]) + " after " + std::to_string(col_idx[b - 1]));
-    }
-  }
-  if (row_ptr[block_rows] != nnz_blocks) return fail(describe("row_ptr[last]", row_ptr[block_rows], nnz_blocks));
-
+  *error = BsrIndex::validate(n, k, bh, bw, row_ptr, row_ptr_len, col_idx, nnz_blocks, values_len, bias, bias_len);
+  if (!error->empty()) return nullptr;
   std::unique_ptr<BsrWeights> w(new BsrWeights());
-  w->n_ = n, w->k_ = k, w->bh_ = bh, w->bw_ = bw, w->block_rows_ = block_rows;
-  w->bh_padded_ = (bh + kPanel - 1) / kPanel * kPanel;
-  w->row_ptr_.assign(row_ptr, row_ptr + row_ptr_len);
-  w->col_idx_.assign(col_idx, col_idx + nnz_blocks);
-  w->packed_.assign(static_cast<size_t>(nnz_blocks * bw * w->bh_padded_), 0.0f);
+  w->index_ = BsrIndex::copy(n, k, bh, bw, row_ptr, col_idx, nnz_blocks, bias);
+  const int64_t bh_padded = w->index_.bh_padded;
+  w->packed_.assign(static_cast<size_t>(nnz_blocks * bw * bh_padded), 0.0f);
   for (int64_t b = 0; b < nnz_blocks; ++b) {  // [bh][bw] row-major -> [bw][bh_padded]
     const float* src = values + b * bh * bw;
-    float* dst = w->packed_.data() + b * bw * w->bh_padded_;
+    float* dst = w->packed_.data() + b * bw * bh_padded;
     for (int64_t i = 0; i < bh; ++i)
-      for (int64_t j = 0; j < bw; ++j) dst[j * w->bh_padded_ + i] = src[i * bw + j];
+      for (int64_t j = 0; j < bw; ++j) dst[j * bh_padded + i] = src[i * bw + j];
   }
-  w->bias_.assign(static_cast<size_t>(n), 0.0f);
-  if (bias != nullptr) std::copy(bias, bias + n, w->bias_.begin());
   return w;
 }
 
 void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
                      Activation activation, const float* residual) const {
   if (m <= 0) return;
-  const int64_t panel = isa == Isa::kAvx512 && bh_padded_ % kWidePanel == 0 ? kWidePanel : kPanel;
-  const TileJob job{x, y, m, n_, k_, bh_, bw_, bh_padded_, panel, bw_ * bh_padded_, row_ptr_.data(),
-                    col_idx_.data(), packed_.data(), bias_.data(), residual, activation};
+  const BsrIndex& ix = index_;
+  const int64_t panel = isa == Isa::kAvx512 && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
+  const TileJob job{x, y, m, ix.n, ix.k, ix.bh, ix.bw, ix.bh_padded, panel, ix.bw * ix.bh_padded,
+                    ix.row_ptr.data(), ix.col_idx.data(), packed_.data(), ix.bias.data(), residual, activation};
   void (*task_fn)(const TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa == Isa::kAvx512 ? run_task_avx512 : isa == Isa::kAvx2 ? run_task_avx2 : run_task_scalar;
-  const int64_t panels = bh_padded_ / panel;
-  const int64_t row_tiles = (m + kRowTile - 1) / kRowTile;
-  const int64_t per_tile = block_rows_ * panels;
-  parallel_for(static_cast<size_t>(row_tiles * per_tile), [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task);
-    const int64_t tile = t / per_tile, rest = t % per_tile;
-    const int64_t m0 = tile * kRowTile;
-    task_fn(job, m0, std::min(m, m0 + kRowTile), rest / panels, rest % panels);
+  ix.for_each_task(m, panel, parallel_for,
+                   [&](int64_t m0, int64_t m1, int64_t block_row, int64_t p) { task_fn(job, m0, m1, block_row, p); });
+}
+
+namespace {
+
+// Quantizes one row of X (see BsrInt8Weights) into q[0:k] as `offset` + xq and returns its scale.
+template <typename Q>
+float quantize_row(const float* x, int64_t k, Q* q, int offset) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < k; ++i) {
+    const float a = std::fabs(x[i]);
+    finite &= a <= std::numeric_limits<float>::max();  // false for NaN and inf
+    amax = a > amax ? a : amax;
+  }
+  if (!finite || !(amax >= 1e-30f)) {
+    for (int64_t i = 0; i < k; ++i) q[i] = static_cast<Q>(offset);
+    return finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+  }
+  const float inv = 127.0f / amax;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest even
+  for (int64_t i = 0; i < k; ++i) {
+    float v = x[i] * inv;
+    v = v < 127.0f ? v : 127.0f;
+    v = v > -127.0f ? v : -127.0f;
+    q[i] = static_cast<Q>(static_cast<int>((v + kRound) - kRound) + offset);
+  }
+  return amax / 127.0f;
+}
+
+}  // namespace
+
+Isa int8_isa(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (isa == Isa::kAvx512 && !(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")))
+    return Isa::kAvx2;
+#endif
+  return isa;
+}
+
+const char* int8_isa_name(Isa isa) { return isa == Isa::kAvx512 ? "avx512_vnni" : isa_name(isa); }
+
+std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int64_t bh, int64_t bw,
+                                                       const int64_t* row_ptr, int64_t row_ptr_len,
+                                                       const int64_t* col_idx, int64_t nnz_blocks,
+                                                       const int8_t* values, int64_t values_len, const float* scales,
+                                                       int64_t scales_len, const float* bias, int64_t bias_len,
+                                                       Isa isa, std::string* error) {
+  *error = BsrIndex::validate(n, k, bh, bw, row_ptr, row_ptr_len, col_idx, nnz_blocks, values_len, bias, bias_len);
+  if (error->empty() && k > kMaxInt8K)
+    *error = "K is " + std::to_string(k) + ", the int8 kernel takes K <= " + std::to_string(kMaxInt8K) +
+             " (its int32 sums must not overflow)";
+  if (error->empty() && scales_len != n) *error = describe("scales length", scales_len, n);
+  for (int64_t i = 0; error->empty() && i < n; ++i)
+    if (!std::isfinite(scales[i])) *error = "scales[" + std::to_string(i) + "] is not finite";
+  if (!error->empty()) return nullptr;
+
+  std::unique_ptr<BsrInt8Weights> w(new BsrInt8Weights());
+  w->index_ = BsrIndex::copy(n, k, bh, bw, row_ptr, col_idx, nnz_blocks, bias);
+  w->isa_ = int8_isa(isa);
+  w->packing_ = w->isa_ == Isa::kAvx512 ? Int8Packing::kQuads : Int8Packing::kPairs;
+  const int64_t depth = w->packing_ == Int8Packing::kQuads ? 4 : 2;
+  const int64_t bh_padded = w->index_.bh_padded;
+  const int64_t groups = (bw + depth - 1) / depth;
+  w->block_stride_ = groups * bh_padded * depth;
+  // a block's last group may read up to depth - 1 columns past the block (and past K): X rows are padded
+  w->x_stride_ = w->index_.block_cols * bw + depth;
+  w->scales_.assign(scales, scales + n);
+  w->correction_.assign(static_cast<size_t>(n), 0);
+  if (w->packing_ == Int8Packing::kQuads)
+    w->quads_.assign(static_cast<size_t>(nnz_blocks * w->block_stride_), 0);
+  else
+    w->pairs_.assign(static_cast<size_t>(nnz_blocks * w->block_stride_), 0);
+  const BsrIndex& ix = w->index_;
+  for (int64_t r = 0; r < ix.block_rows; ++r) {
+    for (int64_t b = ix.row_ptr[r]; b < ix.row_ptr[r + 1]; ++b) {
+      const int8_t* src = values + b * bh * bw;
+      const int64_t width = std::min(bw, k - ix.col_idx[b] * bw);  // padding past K is never read: stays 0
+      const int64_t height = std::min(bh, n - r * bh);
+      for (int64_t i = 0; i < height; ++i) {
+        for (int64_t j = 0; j < width; ++j) {
+          const int8_t v = src[i * bw + j];
+          const int64_t at = b * w->block_stride_ + (j / depth) * bh_padded * depth + i * depth + j % depth;
+          if (w->packing_ == Int8Packing::kQuads) {
+            w->quads_[at] = v;
+            w->correction_[r * bh + i] += 128 * v;
+          } else {
+            w->pairs_[at] = v;
+          }
+        }
+      }
+    }
+  }
+  return w;
+}
+
+void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for,
+                         Activation activation, const float* residual) const {
+  if (m <= 0) return;
+  const BsrIndex& ix = index_;
+  const bool quads = packing_ == Int8Packing::kQuads;
+  // this call's own quantized X (run() may be called from many threads at once)
+  std::vector<uint8_t> xq_u8(quads ? static_cast<size_t>(m * x_stride_) : 0, 128);
+  std::vector<int16_t> xq_s16(quads ? 0 : static_cast<size_t>(m * x_stride_), 0);
+  std::vector<float> x_scale(static_cast<size_t>(m));
+  const int64_t chunks = (m + kRowTile - 1) / kRowTile;
+  parallel_for(static_cast<size_t>(chunks), [&](size_t chunk) {
+    const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile;
+    for (int64_t r = m0; r < std::min(m, m0 + kRowTile); ++r)
+      x_scale[r] = quads ? quantize_row(x + r * ix.k, ix.k, xq_u8.data() + r * x_stride_, 128)
+                         : quantize_row(x + r * ix.k, ix.k, xq_s16.data() + r * x_stride_, 0);
   });
+  const int64_t panel = quads && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
+  const Int8TileJob job{xq_u8.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh, ix.bw,
+                        ix.bh_padded, panel, x_stride_, block_stride_, ix.row_ptr.data(), ix.col_idx.data(),
+                        quads_.data(), pairs_.data(), scales_.data(), correction_.data(), ix.bias.data(), residual,
+                        activation};
+  void (*task_fn)(const Int8TileJob&, int64_t, int64_t, int64_t, int64_t) =
+      isa_ == Isa::kAvx512 ? run_int8_task_avx512_vnni : isa_ == Isa::kAvx2 ? run_int8_task_avx2
+                                                                            : run_int8_task_scalar;
+  ix.for_each_task(m, panel, parallel_for,
+                   [&](int64_t m0, int64_t m1, int64_t block_row, int64_t p) { task_fn(job, m0, m1, block_row, p); });
 }
 
 }  // namespace lpvit

@@ -1,4 +1,5 @@
-// Portable path: plain floats (the compiler may still vectorise with the baseline ISA).
+// Portable path: plain floats and integers (the compiler may still vectorise with the baseline ISA).
+#include "int8_microkernel.h"
 #include "microkernel.h"
 
 namespace lpvit {
@@ -12,10 +13,32 @@ struct Scalar {
   static Reg fma(Reg a, Reg b, Reg c) { return a * b + c; }
   static void store(float* p, Reg v) { *p = v; }
 };
+
+// The kPairs packing element by element: two int16 products per int32 accumulator.
+struct ScalarPairs {
+  using X = int16_t;
+  using W = int16_t;
+  using Acc = int32_t;
+  struct XReg { int32_t a, b; };
+  struct WReg { int32_t a, b; };
+  static constexpr int kLanes = 1;
+  static constexpr int kDepth = 2;
+  static const W* packed(const Int8TileJob& job) { return job.packed_pairs; }
+  static const X* xq(const Int8TileJob& job) { return job.xq_s16; }
+  static Acc zero() { return 0; }
+  static WReg load_w(const W* p) { return {p[0], p[1]}; }
+  static XReg broadcast_x(const X* p) { return {p[0], p[1]}; }
+  static Acc dot(Acc acc, XReg x, WReg w) { return acc + x.a * w.a + x.b * w.b; }
+  static void store(int32_t* p, Acc v) { *p = v; }
+};
 }  // namespace
 
 void run_task_scalar(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
   run_task<Scalar, 4>(job, m0, m1, block_row, panel);
+}
+
+void run_int8_task_scalar(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
+  run_int8_task<ScalarPairs, 4>(job, m0, m1, block_row, panel);
 }
 
 }  // namespace lpvit

@@ -1,9 +1,13 @@
-// onnxruntime custom op ai.lpvit::BlockSparseLinear (version 1), on onnxruntime's Ort::CustomOpBase.
+// onnxruntime custom ops of domain ai.lpvit (version 1), on onnxruntime's Ort::CustomOpBase.
 //
-//   Y[..., N] = activation(X[..., K] * W^T + bias) + residual[..., N]
-//   W in BSR: row_ptr [N/bh + 1], col_idx [nnz], values [nnz, bh, bw]; bias [N] and residual (Y's shape) optional
-//   attributes: block_shape = [bh, bw], N, K; activation = "none" (default, also when absent: models written
-//   before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh"
+// BlockSparseLinear:      Y[..., N] = activation(X[..., K] * W^T + bias) + residual[..., N]
+//   inputs X, row_ptr [N/bh + 1], col_idx [nnz], values [nnz, bh, bw] float, bias [N] and residual (Y's shape)
+//   optional
+// BlockSparseLinearInt8:  the same with W = scales[n] * values, values int8, X quantized per row at run time
+//   (bsr_kernel.h states the arithmetic); inputs X, row_ptr, col_idx, values (int8), scales [N] float, bias,
+//   residual
+// Attributes of both: block_shape = [bh, bw], N, K; activation = "none" (default, also when absent: models
+// written before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh"
 //
 // Weights stored as constant initializers are validated and packed once, when the session creates the kernel,
 // and only read afterwards. Weights fed as graph inputs are validated and packed on every call into storage
@@ -24,11 +28,11 @@
 
 namespace {
 
-Ort::Status invalid(const std::string& message) {
-  return Ort::Status(("BlockSparseLinear: " + message).c_str(), ORT_INVALID_ARGUMENT);
+Ort::Status invalid(const char* op, const std::string& message) {
+  return Ort::Status((std::string(op) + ": " + message).c_str(), ORT_INVALID_ARGUMENT);
 }
 
-enum Input : size_t { kX, kRowPtr, kColIdx, kValues, kBias, kResidual, kInputs };
+constexpr size_t kX = 0, kRowPtr = 1, kColIdx = 2, kValues = 3;
 
 // One input as the op sees it: data, shape, element count (from a graph input or an initializer).
 template <typename T>
@@ -54,25 +58,74 @@ struct Attributes {
   std::string error;  // first attribute that could not be read
 };
 
-// Checks the buffers' shapes against the attributes, then validates and packs (BsrWeights::create).
-std::unique_ptr<lpvit::BsrWeights> pack(const Attributes& a, const InputView<int64_t>& row_ptr,
-                                        const InputView<int64_t>& col_idx, const InputView<float>& values,
-                                        const InputView<float>* bias, std::string* error) {
-  if (values.shape.size() != 3 || values.shape[1] != a.bh || values.shape[2] != a.bw) {
+// The weight inputs of one call or of the constant initializers.
+template <typename Value>
+struct WeightViews {
+  InputView<int64_t> row_ptr, col_idx;
+  InputView<Value> values;
+  InputView<float> scales, bias;
+  bool has_bias = false;
+};
+
+// The float op: values float, no scales.
+struct FloatFormat {
+  using Weights = lpvit::BsrWeights;
+  using Value = float;
+  static constexpr const char* kName = "BlockSparseLinear";
+  static constexpr bool kScaled = false;
+  static constexpr size_t kBias = 4, kResidual = 5, kInputs = 6;
+  static std::unique_ptr<Weights> create(const Attributes& a, const WeightViews<Value>& w, lpvit::Isa,
+                                         std::string* error) {
+    return Weights::create(a.n, a.k, a.bh, a.bw, w.row_ptr.data, w.row_ptr.size, w.col_idx.data, w.col_idx.size,
+                           w.values.data, w.values.size, w.has_bias ? w.bias.data : nullptr,
+                           w.has_bias ? w.bias.size : 0, error);
+  }
+  static void run(const Weights& w, const float* x, int64_t m, float* y, const lpvit::ParallelFor& pf, lpvit::Isa isa,
+                  lpvit::Activation act, const float* residual) {
+    w.run(x, m, y, pf, isa, act, residual);
+  }
+};
+
+// The int8 op: values int8 and one float scale per output channel.
+struct Int8Format {
+  using Weights = lpvit::BsrInt8Weights;
+  using Value = int8_t;
+  static constexpr const char* kName = "BlockSparseLinearInt8";
+  static constexpr bool kScaled = true;
+  static constexpr size_t kScales = 4, kBias = 5, kResidual = 6, kInputs = 7;
+  static std::unique_ptr<Weights> create(const Attributes& a, const WeightViews<Value>& w, lpvit::Isa isa,
+                                         std::string* error) {
+    return Weights::create(a.n, a.k, a.bh, a.bw, w.row_ptr.data, w.row_ptr.size, w.col_idx.data, w.col_idx.size,
+                           w.values.data, w.values.size, w.scales.data, w.scales.size,
+                           w.has_bias ? w.bias.data : nullptr, w.has_bias ? w.bias.size : 0, isa, error);
+  }
+  static void run(const Weights& w, const float* x, int64_t m, float* y, const lpvit::ParallelFor& pf, lpvit::Isa,
+                  lpvit::Activation act, const float* residual) {
+    w.run(x, m, y, pf, act, residual);
+  }
+};
+
+// Checks the buffers' shapes against the attributes, then validates and packs (Format::create).
+template <class Format>
+std::unique_ptr<typename Format::Weights> pack(const Attributes& a, const WeightViews<typename Format::Value>& w,
+                                               lpvit::Isa isa, std::string* error) {
+  if (w.values.shape.size() != 3 || w.values.shape[1] != a.bh || w.values.shape[2] != a.bw) {
     *error = "values must be [nnz_blocks, " + std::to_string(a.bh) + ", " + std::to_string(a.bw) + "]";
     return nullptr;
   }
-  if (row_ptr.shape.size() != 1 || col_idx.shape.size() != 1 || col_idx.shape[0] != values.shape[0]) {
+  if (w.row_ptr.shape.size() != 1 || w.col_idx.shape.size() != 1 || w.col_idx.shape[0] != w.values.shape[0]) {
     *error = "row_ptr and col_idx must be 1-D, col_idx as long as values' first dimension";
     return nullptr;
   }
-  if (bias != nullptr && bias->shape.size() != 1) {
+  if (w.has_bias && w.bias.shape.size() != 1) {
     *error = "bias must be 1-D";
     return nullptr;
   }
-  return lpvit::BsrWeights::create(a.n, a.k, a.bh, a.bw, row_ptr.data, row_ptr.size, col_idx.data, col_idx.size,
-                                   values.data, values.size, bias ? bias->data : nullptr, bias ? bias->size : 0,
-                                   error);
+  if (Format::kScaled && w.scales.shape.size() != 1) {
+    *error = "scales must be 1-D";
+    return nullptr;
+  }
+  return Format::create(a, w, isa, error);
 }
 
 template <typename T>
@@ -107,8 +160,9 @@ struct ParallelJob {
 
 void run_one(void* data, size_t task) { (*static_cast<ParallelJob*>(data)->body)(task); }
 
-struct BlockSparseLinearKernel {
-  BlockSparseLinearKernel(const OrtApi* api, const OrtKernelInfo* info) {
+template <class Format>
+struct LinearKernel {
+  LinearKernel(const OrtApi* api, const OrtKernelInfo* info) {
     auto read = [&](OrtStatus* status) {
       if (status != nullptr && attributes_.error.empty()) attributes_.error = api->GetErrorMessage(status);
       if (status != nullptr) api->ReleaseStatus(status);
@@ -133,61 +187,72 @@ struct BlockSparseLinearKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const { return compute(context).release(); }
 
  private:
+  using Weights = typename Format::Weights;
+
   Ort::Status compute(OrtKernelContext* context) const {  // reads no mutable member
     try {
-      if (!attributes_.error.empty()) return invalid("bad attribute: " + attributes_.error);
+      if (!attributes_.error.empty()) return invalid(Format::kName, "bad attribute: " + attributes_.error);
       Ort::KernelContext ctx(context);
       const size_t inputs = ctx.GetInputCount();
       auto input = [&](size_t index) { return index < inputs ? ctx.GetInput(index) : Ort::ConstValue{nullptr}; };
       InputView<float> x;
-      if (!view(input(kX), &x)) return invalid("X must be a float tensor");
+      if (!view(input(kX), &x)) return invalid(Format::kName, "X must be a float tensor");
       if (x.shape.empty() || x.shape.back() != attributes_.k)
-        return invalid("X's last dimension must be K=" + std::to_string(attributes_.k));
+        return invalid(Format::kName, "X's last dimension must be K=" + std::to_string(attributes_.k));
       int64_t m = 1;
       for (size_t i = 0; i + 1 < x.shape.size(); ++i) {
-        if (x.shape[i] < 0) return invalid("X has a negative dimension");
+        if (x.shape[i] < 0) return invalid(Format::kName, "X has a negative dimension");
         m *= x.shape[i];
       }
 
-      const lpvit::BsrWeights* weights = constant_weights_.get();
-      std::unique_ptr<lpvit::BsrWeights> call_weights;  // weights fed as inputs: this call's own copy
+      const Weights* weights = constant_weights_.get();
+      std::unique_ptr<Weights> call_weights;  // weights fed as inputs: this call's own copy
       if (weights == nullptr) {
-        if (!constant_error_.empty()) return invalid(constant_error_);
-        InputView<int64_t> row_ptr, col_idx;
-        InputView<float> values, bias;
-        if (!view(input(kRowPtr), &row_ptr) || !view(input(kColIdx), &col_idx) || !view(input(kValues), &values))
-          return invalid("row_ptr, col_idx (int64) and values (float) are required");
-        const bool has_bias = input(kBias) != nullptr;
-        if (has_bias && !view(input(kBias), &bias)) return invalid("bias must be a float tensor");
-        std::string error;
-        call_weights = pack(attributes_, row_ptr, col_idx, values, has_bias ? &bias : nullptr, &error);
-        if (!call_weights) return invalid(error);
+        if (!constant_error_.empty()) return invalid(Format::kName, constant_error_);
+        WeightViews<typename Format::Value> w;
+        std::string error = read_weights([&](size_t index) { return input(index); }, &w);
+        if (error.empty()) call_weights = pack<Format>(attributes_, w, isa_, &error);
+        if (!call_weights) return invalid(Format::kName, error);
         weights = call_weights.get();
       }
 
       std::vector<int64_t> y_shape = x.shape;
       y_shape.back() = attributes_.n;
       InputView<float> residual;
-      if (input(kResidual) != nullptr) {
-        if (!view(input(kResidual), &residual) || residual.shape != y_shape)
-          return invalid("residual must be a float tensor of Y's shape (X's with K replaced by N)");
+      if (input(Format::kResidual) != nullptr) {
+        if (!view(input(Format::kResidual), &residual) || residual.shape != y_shape)
+          return invalid(Format::kName, "residual must be a float tensor of Y's shape (X's with K replaced by N)");
       }
       float* out = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
       const OrtApi& api = Ort::GetApi();
-      weights->run(x.data, m, out,
-                   [&](size_t tasks, const std::function<void(size_t)>& body) {
-                     ParallelJob job{&body};
-                     OrtStatus* status = api.KernelContext_ParallelFor(context, run_one, tasks, 0, &job);
-                     if (status != nullptr) {  // no thread pool: run inline
-                       api.ReleaseStatus(status);
-                       for (size_t t = 0; t < tasks; ++t) body(t);
-                     }
-                   },
-                   isa_, attributes_.activation, residual.data);
+      Format::run(*weights, x.data, m, out,
+                  [&](size_t tasks, const std::function<void(size_t)>& body) {
+                    ParallelJob job{&body};
+                    OrtStatus* status = api.KernelContext_ParallelFor(context, run_one, tasks, 0, &job);
+                    if (status != nullptr) {  // no thread pool: run inline
+                      api.ReleaseStatus(status);
+                      for (size_t t = 0; t < tasks; ++t) body(t);
+                    }
+                  },
+                  isa_, attributes_.activation, residual.data);
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {  // bad_alloc, Ort::Exception: an error status, never terminate
-      return Ort::Status(("BlockSparseLinear: " + std::string(e.what())).c_str(), ORT_FAIL);
+      return Ort::Status((std::string(Format::kName) + ": " + e.what()).c_str(), ORT_FAIL);
     }
+  }
+
+  // Views of the weight inputs fed to a call ("" when all have the right types, else the problem).
+  template <class Input>
+  static std::string read_weights(Input input, WeightViews<typename Format::Value>* w) {
+    if (!view(input(kRowPtr), &w->row_ptr) || !view(input(kColIdx), &w->col_idx) || !view(input(kValues), &w->values))
+      return std::string("row_ptr, col_idx (int64) and values (") + (Format::kScaled ? "int8" : "float") +
+             ") are required";
+    if constexpr (Format::kScaled) {
+      if (!view(input(Format::kScales), &w->scales)) return "scales (float) are required";
+    }
+    w->has_bias = input(Format::kBias) != nullptr;
+    if (w->has_bias && !view(input(Format::kBias), &w->bias)) return "bias must be a float tensor";
+    return "";
   }
 
   // Optional string attribute "activation"; absent means "none".
@@ -214,15 +279,15 @@ struct BlockSparseLinearKernel {
   // remembered and reported by every Compute (so the error reads the same as for weights fed as inputs).
   void pack_constant_weights(const OrtApi* api, const OrtKernelInfo* info) {
     try {
-      InputView<int64_t> row_ptr, col_idx;
-      InputView<float> values, bias;
-      if (!constant_input(api, info, kRowPtr, &row_ptr) || !constant_input(api, info, kColIdx, &col_idx) ||
-          !constant_input(api, info, kValues, &values))
-        return;
-      const bool has_bias = named_input(api, info, kBias);
-      if (has_bias && !constant_input(api, info, kBias, &bias)) return;
+      WeightViews<typename Format::Value> w;
+      bool constant = constant_input(api, info, kRowPtr, &w.row_ptr) &&
+                      constant_input(api, info, kColIdx, &w.col_idx) && constant_input(api, info, kValues, &w.values);
+      if constexpr (Format::kScaled) constant = constant && constant_input(api, info, Format::kScales, &w.scales);
+      if (!constant) return;
+      w.has_bias = named_input(api, info, Format::kBias);
+      if (w.has_bias && !constant_input(api, info, Format::kBias, &w.bias)) return;
       std::string error;
-      constant_weights_ = pack(attributes_, row_ptr, col_idx, values, has_bias ? &bias : nullptr, &error);
+      constant_weights_ = pack<Format>(attributes_, w, isa_, &error);
       if (!constant_weights_) constant_error_ = error;
     } catch (const std::exception& e) {
       constant_weights_.reset();
@@ -232,29 +297,31 @@ struct BlockSparseLinearKernel {
 
   Attributes attributes_;
   lpvit::Isa isa_ = lpvit::best_isa();
-  std::unique_ptr<const lpvit::BsrWeights> constant_weights_;  // set once at creation, then only read
+  std::unique_ptr<const Weights> constant_weights_;  // set once at creation, then only read
   std::string constant_error_;
 };
 
-struct BlockSparseLinearOp : Ort::CustomOpBase<BlockSparseLinearOp, BlockSparseLinearKernel, true> {
+template <class Format>
+struct LinearOp : Ort::CustomOpBase<LinearOp<Format>, LinearKernel<Format>, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new BlockSparseLinearKernel(&api, info);
+      *kernel = new LinearKernel<Format>(&api, info);
       return nullptr;
     } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_FAIL, (std::string("BlockSparseLinear: ") + e.what()).c_str());
+      return api.CreateStatus(ORT_FAIL, (std::string(Format::kName) + ": " + e.what()).c_str());
     }
   }
-  const char* GetName() const { return "BlockSparseLinear"; }
+  const char* GetName() const { return Format::kName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kInputs; }
+  size_t GetInputTypeCount() const { return Format::kInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kRowPtr || index == kColIdx ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
-                                                : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (index == kRowPtr || index == kColIdx) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (index == kValues) return Ort::TypeToTensorType<typename Format::Value>::type;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index >= kBias ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
-                          : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+    return index >= Format::kBias ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -262,11 +329,11 @@ struct BlockSparseLinearOp : Ort::CustomOpBase<BlockSparseLinearOp, BlockSparseL
   static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
     try {
       Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-      if (shape.empty()) return invalid("X must have at least one dimension");
+      if (shape.empty()) return invalid(Format::kName, "X must have at least one dimension");
       shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
       return ctx.SetOutputShape(0, shape);
     } catch (const std::exception& e) {
-      return invalid(e.what());
+      return invalid(Format::kName, e.what());
     }
   }
 };
@@ -278,16 +345,18 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr)
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "the lpvit kernel library needs onnxruntime >= 1.21");
-  // One op and one domain for the whole process, shared by every session that registers the library: the
+  // The ops and one domain for the whole process, shared by every session that registers the library: the
   // domain must outlive those sessions, and registering again must not allocate another.
   static OrtStatus* init_error = nullptr;
   static OrtCustomOpDomain* domain = nullptr;
   static std::once_flag once;
   std::call_once(once, [&] {
     Ort::InitApi(api);
-    static const BlockSparseLinearOp op;
+    static const LinearOp<FloatFormat> float_op;
+    static const LinearOp<Int8Format> int8_op;
     if ((init_error = api->CreateCustomOpDomain("ai.lpvit", &domain)) != nullptr) return;
-    init_error = api->CustomOpDomain_Add(domain, &op);
+    if ((init_error = api->CustomOpDomain_Add(domain, &float_op)) != nullptr) return;
+    init_error = api->CustomOpDomain_Add(domain, &int8_op);
   });
   if (init_error != nullptr) return api->CreateStatus(ORT_FAIL, api->GetErrorMessage(init_error));
   return api->AddCustomOpDomain(options, domain);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops  # also registers torch.ops.lpvit.bsr_linear
+from . import ops  # also registers torch.ops.lpvit.bsr_linear and bsr_linear_int8
 from ..blocks import BlockGrid
 
 
@@ -80,6 +80,41 @@ class BlockSparseLinear(nn.Module):
         bh, bw = self.block_shape
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_shape=({bh}, {bw}), "
                 f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}, activation={self.activation}")
+
+
+class BlockSparseLinearInt8(BlockSparseLinear):
+    """A :class:`BlockSparseLinear` whose ``values`` are int8 with one float32 scale per output channel,
+    W = scales[:, None] * values; runs ``torch.ops.lpvit.bsr_linear_int8`` (X quantized per row at run time).
+
+    Buffers as BlockSparseLinear's, plus ``scales`` [out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                 values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
+        super().__init__(in_features, out_features, row_ptr, col_idx, values, bias, activation)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_quantized(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                       element_mask: torch.Tensor, block_shape: tuple[int, int],
+                       activation: str = "none") -> "BlockSparseLinearInt8":
+        """Store ``codes`` [out, in] (integers in [-128, 127]) times ``element_mask`` in the stored blocks."""
+        layer = BlockSparseLinear.from_masked_weight(codes.float(), None, element_mask, block_shape)
+        return cls(layer.in_features, layer.out_features, layer.row_ptr, layer.col_idx,
+                   layer.values.round().to(torch.int8), scales.detach().float().contiguous(),
+                   bias.detach().clone() if bias is not None else None, activation)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dequantised W [out_features, in_features]."""
+        codes = ops.bsr_to_dense(self.row_ptr, self.col_idx, self.values.float(), self.out_features,
+                                 self.in_features)
+        return codes * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.lpvit.bsr_linear_int8(x, self.row_ptr, self.col_idx, self.values, self.scales, self.bias,
+                                               self.out_features, self.in_features, self.activation, residual)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", int8"
 
 
 class DenseEpilogueLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""The block-sparse linear operator ``torch.ops.lpvit.bsr_linear`` — the boundary kernels plug in behind.
+"""The block-sparse linear operators ``torch.ops.lpvit.bsr_linear`` and ``bsr_linear_int8`` — the boundary
+kernels plug in behind.
 
     Y[..., N] = activation(X[..., K] @ W^T + bias) + residual[..., N],   W [N, K] in BSR:
       row_ptr [ceil(N/bh) + 1] int64   block-row r holds blocks row_ptr[r] .. row_ptr[r+1]-1
@@ -7,7 +8,11 @@
       activation                        one of ACTIVATIONS (the fused epilogue; "none" by default)
       residual                          Y's shape, or None
 
-This is the same contract as the ONNX op ``ai.lpvit::BlockSparseLinear``. On CPU float32 the op runs the native
+``bsr_linear_int8`` takes int8 ``values`` and ``scales`` [N] float32 (W = scales[n] * values) and quantizes
+each row of X to int8 with its own scale at run time (:func:`quantize_rows`); the products are summed exactly
+in integers, then dequantised: Y[m, n] = activation(s_m * scales[n] * (xq_m . values_n) + bias[n]) + residual.
+
+These are the contracts of the ONNX ops ``ai.lpvit::BlockSparseLinear`` and ``BlockSparseLinearInt8``. On CPU float32 the op runs the native
 kernel (kernels/, through :mod:`lpvit_compiler.kernels`); elsewhere, or when the library is not built (with a
 one-time warning), it runs the pure-torch reference: scatter the blocks into a dense W, then one GEMM. Both
 validate the buffers, so malformed ones raise instead of reading out of bounds. The fake implementation gives
@@ -101,6 +106,79 @@ def bsr_linear_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Te
     return apply_epilogue(F.linear(x, weight.to(x.dtype), bias), activation, residual)
 
 
+def check_scales(values: Tensor, scales: Tensor, out_features: int) -> None:
+    """Raise :class:`KernelLibraryError` for int8 weights the native kernel would reject."""
+    if values.dtype != torch.int8:
+        raise kernels.KernelLibraryError(f"malformed block-sparse weight: int8 values expected, got {values.dtype}")
+    if scales.dim() != 1 or scales.numel() != out_features or not bool(torch.isfinite(scales).all()):
+        raise kernels.KernelLibraryError(f"malformed block-sparse weight: scales must be {out_features} finite "
+                                         f"floats (one per output), got shape {list(scales.shape)}")
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of ``x`` [M, K] (float32) as int8 values with its own scale, exactly as the native kernel does:
+    s = max|x| / 127, xq = rint(clamp(x * (127 / max|x|), -127, 127)) in float32; a row with max|x| < 1e-30
+    gives zeros and scale 0, a row holding NaN or inf zeros and scale NaN. Returns (xq [M, K] float, s [M])."""
+    x = x.float()
+    amax = x.abs().amax(1)
+    finite = torch.isfinite(x).all(1)
+    usable = finite & (amax >= 1e-30)
+    inv = torch.where(usable, torch.tensor(127.0) / amax, torch.zeros(()))
+    xq = torch.round((x * inv[:, None]).clamp(-127, 127))  # round half to even, as the kernel's rint
+    xq = torch.where(usable[:, None], xq, torch.zeros(()))
+    scale = torch.where(usable, amax / 127.0, torch.where(finite, 0.0, float("nan")))
+    return xq, scale
+
+
+def fake_quantize_rows(x: Tensor) -> Tensor:
+    """``x`` [..., K] as the int8 kernel sees it: quantized per row and dequantised (for calibration)."""
+    xq, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return (xq * scale[:, None]).reshape(x.shape).to(x.dtype)
+
+
+def bsr_linear_int8_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Tensor,
+                              bias: Optional[Tensor], out_features: int, in_features: int, activation: str = "none",
+                              residual: Optional[Tensor] = None) -> Tensor:
+    """The int8 op stated directly: rows quantized, integer products summed in float64 (exact below 2^53),
+    dequantised in float32 in the kernel's order, then the epilogue."""
+    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
+    check_scales(values, scales, out_features)
+    weight = bsr_to_dense(row_ptr, col_idx, values.double(), out_features, in_features)
+    xq, sx = quantize_rows(x.reshape(-1, in_features))
+    acc = (xq.double() @ weight.T).float()
+    y = acc * (sx[:, None] * scales[None, :])
+    if bias is not None:
+        y = y + bias
+    return apply_epilogue(y.reshape(*x.shape[:-1], out_features), activation, residual)
+
+
+@torch.library.custom_op("lpvit::bsr_linear_int8", mutates_args=())
+def bsr_linear_int8(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Tensor,
+                    bias: Optional[Tensor], out_features: int, in_features: int, activation: str = "none",
+                    residual: Optional[Tensor] = None) -> Tensor:
+    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
+    check_scales(values, scales, out_features)
+    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                  residual, scales)
+    if y is None:
+        _warn_if_unbuilt()
+        y = bsr_linear_int8_reference(x, row_ptr, col_idx, values, scales, bias, out_features, in_features,
+                                      activation, residual)
+    return y
+
+
+@bsr_linear_int8.register_fake
+def _bsr_linear_int8_fake(x, row_ptr, col_idx, values, scales, bias, out_features, in_features, activation="none",
+                          residual=None):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _warn_if_unbuilt() -> None:
+    if not kernels.native_available():
+        warnings.warn("lpvit: the native kernel library is not built; block-sparse layers run the slow "
+                      "pure-torch reference (reinstall with `pip install .` to build it)", stacklevel=3)
+
+
 @torch.library.custom_op("lpvit::bsr_linear", mutates_args=())
 def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                out_features: int, in_features: int, activation: str = "none",
@@ -109,9 +187,7 @@ def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
     y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
                                   residual)
     if y is None:
-        if not kernels.native_available():
-            warnings.warn("lpvit: the native kernel library is not built; block-sparse layers run the slow "
-                          "pure-torch reference (reinstall with `pip install .` to build it)", stacklevel=2)
+        _warn_if_unbuilt()
         y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
                                  residual)
     return y
