@@ -165,35 +165,6 @@ void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& par
                    [&](int64_t m0, int64_t m1, int64_t block_row, int64_t p) { task_fn(job, m0, m1, block_row, p); });
 }
 
-namespace {
-
-// Quantizes one row of X (see BsrInt8Weights) into q[0:k] as `offset` + xq and returns its scale.
-template <typename Q>
-float quantize_row(const float* x, int64_t k, Q* q, int offset) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t i = 0; i < k; ++i) {
-    const float a = std::fabs(x[i]);
-    finite &= a <= std::numeric_limits<float>::max();  // false for NaN and inf
-    amax = a > amax ? a : amax;
-  }
-  if (!finite || !(amax >= 1e-30f)) {
-    for (int64_t i = 0; i < k; ++i) q[i] = static_cast<Q>(offset);
-    return finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-  }
-  const float inv = 127.0f / amax;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest even
-  for (int64_t i = 0; i < k; ++i) {
-    float v = x[i] * inv;
-    v = v < 127.0f ? v : 127.0f;
-    v = v > -127.0f ? v : -127.0f;
-    q[i] = static_cast<Q>(static_cast<int>((v + kRound) - kRound) + offset);
-  }
-  return amax / 127.0f;
-}
-
-}  // namespace
-
 Isa int8_isa(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
@@ -231,7 +202,6 @@ std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int
   // a block's last group may read up to depth - 1 columns past the block (and past K): X rows are padded
   w->x_stride_ = w->index_.block_cols * bw + depth;
   w->scales_.assign(scales, scales + n);
-  w->correction_.assign(static_cast<size_t>(n), 0);
   if (w->packing_ == Int8Packing::kQuads)
     w->quads_.assign(static_cast<size_t>(nnz_blocks * w->block_stride_), 0);
   else
@@ -246,12 +216,10 @@ std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int
         for (int64_t j = 0; j < width; ++j) {
           const int8_t v = src[i * bw + j];
           const int64_t at = b * w->block_stride_ + (j / depth) * bh_padded * depth + i * depth + j % depth;
-          if (w->packing_ == Int8Packing::kQuads) {
-            w->quads_[at] = v;
-            w->correction_[r * bh + i] += 128 * v;
-          } else {
+          if (w->packing_ == Int8Packing::kQuads)
+            w->quads_[at] = static_cast<uint8_t>(v + 128);
+          else
             w->pairs_[at] = v;
-          }
         }
       }
     }
@@ -264,21 +232,28 @@ void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor&
   if (m <= 0) return;
   const BsrIndex& ix = index_;
   const bool quads = packing_ == Int8Packing::kQuads;
-  // this call's own quantized X (run() may be called from many threads at once)
-  std::vector<uint8_t> xq_u8(quads ? static_cast<size_t>(m * x_stride_) : 0, 128);
+  // this call's own quantized X (run() may be called from many threads at once); padding stays 0
+  std::vector<int8_t> xq_s8(quads ? static_cast<size_t>(m * x_stride_) : 0, 0);
   std::vector<int16_t> xq_s16(quads ? 0 : static_cast<size_t>(m * x_stride_), 0);
+  std::vector<int32_t> block_sums(quads ? static_cast<size_t>(m * ix.block_cols) : 0, 0);
   std::vector<float> x_scale(static_cast<size_t>(m));
   const int64_t chunks = (m + kRowTile - 1) / kRowTile;
   parallel_for(static_cast<size_t>(chunks), [&](size_t chunk) {
     const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile;
-    for (int64_t r = m0; r < std::min(m, m0 + kRowTile); ++r)
-      x_scale[r] = quads ? quantize_row(x + r * ix.k, ix.k, xq_u8.data() + r * x_stride_, 128)
-                         : quantize_row(x + r * ix.k, ix.k, xq_s16.data() + r * x_stride_, 0);
+    const int64_t rows = std::min(m, m0 + kRowTile) - m0;
+    if (quads)
+      quantize_rows_avx512_vnni(x + m0 * ix.k, rows, ix.k, xq_s8.data() + m0 * x_stride_, x_stride_,
+                                x_scale.data() + m0, ix.bw, block_sums.data() + m0 * ix.block_cols);
+    else if (isa_ == Isa::kAvx2)
+      quantize_rows_avx2(x + m0 * ix.k, rows, ix.k, xq_s16.data() + m0 * x_stride_, x_stride_, x_scale.data() + m0);
+    else
+      quantize_rows_scalar(x + m0 * ix.k, rows, ix.k, xq_s16.data() + m0 * x_stride_, x_stride_,
+                           x_scale.data() + m0);
   });
   const int64_t panel = quads && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
-  const Int8TileJob job{xq_u8.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh, ix.bw,
-                        ix.bh_padded, panel, x_stride_, block_stride_, ix.row_ptr.data(), ix.col_idx.data(),
-                        quads_.data(), pairs_.data(), scales_.data(), correction_.data(), ix.bias.data(), residual,
+  const Int8TileJob job{xq_s8.data(), block_sums.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh,
+                        ix.bw, ix.bh_padded, panel, ix.block_cols, x_stride_, block_stride_, ix.row_ptr.data(),
+                        ix.col_idx.data(), quads_.data(), pairs_.data(), scales_.data(), ix.bias.data(), residual,
                         activation};
   void (*task_fn)(const Int8TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa_ == Isa::kAvx512 ? run_int8_task_avx512_vnni : isa_ == Isa::kAvx2 ? run_int8_task_avx2

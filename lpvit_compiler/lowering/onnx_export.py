@@ -2,8 +2,9 @@
 
 ``target="lpvit"``: every BlockSparseLinear becomes one ``ai.lpvit::BlockSparseLinear`` node (opset
 ``ai.lpvit`` 1) whose ``row_ptr``/``col_idx``/``values``/``bias`` are initializers — the custom-op library's
-contract (kernels/ort_op.cc). ``target="portable"``: standard ONNX ops only, each block-sparse layer as a dense
-MatMul on its masked weight (zeros included). Dense-with-zeros rather than a gather formulation because every
+contract (kernels/ort_op.cc); an int8 layer (BlockSparseLinearInt8) becomes ``ai.lpvit::BlockSparseLinearInt8``
+with int8 ``values`` and float ``scales``. ``target="portable"``: standard ONNX ops only, each block-sparse layer
+as a dense MatMul on its masked (and, for int8 layers, dequantised) weight, zeros included. Dense-with-zeros rather than a gather formulation because every
 runtime's GEMM is its fastest path and a gather of blocks would cost more than it saves without a sparse
 kernel; the file runs on stock onnxruntime or any other ONNX runtime.
 
@@ -22,7 +23,7 @@ import torch
 from torch import fx
 
 from ..errors import LpvitError
-from ..runtime.modules import BlockSparseLinear, DenseEpilogueLinear, linear_from
+from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8, DenseEpilogueLinear, linear_from
 
 DOMAIN = "ai.lpvit"
 DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
@@ -31,38 +32,55 @@ TARGETS = ("lpvit", "portable")
 
 
 def _register_schema() -> None:
-    """Declare ai.lpvit::BlockSparseLinear to onnx, so onnxscript can emit it and onnx.checker knows it."""
-    if onnx.defs.has("BlockSparseLinear", DOMAIN):
-        return
+    """Declare the ai.lpvit ops to onnx, so onnxscript can emit them and onnx.checker knows them."""
     schema = onnx.defs.OpSchema
     parameter = schema.FormalParameter
-    onnx.defs.register_schema(schema(
-        "BlockSparseLinear", DOMAIN, 1,
-        doc="Y[..., N] = activation(X[..., K] * W^T + bias) + residual, W [N, K] in BSR (row_ptr, col_idx, "
-            "values [nnz, bh, bw]); bias and residual optional",
-        inputs=[parameter("X", "T"), parameter("row_ptr", "tensor(int64)"), parameter("col_idx", "tensor(int64)"),
-                parameter("values", "T"), parameter("bias", "T", param_option=schema.FormalParameterOption.Optional),
-                parameter("residual", "T", param_option=schema.FormalParameterOption.Optional)],
-        outputs=[parameter("Y", "T")],
-        type_constraints=[("T", ["tensor(float)"], "fp32")],
-        attributes=[schema.Attribute("block_shape", schema.AttrType.INTS, "[bh, bw]"),
-                    schema.Attribute("N", schema.AttrType.INT, "out features"),
-                    schema.Attribute("K", schema.AttrType.INT, "in features"),
-                    schema.Attribute("activation", onnx.helper.make_attribute("activation", "none"),
-                                     "fused epilogue applied before the residual add: none | relu | gelu (erf form) "
-                                     "| gelu_tanh; absent means none")],
-    ))
+    optional = schema.FormalParameterOption.Optional
+    attributes = [schema.Attribute("block_shape", schema.AttrType.INTS, "[bh, bw]"),
+                  schema.Attribute("N", schema.AttrType.INT, "out features"),
+                  schema.Attribute("K", schema.AttrType.INT, "in features"),
+                  schema.Attribute("activation", onnx.helper.make_attribute("activation", "none"),
+                                   "fused epilogue applied before the residual add: none | relu | gelu (erf form) | "
+                                   "gelu_tanh; absent means none")]
+    index = [parameter("X", "T"), parameter("row_ptr", "tensor(int64)"), parameter("col_idx", "tensor(int64)")]
+    epilogue = [parameter("bias", "T", param_option=optional), parameter("residual", "T", param_option=optional)]
+    ops = {
+        "BlockSparseLinear": ("Y[..., N] = activation(X[..., K] * W^T + bias) + residual, W [N, K] in BSR (row_ptr, "
+                              "col_idx, values [nnz, bh, bw]); bias and residual optional",
+                              [parameter("values", "T")]),
+        "BlockSparseLinearInt8": ("As BlockSparseLinear with W = scales[n] * values (values int8 [nnz, bh, bw], "
+                                  "scales [N]); each row of X is quantized to int8 with scale max|x|/127 at run "
+                                  "time and the products are summed exactly in int32",
+                                  [parameter("values", "tensor(int8)"), parameter("scales", "T")]),
+    }
+    for name, (doc, weights) in ops.items():
+        if not onnx.defs.has(name, DOMAIN):
+            onnx.defs.register_schema(schema(name, DOMAIN, 1, doc=doc, inputs=index + weights + epilogue,
+                                             outputs=[parameter("Y", "T")],
+                                             type_constraints=[("T", ["tensor(float)"], "fp32")],
+                                             attributes=attributes))
 
 
 def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0,
                         activation: str = "none", residual=None):
+    return _lpvit_node("BlockSparseLinear", (x, row_ptr, col_idx, values, bias), values, out_features, in_features,
+                       activation, residual)
+
+
+def _bsr_linear_int8_to_onnx(x, row_ptr, col_idx, values, scales, bias=None, out_features: int = 0,
+                             in_features: int = 0, activation: str = "none", residual=None):
+    return _lpvit_node("BlockSparseLinearInt8", (x, row_ptr, col_idx, values, scales, bias), values, out_features,
+                       in_features, activation, residual)
+
+
+def _lpvit_node(op: str, inputs: tuple, values, out_features: int, in_features: int, activation: str, residual):
     import onnxscript
 
     lpvit_opset = onnxscript.values.Opset(DOMAIN, 1)
     attributes = {"activation": activation} if activation != "none" else {}  # unfused nodes stay as before
-    inputs = (x, row_ptr, col_idx, values, bias) + ((residual,) if residual is not None else ())
-    return lpvit_opset.BlockSparseLinear(*inputs, block_shape=[int(values.shape[1]), int(values.shape[2])],
-                                         N=out_features, K=in_features, **attributes)
+    inputs = inputs + ((residual,) if residual is not None else ())
+    return getattr(lpvit_opset, op)(*inputs, block_shape=[int(values.shape[1]), int(values.shape[2])],
+                                    N=out_features, K=in_features, **attributes)
 
 
 def _densified(gm: fx.GraphModule) -> fx.GraphModule:
@@ -89,7 +107,9 @@ def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx}, verbose=False,
+            custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx,
+                                      torch.ops.lpvit.bsr_linear_int8.default: _bsr_linear_int8_to_onnx},
+            verbose=False,
         )
     proto = _clean(program.model_proto)
     if metadata:
@@ -133,20 +153,24 @@ def dense_layer_model(weight: torch.Tensor, bias: torch.Tensor | None = None) ->
 
 def single_layer_model(layer: BlockSparseLinear, dense: bool = False, residual: bool = False) -> onnx.ModelProto:
     """One layer as an ONNX model, input ``X`` [M, K] -> ``Y`` [M, N]: the ai.lpvit op on the layer's BSR
-    buffers (its ``activation`` attribute set unless "none"; ``residual=True`` adds a graph input ``R`` [M, N]
-    fed to the op's residual), or (``dense=True``) MatMul + Add on the same weights densified, without epilogue.
-    For kernel tests and benchmarks."""
+    buffers (BlockSparseLinearInt8 for an int8 layer; its ``activation`` attribute set unless "none";
+    ``residual=True`` adds a graph input ``R`` [M, N] fed to the op's residual), or (``dense=True``) MatMul + Add
+    on the same (dequantised) weights densified, without epilogue. For kernel tests and benchmarks."""
     from onnx import TensorProto, helper
 
     if dense:
         return dense_layer_model(layer.to_dense(), layer.bias)
-    names = ["X", "row_ptr", "col_idx", "values", "bias" if layer.bias is not None else "", "R" if residual else ""]
+    int8 = isinstance(layer, BlockSparseLinearInt8)
+    names = ["X", "row_ptr", "col_idx", "values", *(["scales"] if int8 else []),
+             "bias" if layer.bias is not None else "", "R" if residual else ""]
     while not names[-1]:  # absent optional inputs at the end are left out, in the middle named ""
         names.pop()
     attributes = {"activation": layer.activation} if layer.activation != "none" else {}
-    nodes = [helper.make_node("BlockSparseLinear", names, ["Y"], domain=DOMAIN, block_shape=list(layer.block_shape),
-                              N=layer.out_features, K=layer.in_features, **attributes)]
-    tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values}
+    nodes = [helper.make_node("BlockSparseLinearInt8" if int8 else "BlockSparseLinear", names, ["Y"], domain=DOMAIN,
+                              block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features,
+                              **attributes)]
+    tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values,
+               **({"scales": layer.scales} if int8 else {})}
     if layer.bias is not None:
         tensors["bias"] = layer.bias
     model = _layer_model(nodes, tensors, layer.in_features, layer.out_features, True)

@@ -23,6 +23,25 @@ def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {inputs[0].name: np.random.default_rng(seed).standard_normal((batch, *shape[1:]), dtype=np.float32)}
 
 
+def ort_dynamic_int8(model) -> bytes:
+    """onnxruntime's own one-line int8: ``quantize_dynamic(model, out, weight_type=QInt8)`` of a float ONNX model
+    (a ModelProto, bytes or a path) — the baseline a user would pick instead of lpvit. Returns the model bytes."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        if isinstance(model, (str, Path)):
+            source = Path(model)
+        else:
+            onnx.save(model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model), source)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        return target.read_bytes()
+
+
 def compare_sessions(dense, compiled, batches, repeats: int, progress=None) -> dict:
     """End-to-end timing of two sessions of the same model side by side: {"batches": {batch: dense_ms,
     compiled_ms, speedup (dense / compiled)}, "repeats"}; each batch's candidates run interleaved."""
