@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
 POWER_MODELS = ("energy", "lpvit")
+QUANTIZE_MODES = (None, "int8")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 
@@ -50,7 +51,7 @@ def _flag(name: str, value) -> bool:
 def _choice(choices: tuple[str, ...]) -> Callable:
     def check(name: str, value):
         if value not in choices:
-            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
         return value
     return check
 
@@ -100,6 +101,12 @@ class CompileOptions:
     fuse_epilogues: bool = _option(True, _flag, "fold the activation and residual add after a block-sparse layer "
                                                "into its write-back")
     reconstruct: bool = _option(True, _flag, "refit kept weights and biases to the dense outputs")
+    quantize: str | None = _option(None, _choice(QUANTIZE_MODES),
+                                   "None (float32) or 'int8': int8 weights (one scale per output channel) and X "
+                                   "quantized per token at run time, on the int8 block-sparse kernel")
+    gptq: bool = _option(True, _flag, "with quantize='int8': quantize the kept weights column by column with "
+                                      "second-order error compensation (GPTQ) on the reconstruction's Hessian; "
+                                      "False rounds each weight to nearest")
     reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
 

@@ -7,7 +7,7 @@ Who fills what (each pass's contract in ``passes/`` says the same to the pass ma
     importance         -> tokens, block_scores, prune_order, distortion
     hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
     block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve
-    reconstruct        -> (weights in the graph only)
+    reconstruct        -> weight_scales (quantize="int8"; the weights themselves live in the graph)
     dead_block_elim.   -> kept_rows, kept_cols (the layer's shape shrinks); CompileState.hidden_units_removed
     bsr_layout         -> nnz_blocks, layout; CompileState.flops_keep_executed
     fuse_epilogues     -> epilogue
@@ -60,6 +60,8 @@ class LayerState:
     # solve
     pruned_blocks: int = 0
     block_mask: torch.Tensor | None = None  # [block_rows, block_cols] bool, True = kept
+    # reconstruct, quantize="int8": per-output-channel scales of the int8 weights (original rows)
+    weight_scales: torch.Tensor | None = None
     # dead-block elimination: indices into the original rows / columns that remain
     kept_rows: torch.Tensor | None = None
     kept_cols: torch.Tensor | None = None

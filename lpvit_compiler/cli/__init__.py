@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="check every pass's invariant while compiling (slower)")
     c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="keep the surviving weights as trained (default: refit them to the dense outputs)")
+    c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
+                                                         "block-sparse kernel (default: float32)")
+    c.add_argument("--no-gptq", dest="gptq", action="store_false",
+                   help="with --quantize: round weights to nearest instead of GPTQ's error compensation")
     c.add_argument("--calib", default="random:32", metavar="SPEC",
                    help="calibration images: an ImageFolder DIR, fashion-mnist[:N] or random:N (default random:32)")
     c.add_argument("--calib-images", type=int, default=256, help="images to take from a DIR or fashion-mnist")

@@ -10,6 +10,11 @@ With ``dense_fallback``, a layer the cost model finds too dense for the block-sp
 nn.Linear on its masked weight W (.) M: the same numbers, a faster GEMM. The decision reads the layer's
 current ``costs`` — its shape after dead-block elimination and its live blocks in that shape.
 
+With ``quantize="int8"`` every pruned layer becomes a :class:`~lpvit_compiler.modules.BlockSparseLinearInt8`
+(codes = round(W / s) of the reconstruct pass's dequantised weights and scales s, restricted to the live rows):
+the dense fallback does not apply, since onnxruntime's dense int8 path quantizes X per tensor, not per token as
+the layer was fitted for.
+
 Also records the FLOPs the compiled model really executes (after elimination; dense layers count in full):
     flops_keep_executed = sum_l 2 * tokens_l * |executed elements_l| / sum_l 2 * tokens_l * |W_l|
 """
@@ -19,7 +24,8 @@ from __future__ import annotations
 from torch import fx
 
 from ..pass_manager import PassResult, compiler_pass
-from ..runtime.modules import BlockSparseLinear
+from ..quantization import codes
+from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 from ..state import CompileState
 
 
@@ -30,10 +36,16 @@ def bsr_layout(gm: fx.GraphModule, state: CompileState) -> PassResult:
     for name, layer in state.layers.items():
         linear = gm.get_submodule(name)
         live_mask = layer.live_mask()
-        bsr = BlockSparseLinear.from_masked_weight(linear.weight, linear.bias, live_mask, layer.grid.block_shape)
+        int8 = state.options.quantize == "int8"
+        if int8:
+            scales = layer.weight_scales if layer.kept_rows is None else layer.weight_scales[layer.kept_rows]
+            bsr = BlockSparseLinearInt8.from_quantized(codes(linear.weight.detach(), scales), scales, linear.bias,
+                                                       live_mask, layer.grid.block_shape)
+        else:
+            bsr = BlockSparseLinear.from_masked_weight(linear.weight, linear.bias, live_mask, layer.grid.block_shape)
         layer.nnz_blocks = bsr.nnz_blocks
         dense += 2.0 * layer.tokens * layer.out_features * layer.in_features
-        if state.options.dense_fallback and not layer.costs.sparse_faster:
+        if state.options.dense_fallback and not layer.costs.sparse_faster and not int8:
             layer.layout = "dense"  # its weight is already masked (reconstruct's contract)
             executed += 2.0 * layer.tokens * linear.weight.numel()
         else:
@@ -41,14 +53,15 @@ def bsr_layout(gm: fx.GraphModule, state: CompileState) -> PassResult:
             gm.set_submodule(name, bsr)
             executed += 2.0 * layer.tokens * float(live_mask.sum())
         per_layer[name] = {
-            "layout": layer.layout,
+            "layout": layer.layout + ("-int8" if int8 else ""),
             "shape": [bsr.out_features, bsr.in_features],
             "block_shape": list(bsr.block_shape),
             "nnz_blocks": bsr.nnz_blocks,
             "block_rows": bsr.row_ptr.numel() - 1,
             "padded": bsr.out_features % bsr.block_shape[0] != 0 or bsr.in_features % bsr.block_shape[1] != 0,
             "bytes_dense": 4 * linear.weight.numel(),
-            "bytes_bsr": 4 * bsr.values.numel() + 8 * (bsr.row_ptr.numel() + bsr.col_idx.numel()),
+            "bytes_bsr": bsr.values.element_size() * bsr.values.numel() + 8 * (bsr.row_ptr.numel() +
+                                                                                bsr.col_idx.numel()),
         }
     gm.recompile()
     state.flops_keep_executed = executed / dense

@@ -1,4 +1,5 @@
-"""Weight reconstruction: refit each pruned layer's surviving weights so it reproduces the dense layer.
+"""Weight reconstruction: refit each pruned layer's surviving weights so it reproduces the dense layer (and,
+with ``quantize="int8"``, quantize them given the mask).
 
 Input: the graph with nn.Linear modules and every layer's ``block_mask`` (from the solve).
 Output: the same graph; every prunable layer's weight is zero outside its mask (from here on the graph is the
@@ -21,6 +22,13 @@ become identity rows with zero right-hand side, so their weights come out 0). A 
 calibration tokens worse than the plainly masked row (possible only through the damping) keeps the masked row:
 reconstruction is never worse on the calibration data.
 
+With ``quantize="int8"`` the layer is fitted as it will run: X_p is quantized per token the way the int8 kernel
+quantizes it (``ops.fake_quantize_rows``), and after the refit the kept weights are quantized to int8 with one
+scale per output channel — by GPTQ on the same damped H (``gptq=True``, see quantization.py) or by rounding to
+nearest — and the dequantised weights stay in the graph (``LayerState.weight_scales`` keeps the scales for the
+layout). Later layers then fit to the outputs of the quantized ones. Without reconstruction the masked weights
+are rounded to nearest.
+
 Layers are processed in graph order while two streams of activations (dense and pruned) run through the graph
 node by node over the calibration images: each layer is fitted to the inputs it will really see (the error of
 earlier layers does not pile up), and its targets are the dense model's outputs (the shift in activation
@@ -34,10 +42,11 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
+from ..linalg import SOLVE_BYTES, block_row_systems, cholesky, damped
 from ..pass_manager import PassResult, compiler_pass
+from ..quantization import quantize_gptq, quantize_nearest
+from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
-
-SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
@@ -67,9 +76,7 @@ def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_
     target = w64 @ g.T  # [N, K']: row n is (G W_n^T)^T
     if with_bias:
         target += bias.double()[:, None] * s[None, :]
-    lam = damping * float(torch.diagonal(h)[:k].mean().clamp_min(1e-12))
-    h = h.clone()
-    h.diagonal()[:k] += lam
+    h, lam = damped(h, k, damping)
     keep = element_mask.bool()
     if with_bias:
         keep = torch.cat([keep, keep.new_ones(n, 1)], dim=1)
@@ -81,8 +88,7 @@ def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_
     for first in range(0, block_rows, group):
         rows = range(first, min(first + group, block_rows))
         kept = torch.stack([keep[r * bh] for r in rows]).double()  # [R, K'] kept columns of each block row
-        system = kept[:, :, None] * h * kept[:, None, :] + torch.diag_embed(1 - kept)
-        factor = _cholesky(system, lam)
+        factor = cholesky(block_row_systems(h, kept), lam)
         for i, r in enumerate(rows):
             lines = slice(r * bh, min((r + 1) * bh, n))
             rhs = (target[lines] * kept[i]).T  # [K', rows of the block row]
@@ -93,19 +99,6 @@ def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_
     better = error(solved) <= error(masked)
     result = torch.where(better[:, None], solved, masked).to(weight.dtype)
     return (result[:, :k].contiguous(), result[:, k].contiguous()) if with_bias else (result, None)
-
-
-def _cholesky(system: torch.Tensor, lam: float) -> torch.Tensor:
-    """Cholesky factors of a batch of systems; where rounding leaves one not positive definite (rank-deficient
-    inputs with tiny damping), add damping tenfold until it is."""
-    extra = max(lam, 1e-12)
-    for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(system)
-        if not bool(info.any()):
-            return factor
-        system = system + extra * torch.eye(system.shape[-1], dtype=system.dtype)
-        extra *= 10
-    raise RuntimeError("reconstruction: normal equations stay singular after damping")
 
 
 def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: int):
@@ -123,11 +116,17 @@ def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) ->
 @compiler_pass(requires=("masks",), provides=("masked_weights",), invariant="zero_outside_masks")
 def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     opts = state.options
+    int8 = opts.quantize == "int8"
     if not opts.reconstruct:
         with torch.no_grad():
             for name, layer in state.layers.items():
-                gm.get_submodule(name).weight.mul_(layer.element_mask())
-        return PassResult(gm, True, {"enabled": False, "note": "weights masked, not refitted"})
+                weight = gm.get_submodule(name).weight
+                weight.mul_(layer.element_mask())
+                if int8:
+                    quantized, layer.weight_scales = quantize_nearest(weight, layer.element_mask())
+                    weight.copy_(quantized)
+        note = "weights masked" + (" and rounded to int8" if int8 else "") + ", not refitted"
+        return PassResult(gm, True, {"enabled": False, "note": note})
     images = torch.cat(state.calibration)[: opts.reconstruct_images]
     chunks = list(torch.split(images, opts.calib_batch_size))
     interpreter = fx.Interpreter(gm)
@@ -150,6 +149,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
             elif node.op == "call_module" and node.target in state.layers and node.target not in per_layer:
                 layer, linear = state.layers[node.target], gm.get_submodule(node.target)
                 xd, xp = dense[node.args[0]], pruned[node.args[0]]
+                if int8:  # the int8 kernel sees X quantized per token
+                    xp = [fake_quantize_rows(x) for x in xp]
                 weight = linear.weight.detach().clone()
                 bias = None if linear.bias is None else linear.bias.detach().clone()
                 mask = layer.element_mask()
@@ -160,6 +161,11 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
                                                               layer.grid.block_shape[0], h, g, s,
                                                               opts.hessian_damping)
+                    if int8 and opts.gptq:
+                        new_weight, new_bias, layer.weight_scales = quantize_gptq(
+                            new_weight, new_bias, mask, layer.grid.block_shape[0], h, opts.hessian_damping)
+                    elif int8:
+                        new_weight, layer.weight_scales = quantize_nearest(new_weight, mask)
                     linear.weight.copy_(new_weight)
                     if bias is not None:
                         linear.bias.copy_(new_bias)
@@ -177,5 +183,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
                     pruned.pop(used, None)
-    decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping, "layers": per_layer}
+    decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping,
+                 "quantize": opts.quantize and f"{opts.quantize} ({'gptq' if opts.gptq else 'round to nearest'})",
+                 "layers": per_layer}
     return PassResult(gm, True, decisions)

@@ -117,6 +117,18 @@ class BlockSparseLinearInt8(BlockSparseLinear):
         return super().extra_repr() + ", int8"
 
 
+class InputQuantizedLinear(nn.Module):
+    """``linear(fake_quantize_rows(x))``: a float layer seeing its input as the int8 kernel does (quantized per
+    token), the reference an int8 layer is checked against."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(ops.fake_quantize_rows(x))
+
+
 class DenseEpilogueLinear(nn.Module):
     """``activation(linear(x)) + residual`` on a dense nn.Linear: a fused BlockSparseLinear written out in
     standard ops (the portable ONNX export and fine-tuning replace fused layers with it)."""
