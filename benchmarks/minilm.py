@@ -103,6 +103,22 @@ def compare(dense: torch.Tensor, compiled: torch.Tensor) -> dict:
             "nn_agreement": float((neighbours[0] == neighbours[1]).float().mean())}
 
 
+def ort_int8_embeddings(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The dense encoder exported to ONNX, quantized by onnxruntime's quantize_dynamic (QInt8), run on ``ids``."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from lpvit_compiler.tools.bench import ort_dynamic_int8
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "minilm.onnx"
+        torch.onnx.export(model, (ids[:2],), str(path), input_names=["input_ids"], output_names=["embedding"],
+                          dynamic_axes={"input_ids": {0: "batch"}}, opset_version=17, dynamo=False)
+        session = ort.InferenceSession(ort_dynamic_int8(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops-keep", nargs="+", type=float, default=[0.7, 0.5, 0.3])
@@ -111,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-sentences", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantize='int8' (GPTQ and round-to-nearest) of obs + reconstruct, int8 alone "
+                             "(flops_keep 1.0), and onnxruntime's own dynamic int8 of the dense model")
     parser.add_argument("--out", type=Path, default=RESULTS / "minilm")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,33 +146,47 @@ def main(argv=None) -> int:
     with torch.no_grad():
         dense = model(evaluation)
     rows = []
-    for flops_keep in args.flops_keep:
-        for reconstruct in (False, True):
-            for criterion in args.criteria:
-                compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=args.block,
-                                         importance=criterion, reconstruct=reconstruct, progress=False)
-                with torch.no_grad():
-                    result = compare(dense, compiled(evaluation))
-                row = {"flops_keep": flops_keep, "criterion": criterion, "reconstruct": reconstruct,
-                       "variant": criterion + (" + reconstruct" if reconstruct else ""),
-                       "flops_keep_achieved": compiled.report.flops_keep_achieved,
-                       "layers": len(compiled.report.layers), **result}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    settings = [(criterion + (" + reconstruct" if reconstruct else ""),
+                 {"importance": criterion, "reconstruct": reconstruct})
+                for reconstruct in (False, True) for criterion in args.criteria]
+    if args.int8:
+        settings += [("obs + reconstruct + int8 (GPTQ)", {"importance": "obs", "quantize": "int8"}),
+                     ("obs + reconstruct + int8 (round to nearest)",
+                      {"importance": "obs", "quantize": "int8", "gptq": False})]
+        row = {"flops_keep": 1.0, "variant": "onnxruntime int8 (quantize_dynamic)",
+               **compare(dense, ort_int8_embeddings(model, evaluation))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    budgets = ([1.0] if args.int8 else []) + list(args.flops_keep)
+    for flops_keep in budgets:
+        for variant, options in settings:
+            if flops_keep == 1.0 and "int8" not in variant:
+                continue
+            compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=args.block,
+                                     progress=False, **options)
+            with torch.no_grad():
+                result = compare(dense, compiled(evaluation))
+            row = {"flops_keep": flops_keep, "variant": variant, **options,
+                   "flops_keep_achieved": compiled.report.flops_keep_achieved,
+                   "layers": len(compiled.report.layers), **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     meta = {"calib_sentences": len(calib), "eval_sentences": len(evaluation), "max_length": args.max_length,
             "block": args.block, "example_sentences": texts[:5]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = [f"all-MiniLM-L6-v2 (real weights), {len(rows[0:1]) and rows[0]['layers']} encoder linears pruned, "
+    layers = next(r["layers"] for r in rows if "layers" in r)
+    lines = [f"all-MiniLM-L6-v2 (real weights), {layers} encoder linears pruned, "
              f"{args.block}x{args.block} blocks, no fine-tuning; {len(calib)} calibration and {len(evaluation)} "
              "evaluation sentences (standard-library docstrings). Cells: mean cosine similarity of compiled to "
              "dense sentence embeddings / top-1 nearest-neighbour agreement.", "",
              "| flops_keep | " + " | ".join(variants) + " |", "|---" * (1 + len(variants)) + "|"]
-    for flops_keep in args.flops_keep:
+    for flops_keep in budgets:
         cell = {r["variant"]: r for r in rows if r["flops_keep"] == flops_keep}
         lines.append(f"| {flops_keep} | " + " | ".join(
-            f"{cell[v]['cosine_mean']:.3f} / {cell[v]['nn_agreement']:.3f}" for v in variants) + " |")
+            f"{cell[v]['cosine_mean']:.3f} / {cell[v]['nn_agreement']:.3f}" if v in cell else "—"
+            for v in variants) + " |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -199,9 +199,8 @@ std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int
   const int64_t bh_padded = w->index_.bh_padded;
   const int64_t groups = (bw + depth - 1) / depth;
   w->block_stride_ = groups * bh_padded * depth;
-  // a block's last group may read up to depth - 1 columns past the block (and past K): X rows are padded
-  w->x_stride_ = w->index_.block_cols * bw + depth;
   w->scales_.assign(scales, scales + n);
+  w->correction_.assign(static_cast<size_t>(n), 0);
   if (w->packing_ == Int8Packing::kQuads)
     w->quads_.assign(static_cast<size_t>(nnz_blocks * w->block_stride_), 0);
   else
@@ -216,10 +215,12 @@ std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int
         for (int64_t j = 0; j < width; ++j) {
           const int8_t v = src[i * bw + j];
           const int64_t at = b * w->block_stride_ + (j / depth) * bh_padded * depth + i * depth + j % depth;
-          if (w->packing_ == Int8Packing::kQuads)
-            w->quads_[at] = static_cast<uint8_t>(v + 128);
-          else
+          if (w->packing_ == Int8Packing::kQuads) {
+            w->quads_[at] = v;
+            w->correction_[r * bh + i] += 128 * v;
+          } else {
             w->pairs_[at] = v;
+          }
         }
       }
     }
@@ -232,29 +233,31 @@ void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor&
   if (m <= 0) return;
   const BsrIndex& ix = index_;
   const bool quads = packing_ == Int8Packing::kQuads;
-  // this call's own quantized X (run() may be called from many threads at once); padding stays 0
-  std::vector<int8_t> xq_s8(quads ? static_cast<size_t>(m * x_stride_) : 0, 0);
-  std::vector<int16_t> xq_s16(quads ? 0 : static_cast<size_t>(m * x_stride_), 0);
-  std::vector<int32_t> block_sums(quads ? static_cast<size_t>(m * ix.block_cols) : 0, 0);
+  const int64_t rows = quads ? kInt8RowsAvx512 : isa_ == Isa::kAvx2 ? kInt8RowsAvx2 : kInt8RowsScalar;
+  const int64_t depth = quads ? 4 : 2;
+  const int64_t tile_stride = ix.block_cols * ((ix.bw + depth - 1) / depth) * rows * depth;
+  const size_t packed_size = static_cast<size_t>((m + rows - 1) / rows * tile_stride);
+  // this call's own quantized X (run() may be called from many threads at once), zero where nothing is written
+  std::vector<uint8_t> xq_u8(quads ? packed_size : 0, 0);
+  std::vector<int16_t> xq_s16(quads ? 0 : packed_size, 0);
   std::vector<float> x_scale(static_cast<size_t>(m));
-  const int64_t chunks = (m + kRowTile - 1) / kRowTile;
+  const int64_t chunks = (m + kRowTile - 1) / kRowTile;  // kRowTile is a multiple of every tile's rows
   parallel_for(static_cast<size_t>(chunks), [&](size_t chunk) {
-    const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile;
-    const int64_t rows = std::min(m, m0 + kRowTile) - m0;
-    if (quads)
-      quantize_rows_avx512_vnni(x + m0 * ix.k, rows, ix.k, xq_s8.data() + m0 * x_stride_, x_stride_,
-                                x_scale.data() + m0, ix.bw, block_sums.data() + m0 * ix.block_cols);
-    else if (isa_ == Isa::kAvx2)
-      quantize_rows_avx2(x + m0 * ix.k, rows, ix.k, xq_s16.data() + m0 * x_stride_, x_stride_, x_scale.data() + m0);
-    else
-      quantize_rows_scalar(x + m0 * ix.k, rows, ix.k, xq_s16.data() + m0 * x_stride_, x_stride_,
-                           x_scale.data() + m0);
+    const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile, m1 = std::min(m, m0 + kRowTile);
+    if (quads) {
+      std::vector<uint8_t> row(static_cast<size_t>(ix.k));
+      quantize_rows_avx512_vnni(x, m0, m1, ix.k, ix.bw, xq_u8.data(), x_scale.data(), row.data());
+    } else {
+      std::vector<int16_t> row(static_cast<size_t>(ix.k));
+      (isa_ == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows_scalar)(x, m0, m1, ix.k, ix.bw, xq_s16.data(),
+                                                                       x_scale.data(), row.data());
+    }
   });
   const int64_t panel = quads && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
-  const Int8TileJob job{xq_s8.data(), block_sums.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh,
-                        ix.bw, ix.bh_padded, panel, ix.block_cols, x_stride_, block_stride_, ix.row_ptr.data(),
-                        ix.col_idx.data(), quads_.data(), pairs_.data(), scales_.data(), ix.bias.data(), residual,
-                        activation};
+  const Int8TileJob job{xq_u8.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh, ix.bw,
+                        ix.bh_padded, panel, ix.block_cols, tile_stride, block_stride_, ix.row_ptr.data(),
+                        ix.col_idx.data(), quads_.data(), pairs_.data(), scales_.data(), correction_.data(),
+                        ix.bias.data(), residual, activation};
   void (*task_fn)(const Int8TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa_ == Isa::kAvx512 ? run_int8_task_avx512_vnni : isa_ == Isa::kAvx2 ? run_int8_task_avx2
                                                                             : run_int8_task_scalar;

@@ -103,10 +103,11 @@ class BsrInt8Weights {
   BsrIndex index_;
   Isa isa_ = Isa::kScalar;
   Int8Packing packing_ = Int8Packing::kPairs;
-  int64_t x_stride_ = 0, block_stride_ = 0;
-  std::vector<uint8_t> quads_;   // kQuads packing (tile_job.h)
+  int64_t block_stride_ = 0;
+  std::vector<int8_t> quads_;    // kQuads packing (tile_job.h)
   std::vector<int16_t> pairs_;   // kPairs packing
   std::vector<float> scales_;
+  std::vector<int32_t> correction_;  // [n]: 128 * sum_k values[n][k] under kQuads, else zeros
 };
 
 }  // namespace lpvit

@@ -28,7 +28,6 @@ struct Avx2Pairs {
   using WReg = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kDepth = 2;
-  static constexpr bool kShifted = false;
   static const W* packed(const Int8TileJob& job) { return job.packed_pairs; }
   static const X* xq(const Int8TileJob& job) { return job.xq_s16; }
   static Acc zero() { return _mm256_setzero_si256(); }
@@ -47,12 +46,13 @@ void run_task_avx2(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row
   run_task<Avx2, 6>(job, m0, m1, block_row, panel);
 }
 
-void quantize_rows_avx2(const float* x, int64_t rows, int64_t k, int16_t* q, int64_t q_stride, float* scales) {
-  quantize_rows(x, rows, k, q, q_stride, scales);
+void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
+                        float* scales, int16_t* row) {
+  quantize_tiles<int16_t, kInt8RowsAvx2, 2, 0>(x, m0, m1, k, bw, packed, scales, row);
 }
 
 void run_int8_task_avx2(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
-  run_int8_task<Avx2Pairs, 6>(job, m0, m1, block_row, panel);
+  run_int8_task<Avx2Pairs, kInt8RowsAvx2>(job, m0, m1, block_row, panel);
 }
 
 }  // namespace lpvit

@@ -23,7 +23,6 @@ struct ScalarPairs {
   struct WReg { int32_t a, b; };
   static constexpr int kLanes = 1;
   static constexpr int kDepth = 2;
-  static constexpr bool kShifted = false;
   static const W* packed(const Int8TileJob& job) { return job.packed_pairs; }
   static const X* xq(const Int8TileJob& job) { return job.xq_s16; }
   static Acc zero() { return 0; }
@@ -38,12 +37,13 @@ void run_task_scalar(const TileJob& job, int64_t m0, int64_t m1, int64_t block_r
   run_task<Scalar, 4>(job, m0, m1, block_row, panel);
 }
 
-void quantize_rows_scalar(const float* x, int64_t rows, int64_t k, int16_t* q, int64_t q_stride, float* scales) {
-  quantize_rows(x, rows, k, q, q_stride, scales);
+void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
+                          float* scales, int16_t* row) {
+  quantize_tiles<int16_t, kInt8RowsScalar, 2, 0>(x, m0, m1, k, bw, packed, scales, row);
 }
 
 void run_int8_task_scalar(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
-  run_int8_task<ScalarPairs, 4>(job, m0, m1, block_row, panel);
+  run_int8_task<ScalarPairs, kInt8RowsScalar>(job, m0, m1, block_row, panel);
 }
 
 }  // namespace lpvit

@@ -29,28 +29,31 @@ struct TileJob {
 // The int8 kernel (int8_microkernel.h): Y = activation(sx[m] * sw[n] * (sum_k xq[m][k] * wq[n][k]) + bias) +
 // residual, xq the per-row quantized X, wq the int8 weights; int32 accumulation is exact (K <= kMaxInt8K).
 // Two packings, chosen by ISA when the weights are created:
-//   kQuads (AVX-512 VNNI, vpdpbusd):   per block [ceil(bw/4)][bh_padded][4] uint8 wq + 128 (0 in the padding),
-//                                      X as int8 xq broadcast from memory (vpdpbusd's signed operand), so the sum
-//                                      over a block row's kept columns C gains 128 * sum_{k in C} xq[m][k]: the
-//                                      write-back subtracts it, from per-row sums of xq over each block column
+//   kQuads (AVX-512 VNNI, vpdpbusd):   per block [ceil(bw/4)][bh_padded][4] int8 wq (0 in the padding); X as
+//                                      uint8 xq + 128 (vpdpbusd multiplies unsigned by signed bytes), so each
+//                                      output subtracts correction[n] = 128 * sum_k wq[n][k], known at packing
 //   kPairs (AVX2 vpmaddwd, and scalar): per block [ceil(bw/2)][bh_padded][2] int16; X as int16 xq
+// Quantized X is packed per call in tiles of the micro-kernel's rows, so that one pointer reaches every row:
+//   [m / rows][block column][group of depth columns within the block][row within the tile][depth]
+// (columns past the block's width or past K, and rows past M, are 0).
 constexpr int64_t kMaxInt8K = 65536;  // 255 * 127 * K stays below 2^31 in the u8 x s8 accumulation
 enum class Int8Packing { kQuads, kPairs };
+constexpr int kInt8RowsScalar = 4, kInt8RowsAvx2 = 6, kInt8RowsAvx512 = 12;  // rows of a micro-kernel tile
 
 struct Int8TileJob {
-  const int8_t* xq_s8;     // kQuads: [m][x_stride] quantized X
-  const int32_t* x_block_sums;  // kQuads: [m][block_cols] sum of xq over each block column
-  const int16_t* xq_s16;   // kPairs: [m][x_stride] quantized X
+  const uint8_t* xq_u8;    // kQuads: packed quantized X + 128
+  const int16_t* xq_s16;   // kPairs: packed quantized X
   const float* x_scale;    // [m]: X row m = x_scale[m] * xq[m] (NaN for a row with a NaN or inf)
   float* y;                // [m, n]
   int64_t m, n, k, bh, bw, bh_padded, panel, block_cols;
-  int64_t x_stride;        // elements between rows of xq (>= every group a block reads past its last column)
+  int64_t tile_stride;     // elements of packed X per tile: block_cols * ceil(bw / depth) * rows * depth
   int64_t block_stride;    // int8 (kQuads) or int16 (kPairs) elements per packed block
   const int64_t* row_ptr;
   const int64_t* col_idx;
-  const uint8_t* packed_quads;
+  const int8_t* packed_quads;
   const int16_t* packed_pairs;
   const float* w_scale;     // [n]
+  const int32_t* correction;  // [n]: 128 * sum_k wq[n][k] (kQuads), 0 (kPairs)
   const float* bias;        // [n]
   const float* residual;    // [m, n] or nullptr
   Activation activation;
@@ -60,12 +63,14 @@ struct Int8TileJob {
 void run_task_scalar(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_task_avx2(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_task_avx512(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
-// X's rows quantized for the int8 kernel (BsrInt8Weights states the rule), by each ISA's code: q rows q_stride
-// apart, scales [rows]; the kQuads path also writes block_sums [rows][ceil(k / bw)].
-void quantize_rows_scalar(const float* x, int64_t rows, int64_t k, int16_t* q, int64_t q_stride, float* scales);
-void quantize_rows_avx2(const float* x, int64_t rows, int64_t k, int16_t* q, int64_t q_stride, float* scales);
-void quantize_rows_avx512_vnni(const float* x, int64_t rows, int64_t k, int8_t* q, int64_t q_stride, float* scales,
-                               int64_t bw, int32_t* block_sums);
+// Rows [m0, m1) of X quantized for the int8 kernel (BsrInt8Weights states the rule) by each ISA's code, into the
+// packed tiles (m0 a multiple of the tile rows; kQuads: + 128) and scales [m]; `row` is scratch for K values.
+void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
+                          float* scales, int16_t* row);
+void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
+                        float* scales, int16_t* row);
+void quantize_rows_avx512_vnni(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, uint8_t* packed,
+                               float* scales, uint8_t* row);
 void run_int8_task_scalar(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_int8_task_avx2(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_int8_task_avx512_vnni(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);

@@ -14,7 +14,7 @@ from .costmodel import PROFILES, HardwareProfile, get_profile, known_profiles
 from .errors import CalibrationError, CaptureError, ConfigError, LpvitError, ModelFileError
 from .options import CompileOptions
 from .pass_manager import PipelineError
-from .runtime.kernels import KernelLibraryError, kernel_isa, kernels_library_path
+from .runtime.kernels import KernelLibraryError, kernel_int8_isa, kernel_isa, kernels_library_path
 from .runtime.modules import BlockSparseLinear
 from .runtime.sessions import InferenceSession
 from .tools.evaluate import evaluate
@@ -23,7 +23,7 @@ from .tools.finetune import finetune
 __all__ = [
     "compile", "evaluate", "finetune", "load", "CompiledModel", "CompileOptions", "Plan", "PipelineError",
     "HardwareProfile", "PROFILES", "get_profile",
-    "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa",
+    "known_profiles", "BlockSparseLinear", "InferenceSession", "kernels_library_path", "kernel_isa", "kernel_int8_isa",
     "KernelLibraryError",
     "LpvitError", "ConfigError", "CaptureError", "CalibrationError", "ModelFileError",
 ]

@@ -165,7 +165,8 @@ class CompileState:
         for layer in self.layers.values():
             live = layer.live_block_mask() if layer.block_mask is not None else None
             kept = int(live.sum()) if live is not None else layer.live_grid.num_blocks
-            layer.costs = layer_costs(self.options.hw, layer.tokens, layer.shape, layer.grid.block_shape, kept)
+            layer.costs = layer_costs(self.options.hw, layer.tokens, layer.shape, layer.grid.block_shape, kept,
+                                      self.options.quantize == "int8")
 
     def predicted_latency_s(self) -> float:
         """The whole model as laid out now: every layer at its chosen layout (dense until bsr_layout ran)."""

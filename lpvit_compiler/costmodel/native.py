@@ -10,7 +10,9 @@ densities 0.25, 0.5 and 0.9. Least-squares fits of the roofline model's compute 
                 + rows * (sparse_output_s * out + sparse_input_s * in)
             (call_overhead measured on a 16x16 layer; the other terms by non-negative least squares)
 
-give ``peak_flops``, ``call_overhead_s``, ``sparse_efficiency``, ``sparse_output_s`` and ``sparse_input_s``
+give ``peak_flops``, ``call_overhead_s``, ``sparse_efficiency``, ``sparse_output_s`` and ``sparse_input_s``;
+``int8_throughput`` is the median over the shapes of the float32 kernel's time over the int8 kernel's
+(ai.lpvit::BlockSparseLinearInt8) at density 0.5, call overhead subtracted
 (``min_efficient_block`` is the measured block edge, so smaller blocks are scaled down from it). The sessions do
 not spin-wait (``ort_session``), so interleaved candidates do not slow each other down. Memory bandwidth and the
 energy figures stay those of the ``cpu`` profile (these shapes are compute-bound; energy is not measurable
@@ -26,13 +28,13 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from ..runtime.kernels import kernel_isa
+from ..runtime.kernels import kernel_int8_isa, kernel_isa
 from ..runtime.sessions import default_threads, ort_session
 from ..tools.timing import interleaved
 from ..blocks import BlockGrid
 from ..lowering.onnx_export import dense_layer_model, single_layer_model
 from .profiles import HardwareProfile, this_cpu
-from ..runtime.modules import BlockSparseLinear
+from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 
 # (rows, in, out): a classifier head on 8 images, and DeiT-S's block linears on 8 images of 197 tokens
 SHAPES = ((8, 384, 1000), (1576, 384, 384), (1576, 384, 1152), (1576, 384, 1536), (1576, 1536, 384))
@@ -64,7 +66,7 @@ def native_profile(threads: int | None = None, block_shape: tuple[int, int] = (1
     threads = threads or default_threads()
     block_shape = tuple(block_shape)
     generator = torch.Generator().manual_seed(0)
-    dense_points, sparse_points = ([], []), ([], [])
+    dense_points, sparse_points, int8_pairs = ([], []), ([], []), []
     for rows, in_features, out_features in SHAPES:
         weight, bias = torch.randn(out_features, in_features, generator=generator), torch.zeros(out_features)
         x = {"X": torch.randn(rows, in_features, generator=generator).numpy()}
@@ -76,6 +78,12 @@ def native_profile(threads: int | None = None, block_shape: tuple[int, int] = (1
             layer = BlockSparseLinear.from_masked_weight(weight, bias, grid.expand(block_mask), block_shape)
             candidates[density] = ort_session(single_layer_model(layer).SerializeToString(), threads, True)
             kept[density] = int(block_mask.sum())
+            if density == 0.5:
+                int8_layer = BlockSparseLinearInt8.from_quantized(torch.randint(-127, 128, weight.shape,
+                                                                                generator=generator),
+                                                                  torch.full((out_features,), 1e-3), bias,
+                                                                  grid.expand(block_mask), block_shape)
+                candidates["int8"] = ort_session(single_layer_model(int8_layer).SerializeToString(), threads, True)
         times = interleaved({name: functools.partial(s.run, None, x) for name, s in candidates.items()}, REPEATS)
         dense_points[0].append(2.0 * rows * in_features * out_features)
         dense_points[1].append(times["dense"])
@@ -83,14 +91,17 @@ def native_profile(threads: int | None = None, block_shape: tuple[int, int] = (1
             sparse_points[0].append((2.0 * rows * kept[density] * block_shape[0] * block_shape[1],
                                      float(rows * out_features), float(rows * in_features)))
             sparse_points[1].append(times[density])
+        int8_pairs.append((times[0.5], times["int8"]))
     overhead = _call_overhead(threads)  # measured, not an intercept: five shapes cannot pin one down
     peak, efficiency, per_output, per_input = fit_terms(dense_points, sparse_points, overhead)
+    int8 = float(np.median([max(f - overhead, 1e-9) / max(q - overhead, 1e-9) for f, q in int8_pairs]))
     return dataclasses.replace(
         this_cpu(), name="native", peak_flops=peak, sparse_efficiency=efficiency, call_overhead_s=overhead,
         sparse_output_s=per_output, sparse_input_s=per_input, block_shape=block_shape,
-        min_efficient_block=min(block_shape),
+        min_efficient_block=min(block_shape), int8_throughput=int8,
         calibration=(f"measured on this machine ({threads} threads, onnxruntime, kernel ISA {kernel_isa()}): dense "
                      f"GEMM {peak / 1e9:.1f} GFLOP/s, block-sparse kernel {efficiency:.2f}x dense per kept FLOP at "
                      f"{block_shape[0]}x{block_shape[1]} blocks plus {per_output * 1e9:.2f} / {per_input * 1e9:.2f} "
-                     f"ns per output / input element, {overhead * 1e6:.0f} µs per layer call"),
+                     f"ns per output / input element, {overhead * 1e6:.0f} µs per layer call; int8 kernel "
+                     f"({kernel_int8_isa()}) {int8:.2f}x the float32 kernel's rate"),
     )

@@ -51,10 +51,11 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
         kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
         dense = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features), grid.block_shape,
                             layer.num_blocks)
+        int8 = state.options.quantize == "int8"  # int8 layers always run the int8 kernel (bsr_layout)
         sparse_latency, sparse_energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
-                                                       layer.in_features, layer.out_features, sparse=True)
+                                                       layer.in_features, layer.out_features, sparse=True, int8=int8)
         sparse_faster = sparse_latency < dense.dense_latency_s
-        use_sparse = sparse_faster if state.options.dense_fallback else np.ones_like(sparse_faster)
+        use_sparse = sparse_faster if state.options.dense_fallback and not int8 else np.ones_like(sparse_faster)
         latency = np.where(use_sparse, sparse_latency, dense.dense_latency_s)
         energy = np.where(use_sparse, sparse_energy, dense.dense_energy_j)
         power = lpvit_power_proxy(kept_blocks, layer.in_features) if state.options.power_model == "lpvit" else energy

@@ -44,7 +44,7 @@ class LayerRow:
     rows_removed: int  # by dead-block elimination
     cols_removed: int
     nnz_blocks: int  # blocks stored in the BSR layout
-    layout: str  # "bsr", or "dense" (masked dense GEMM: the kernel would not be faster at this density)
+    layout: str  # "bsr", "bsr-int8", or "dense" (masked dense GEMM: the kernel would not be faster at this density)
     epilogue: str = ""  # fused into the block-sparse layer's write-back, e.g. "gelu+residual"
     # the distortion curve sampled at CURVE_POINTS keep ratios, for plots (the solve used every block count)
     curve_keep_ratio: list[float] = field(default_factory=list)
@@ -138,7 +138,7 @@ class Report:
                 rows_removed=layer.out_features - layer.shape[0],
                 cols_removed=layer.in_features - layer.shape[1],
                 nnz_blocks=layer.nnz_blocks,
-                layout=layer.layout,
+                layout=layer.layout + ("-int8" if state.options.quantize == "int8" else ""),
                 epilogue=layer.epilogue,
                 curve_keep_ratio=(1 - curve_k / layer.num_blocks).tolist(),
                 curve_distortion=layer.distortion[curve_k].astype(float).tolist(),

