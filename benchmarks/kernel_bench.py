@@ -5,7 +5,12 @@ onnxruntime, onnxruntime's dense MatMul+Add on the same (masked) weights, torch 
 CPU BSR linear. Speedups are ratios against onnxruntime dense.
 
     python benchmarks/kernel_bench.py [--models deit_s deit_b] [--threads 2] [--repeats 7]
-                                      [--out benchmarks/results/kernel_bench]
+                                      [--int8] [--out benchmarks/results/kernel_bench]
+
+``--int8``: our int8 op (ai.lpvit::BlockSparseLinearInt8, random int8 weights) against onnxruntime's own dynamic
+int8 of the dense layer (quantize_dynamic -> DynamicQuantizeMatMul, MLAS's int8 GEMM) and the float dense layer;
+the table then gives our throughput per kept multiply-accumulate relative to MLAS int8 (density x MLAS time /
+our time: 1.0 means as fast per useful MAC).
 
 Writes <out>.md, <out>.json and <out>.png. No candidate spin-waits after its run (onnxruntime sessions from
 ``ort_session``; torch's OpenMP threads with OMP_WAIT_POLICY=PASSIVE), so candidates taking turns do not slow
@@ -33,7 +38,8 @@ from lpvit_compiler.tools.timing import interleaved
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
 from lpvit_compiler.lowering.onnx_export import single_layer_model
-from lpvit_compiler.runtime.modules import BlockSparseLinear
+from lpvit_compiler.runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
+from lpvit_compiler.tools.bench import ort_dynamic_int8
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (out_features, in_features) of the block linears
@@ -75,6 +81,31 @@ def measure(out_features, in_features, block, density, batch, threads, repeats, 
     }
 
 
+def measure_int8(out_features, in_features, block, density, batch, threads, repeats) -> dict:
+    g = torch.Generator().manual_seed(0)
+    grid = BlockGrid(out_features, in_features, (block, block))
+    block_mask = torch.rand(grid.block_rows, grid.block_cols, generator=g) < density
+    codes = torch.randint(-127, 128, (out_features, in_features), generator=g)
+    layer = BlockSparseLinearInt8.from_quantized(codes, torch.rand(out_features, generator=g) * 0.01,
+                                                 torch.randn(out_features, generator=g), grid.expand(block_mask),
+                                                 (block, block))
+    dense_model = single_layer_model(layer, dense=True)
+    sessions = {"ort_lpvit_int8": ort_session(single_layer_model(layer).SerializeToString(), threads, True),
+                "ort_dense": ort_session(dense_model.SerializeToString(), threads, False),
+                "ort_int8": ort_session(ort_dynamic_int8(dense_model), threads, False)}
+    feed = {"X": np.random.default_rng(0).standard_normal((batch * TOKENS, in_features), dtype=np.float32)}
+    times = interleaved({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}, repeats)
+    actual = layer.nnz_blocks / grid.num_blocks
+    return {
+        "out_features": out_features, "in_features": in_features, "block": block, "density": density,
+        "actual_density": actual, "batch": batch, "rows": batch * TOKENS, "threads": threads,
+        "ms": {k: v * 1e3 for k, v in times.items()},
+        "speedup_vs_ort_dense": times["ort_dense"] / times["ort_lpvit_int8"],
+        "speedup_vs_ort_int8": times["ort_int8"] / times["ort_lpvit_int8"],
+        "per_kept_mac_vs_mlas_int8": actual * times["ort_int8"] / times["ort_lpvit_int8"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -84,8 +115,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's (slow) CPU BSR linear")
+    parser.add_argument("--int8", action="store_true", help="the int8 op against onnxruntime's dynamic int8")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernel_bench", help="results stem (.md, .json, .png)")
     args = parser.parse_args()
+    if args.int8:
+        return main_int8(args)
 
     rows = []
     for model in args.models:
@@ -105,6 +139,44 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(_markdown(rows, meta))
     _plot(rows, args.out.with_suffix(".png"))
     print(_markdown(rows, meta))
+
+
+def main_int8(args) -> None:
+    rows = []
+    for model in args.models:
+        for layer_name, (n, k) in SHAPES[model].items():
+            for block in args.blocks:
+                for density in args.densities:
+                    for batch in args.batches:
+                        row = {"model": model, "layer": layer_name,
+                               **measure_int8(n, k, block, density, batch, args.threads, args.repeats)}
+                        rows.append(row)
+                        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
+                              f"{row['speedup_vs_ort_int8']:.2f}x vs ORT int8, per kept MAC "
+                              f"{row['per_kept_mac_vs_mlas_int8']:.2f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"isa": lpvit.kernel_int8_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    densities = sorted({r["density"] for r in rows}, reverse=True)
+    lines = [f"int8 kernel ISA {meta['isa']}, {meta['threads']} threads, {TOKENS} tokens per image, median of "
+             f"{meta['repeats']} interleaved runs; geometric mean over the model's four block linears. Cells: "
+             "speedup over onnxruntime's dynamic int8 of the dense layer / our throughput per kept MAC relative to "
+             "MLAS int8 (density x its time / ours) / speedup over float32 dense.", "",
+             "| model | block | batch | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+             "|---|---|---|" + "---|" * len(densities)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for block in sorted({r["block"] for r in rows}):
+            for batch in sorted({r["batch"] for r in rows}):
+                cells = []
+                for d in densities:
+                    sel = [r for r in rows if (r["model"], r["block"], r["batch"], r["density"]) ==
+                           (model, block, batch, d)]
+                    cells.append(" / ".join(f"{_geomean([r[key] for r in sel]):.2f}" for key in
+                                            ("speedup_vs_ort_int8", "per_kept_mac_vs_mlas_int8",
+                                             "speedup_vs_ort_dense")) if sel else "")
+                lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _geomean(values):
