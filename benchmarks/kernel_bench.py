@@ -122,17 +122,12 @@ def main() -> None:
         return main_int8(args)
 
     rows = []
-    for model in args.models:
-        for layer_name, (n, k) in SHAPES[model].items():
-            for block in args.blocks:
-                for density in args.densities:
-                    for batch in args.batches:
-                        row = {"model": model, "layer": layer_name,
-                               **measure(n, k, block, density, batch, args.threads, args.repeats,
-                                         not args.no_torch_bsr)}
-                        rows.append(row)
-                        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
-                              f"{row['speedup_vs_ort_dense']:.2f}x vs ORT dense", flush=True)
+    for model, layer_name, (n, k), block, density, batch in _cells(args):
+        row = {"model": model, "layer": layer_name,
+               **measure(n, k, block, density, batch, args.threads, args.repeats, not args.no_torch_bsr)}
+        rows.append(row)
+        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
+              f"{row['speedup_vs_ort_dense']:.2f}x vs ORT dense", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -141,19 +136,25 @@ def main() -> None:
     print(_markdown(rows, meta))
 
 
-def main_int8(args) -> None:
-    rows = []
+def _cells(args):
+    """(model, layer, (out, in), block, density, batch) for every cell of the grid the flags ask for."""
     for model in args.models:
-        for layer_name, (n, k) in SHAPES[model].items():
+        for layer_name, shape in SHAPES[model].items():
             for block in args.blocks:
                 for density in args.densities:
                     for batch in args.batches:
-                        row = {"model": model, "layer": layer_name,
-                               **measure_int8(n, k, block, density, batch, args.threads, args.repeats)}
-                        rows.append(row)
-                        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
-                              f"{row['speedup_vs_ort_int8']:.2f}x vs ORT int8, per kept MAC "
-                              f"{row['per_kept_mac_vs_mlas_int8']:.2f}", flush=True)
+                        yield model, layer_name, shape, block, density, batch
+
+
+def main_int8(args) -> None:
+    rows = []
+    for model, layer_name, (n, k), block, density, batch in _cells(args):
+        row = {"model": model, "layer": layer_name,
+               **measure_int8(n, k, block, density, batch, args.threads, args.repeats)}
+        rows.append(row)
+        print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
+              f"{row['speedup_vs_ort_int8']:.2f}x vs ORT int8, per kept MAC "
+              f"{row['per_kept_mac_vs_mlas_int8']:.2f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"isa": lpvit.kernel_int8_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

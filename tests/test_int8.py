@@ -240,6 +240,8 @@ def test_compile_int8_end_to_end(model, calib, tmp_path):
     compiled = lpvit.compile(model, calib=images, flops_keep=0.5, quantize="int8", progress=False, verify=True)
     layers = [m for m in compiled.graph_module.modules() if isinstance(m, BlockSparseLinearInt8)]
     assert len(layers) == len(compiled.report.layers) > 0
+    assert compiled.report.summary["quantize"].startswith("int8 (GPTQ")
+    assert all(row.layout == "bsr-int8" for row in compiled.report.layers)
     with torch.no_grad():
         expected = compiled(images[:4]).numpy()
         dense = model(images[:4]).numpy()
@@ -262,3 +264,14 @@ def test_compile_int8_end_to_end(model, calib, tmp_path):
 def test_unknown_quantize_mode_is_named():
     with pytest.raises(lpvit.ConfigError, match="unknown quantize 'int4'; choose one of None, int8"):
         lpvit.compile(torch.nn.Linear(4, 4), quantize="int4")
+
+
+def test_finetune_keeps_int8_layers(model, calib):
+    """Fine-tuning an int8 model trains in float and packs every layer back to int8 in the same blocks."""
+    compiled = lpvit.compile(model, calib=calib, flops_keep=0.5, quantize="int8", progress=False)
+    before = {n: m.col_idx.clone() for n, m in compiled.graph_module.named_modules()
+              if isinstance(m, BlockSparseLinearInt8)}
+    tuned = lpvit.finetune(compiled, [(calib[:8], torch.randint(0, 10, (8,)))], epochs=1, progress=False)
+    after = {n: m for n, m in tuned.graph_module.named_modules() if isinstance(m, BlockSparseLinearInt8)}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n].col_idx, before[n]) and after[n].values.dtype == torch.int8 for n in after)

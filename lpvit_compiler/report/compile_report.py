@@ -153,6 +153,9 @@ class Report:
                    "compiled_latency_s": latency, "compiled_speedup": model.dense_latency_s / latency,
                    "compiled_energy_ratio": energy / model.dense_energy_j}
         opts = state.options
+        if opts.quantize:
+            summary["quantize"] = f"{opts.quantize} ({'GPTQ' if opts.gptq else 'round to nearest'} weights, " \
+                                  "per-token activations)"
         return cls(hw=hw.name, importance=opts.importance, budget=opts.budget, budget_target=opts.budget_target,
                    summary=summary, layers=rows, passes=passes, hw_profile=hw.to_dict(), notes=list(state.notes))
 

@@ -10,6 +10,7 @@ def summary_items(report) -> list[tuple[str, str]]:
     items = [
         ("hardware", f"{report.hw} — {report.hw_profile.get('description', '')}"),
         ("importance criterion", report.importance),
+        *([("quantize", s["quantize"])] if "quantize" in s else []),
         (f"budget ({budget})", f"target {report.budget_target:.3f}, achieved {s['budget_achieved']:.3f}"),
         ("prunable-linear FLOPs kept", f"{s['flops_keep_achieved']:.3f} (executed {s['flops_keep_executed']:.3f})"),
         ("model FLOPs kept", f"{s['model_flops_keep']:.3f}"),
