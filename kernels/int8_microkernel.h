@@ -112,6 +112,7 @@ inline void run_int8_task(const Int8TileJob& job, int64_t m0, int64_t m1, int64_
   const typename V::W* packed = V::packed(job) + first * job.block_stride + panel * PANEL * V::kDepth;
   const int64_t out0 = block_row * job.bh + panel * PANEL;
   const int64_t width = imin(imin(PANEL, job.bh - panel * PANEL), job.n - out0);
+  if (width <= 0) return;  // a panel of the last block row wholly past N (found by AddressSanitizer)
   alignas(64) int32_t acc[ROWS][PANEL];
   alignas(64) float out[ROWS][PANEL];
   for (int64_t m = m0; m < m1; m += ROWS) {

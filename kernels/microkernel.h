@@ -65,6 +65,7 @@ inline void run_task(const TileJob& job, int64_t m0, int64_t m1, int64_t block_r
   const float* packed = job.packed + first * job.block_stride + panel * PANEL;
   const int64_t out0 = block_row * job.bh + panel * PANEL;
   const int64_t width = min2(min2(PANEL, job.bh - panel * PANEL), job.n - out0);
+  if (width <= 0) return;  // a panel of the last block row wholly past N: nothing to compute
   alignas(64) float out[ROWS][PANEL];
   for (int64_t m = m0; m < m1; m += ROWS) {
     const int rows = static_cast<int>(min2(ROWS, m1 - m));
