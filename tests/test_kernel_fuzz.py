@@ -1,6 +1,7 @@
 """A structured fuzzer over malformed ``ai.lpvit::BlockSparseLinear`` models.
 
-Each case starts from a valid random layer, with or without a fused epilogue (``activation`` attribute,
+Each case starts from a valid random layer — float (``BlockSparseLinear``) or int8 (``BlockSparseLinearInt8``:
+int8 ``values`` and float ``scales``) — with or without a fused epilogue (``activation`` attribute,
 ``residual`` input, the bias slot left empty as ``""`` before a residual), applies a few mutations (lengths and
 contents of ``row_ptr``, ``col_idx``, ``values``, ``bias`` and ``residual``, the attributes, dtypes) and feeds
 the weights as initializers or as graph inputs. The oracle is an independent numpy statement of the op's
@@ -36,9 +37,24 @@ ACTIVATIONS = {  # float64 statements of the fused activations
 }
 
 
-def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activation=None, residual=None):
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 op's per-row quantization of X (float32 arithmetic): (xq, scale)."""
+    amax = np.abs(x).max(1)
+    with np.errstate(all="ignore"):
+        inv = (np.float32(127) / amax).astype(np.float32)
+        xq = np.rint(np.clip(x * inv[:, None], -127, 127))
+    usable = np.isfinite(x).all(1) & (amax >= 1e-30)
+    return np.where(usable[:, None], xq, 0), np.where(usable, amax / np.float32(127), 0).astype(np.float32)
+
+
+def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activation=None, residual=None,
+                    scales=None):
     """activation(X·Wᵀ + b) + residual if the inputs satisfy the op's contract, else None (the op must then
-    return an error). ``activation`` None means the attribute is absent."""
+    return an error). ``activation`` None means the attribute is absent; ``scales`` given: the int8 op."""
+    int8 = scales is not None
+    if int8 and not (scales.dtype == np.float32 and scales.ndim == 1 and scales.size == n and
+                     np.isfinite(scales).all() and values.dtype == np.int8 and k <= 65536):
+        return None
     if not (isinstance(block_shape, list) and len(block_shape) == 2):
         return None
     if activation is not None and activation not in ACTIVATIONS:
@@ -48,7 +64,7 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
     bh, bw = block_shape
     if not (1 <= n < 2**31 and 1 <= k < 2**31 and 1 <= bh <= 4096 and 1 <= bw <= 4096):
         return None
-    if row_ptr.dtype != np.int64 or col_idx.dtype != np.int64 or values.dtype != np.float32 or \
+    if row_ptr.dtype != np.int64 or col_idx.dtype != np.int64 or values.dtype != (np.int8 if int8 else np.float32) or \
             (bias is not None and bias.dtype != np.float32):
         return None
     if values.ndim != 3 or values.shape[1:] != (bh, bw) or x.shape[-1] != k:
@@ -68,7 +84,12 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
         for b, c in zip(range(row_ptr[r], row_ptr[r + 1]), cols):
             dense[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = values[b]
     with np.errstate(all="ignore"):  # NaN and inf entries are part of the campaign
-        y = ACTIVATIONS[activation or "none"](x.astype(np.float64) @ dense[:n, :k].T + (bias if bias is not None else 0))
+        if int8:  # exact integer sums, dequantised by both scales
+            xq, sx = quantize_rows(x)
+            product = (xq @ dense[:n, :k].T) * sx[:, None].astype(np.float64) * scales[None, :]
+        else:
+            product = x.astype(np.float64) @ dense[:n, :k].T
+        y = ACTIVATIONS[activation or "none"](product + (bias if bias is not None else 0))
         return y + residual if residual is not None else y
 
 
@@ -79,11 +100,14 @@ def valid_layer(rng):
     keep = rng.random((block_rows, block_cols)) < rng.choice([0.0, 0.3, 0.7, 1.0])
     row_ptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
     col_idx = np.nonzero(keep)[1].astype(np.int64)
-    values = rng.standard_normal((len(col_idx), bh, bw)).astype(np.float32)
+    int8 = rng.random() < 0.4
+    values = rng.integers(-128, 128, (len(col_idx), bh, bw)).astype(np.int8) if int8 else \
+        rng.standard_normal((len(col_idx), bh, bw)).astype(np.float32)
+    scales = (rng.random(n) * 0.02).astype(np.float32) if int8 else None
     bias = rng.standard_normal(n).astype(np.float32) if rng.random() < 0.7 else None
     activation = [None, *ACTIVATIONS][int(rng.integers(len(ACTIVATIONS) + 1))]
-    return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias,
-                activation=activation, residual=rng.random() < 0.3)
+    return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, scales=scales,
+                bias=bias, activation=activation, residual=rng.random() < 0.3)
 
 
 def _poke(rng, array):
@@ -124,6 +148,12 @@ MUTATIONS = [
     lambda rng, c: c.update(residual=_poke(rng, c["residual"]) if c["residual"] is not None else
                             np.zeros((len(c["x"]), max(0, min(c["n"], 99)) + 1), np.float32)),
     lambda rng, c: c.update(residual=c["residual"].astype(np.float64) if c["residual"] is not None else None),
+    # int8: scales poked (NaN, inf, length), of another dtype or rank; values of the other op's dtype
+    lambda rng, c: c.update(scales=_poke(rng, c["scales"]) if c["scales"] is not None else None),
+    lambda rng, c: c.update(scales=c["scales"].astype(np.float64) if c["scales"] is not None else None),
+    lambda rng, c: c.update(scales=c["scales"][None] if c["scales"] is not None else None),
+    lambda rng, c: c.update(values=np.clip(np.nan_to_num(c["values"], posinf=0, neginf=0), -128, 127)
+                            .astype(np.float32 if c["scales"] is not None else np.int8)),
 ]
 
 
@@ -133,13 +163,15 @@ def _value_info(name: str, array: np.ndarray):
 
 def build_model(case, as_inputs: bool) -> tuple[onnx.ModelProto, dict]:
     """The case as a one-node model: weights as initializers or graph inputs; the residual always an input."""
-    names = ["X", "row_ptr", "col_idx", "values", "bias" if case["bias"] is not None else ""]
+    int8 = case["scales"] is not None
+    names = ["X", "row_ptr", "col_idx", "values", *(["scales"] if int8 else []),
+             "bias" if case["bias"] is not None else ""]
     names += ["residual"] if case["residual"] is not None else []
     while not names[-1]:
         names.pop()
     tensors = {name: case[name] for name in names[1:] if name and name != "residual"}
     attributes = {"activation": case["activation"]} if case["activation"] is not None else {}
-    node = helper.make_node("BlockSparseLinear", names, ["Y"], domain="ai.lpvit",
+    node = helper.make_node("BlockSparseLinearInt8" if int8 else "BlockSparseLinear", names, ["Y"], domain="ai.lpvit",
                             block_shape=[int(v) for v in case["block_shape"]], N=case["n"], K=case["k"], **attributes)
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", case["x"].shape[1]])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
@@ -168,7 +200,8 @@ def run_case(seed: int, options: ort.SessionOptions) -> str:
     for _ in range(int(rng.integers(0, 4))):
         MUTATIONS[int(rng.integers(len(MUTATIONS)))](rng, case)
     expected = expected_output(case["n"], case["k"], case["block_shape"], case["row_ptr"], case["col_idx"],
-                               case["values"], case["bias"], case["x"], case["activation"], case["residual"])
+                               case["values"], case["bias"], case["x"], case["activation"], case["residual"],
+                               case["scales"])
     model, feeds = build_model(case, as_inputs=bool(rng.integers(2)))
     try:
         got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]) \
