@@ -242,6 +242,8 @@ def test_compile_int8_end_to_end(model, calib, tmp_path):
     assert len(layers) == len(compiled.report.layers) > 0
     assert compiled.report.summary["quantize"].startswith("int8 (GPTQ")
     assert all(row.layout == "bsr-int8" for row in compiled.report.layers)
+    from lpvit_compiler.tools.bench import measure_layers  # --bench times each int8 layer as the int8 op
+    assert set(measure_layers(compiled, threads=1, repeats=1)) == {row.name for row in compiled.report.layers}
     with torch.no_grad():
         expected = compiled(images[:4]).numpy()
         dense = model(images[:4]).numpy()

@@ -60,6 +60,8 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
     where the layout is dense) next to a dense layer of its original shape, on hw.batch_size * tokens rows —
     the workload the report's predictions are for. Returns {layer: LayerMeasurement} for
     ``Report.with_measurements(layers=...)``."""
+    import copy
+
     import torch
 
     from ..lowering.onnx_export import dense_layer_model, single_layer_model
@@ -73,8 +75,8 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
     for row in compiled.report.layers:
         module = compiled.graph_module.get_submodule(row.name)
         if isinstance(module, BlockSparseLinear):  # without its fused epilogue: the predictions are for the GEMM
-            bare = BlockSparseLinear(module.in_features, module.out_features, module.row_ptr, module.col_idx,
-                                     module.values, module.bias)
+            bare = copy.copy(module)  # the same buffers (float or int8), its own attributes
+            bare.activation = "none"
             ours = ort_session(single_layer_model(bare).SerializeToString(), threads, True)
         else:
             ours = ort_session(dense_layer_model(module.weight, module.bias).SerializeToString(), threads, False)
