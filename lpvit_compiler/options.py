@@ -42,6 +42,12 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def _flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
@@ -108,6 +114,12 @@ class CompileOptions:
                                       "second-order error compensation (GPTQ) on the reconstruction's Hessian; "
                                       "False rounds each weight to nearest")
     reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
+    block_recovery: bool = _option(True, _flag, "after the per-layer refit, fit each transformer block's output "
+                                                "to the dense block's by Adam (masks frozen; needs reconstruct)")
+    recovery_seconds: float = _option(60.0, _number(0.0, float("inf")), "time budget of block recovery, shared "
+                                                                         "over the blocks")
+    recovery_steps: int = _option(200, _count, "most Adam steps per block in block recovery")
+    recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
 
     @classmethod

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="check every pass's invariant while compiling (slower)")
     c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="keep the surviving weights as trained (default: refit them to the dense outputs)")
+    c.add_argument("--no-block-recovery", dest="block_recovery", action="store_false",
+                   help="skip fitting each transformer block to the dense block's output (faster compile)")
+    c.add_argument("--recovery-seconds", type=float, default=CompileOptions.default("recovery_seconds"),
+                   help="time budget of block recovery (default %(default)s)")
     c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
                                                          "block-sparse kernel (default: float32)")
     c.add_argument("--no-gptq", dest="gptq", action="store_false",

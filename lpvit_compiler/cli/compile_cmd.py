@@ -16,7 +16,8 @@ def compile_options(args) -> dict:
     """The keyword options of ``lpvit.compile`` the flags set (the rest keep CompileOptions' defaults)."""
     return dict(flops_keep=args.flops_keep, target_speedup=args.target_speedup, power_keep=args.power_keep,
                 block_shape=args.block, importance=args.importance, prune_heads=args.prune_heads,
-                reconstruct=args.reconstruct, verify=args.verify, quantize=args.quantize, gptq=args.gptq)
+                reconstruct=args.reconstruct, verify=args.verify, quantize=args.quantize, gptq=args.gptq,
+                block_recovery=args.block_recovery, recovery_seconds=args.recovery_seconds)
 
 
 def cmd_compile(args, ui: Ui) -> int:

@@ -33,9 +33,16 @@ Layers are processed in graph order while two streams of activations (dense and 
 node by node over the calibration images: each layer is fitted to the inputs it will really see (the error of
 earlier layers does not pile up), and its targets are the dense model's outputs (the shift in activation
 statistics that pruning causes is corrected, including through the bias).
+
+With ``block_recovery=True``, when the streams reach the end of a transformer block (a numbered module such as
+``blocks.3``), the block as a whole is then fitted to the dense block's output by Adam steps, masks frozen
+(block_recovery.py states the loss), before the pruned stream goes on into the next block. The time budget
+``recovery_seconds`` is shared out over the blocks still to come; ``recovery_steps`` caps each block.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from rich.progress import Progress
@@ -47,6 +54,7 @@ from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
+from .block_recovery import block_regions, recover_block, run_region
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
@@ -130,11 +138,19 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     images = torch.cat(state.calibration)[: opts.reconstruct_images]
     chunks = list(torch.split(images, opts.calib_batch_size))
     interpreter = fx.Interpreter(gm)
+    regions = block_regions(gm, state.layers) if opts.block_recovery else []
+    region_ending = {region.nodes[-1]: region for region in regions}
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
     last_use = {}
     for node in gm.graph.nodes:
         for used in node.all_input_nodes:
             last_use[used] = node
-    dense, pruned, per_layer = {}, {}, {}
+    for region in regions:  # a block's pruned inputs are needed again at its end, for recovery
+        for used in region.inputs:
+            if position[last_use[used]] < position[region.nodes[-1]]:
+                last_use[used] = region.nodes[-1]
+    dense, pruned, per_layer, per_block = {}, {}, {}, {}
+    recovery_left = opts.recovery_seconds
     placeholders = 0
     with Progress(disable=not state.progress, transient=True) as progress:
         task = progress.add_task("reconstruct", total=len(state.layers))
@@ -179,11 +195,27 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     shared = all(pruned[n] is dense[n] for n in node.all_input_nodes)
                     pruned[node] = dense[node] if shared else [_run_node(interpreter, node, pruned, i)
                                                                for i in range(len(chunks))]
+            if node in region_ending:
+                region = region_ending.pop(node)
+                started = time.perf_counter()
+                inputs = {n: pruned[n] for n in region.inputs}
+                per_block[region.name] = recover_block(
+                    gm, region, state.layers, inputs, [dense[n] for n in region.outputs],
+                    steps=opts.recovery_steps, seconds=recovery_left / (len(region_ending) + 1),
+                    lr=opts.recovery_lr, int8=int8)
+                for out, values in zip(region.outputs, run_region(gm, region, state.layers, inputs, int8)):
+                    pruned[out] = values
+                recovery_left = max(0.0, recovery_left - (time.perf_counter() - started))
             for used in node.all_input_nodes:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
                     pruned.pop(used, None)
     decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping,
                  "quantize": opts.quantize and f"{opts.quantize} ({'gptq' if opts.gptq else 'round to nearest'})",
-                 "layers": per_layer}
+                 "layers": per_layer,
+                 "block_recovery": {"enabled": opts.block_recovery, "blocks": per_block,
+                                    **({} if regions or not opts.block_recovery else
+                                       {"note": "no numbered transformer blocks found in the graph"})}}
+    if opts.block_recovery and not regions:
+        state.notes.append("block recovery found no numbered transformer blocks (nn_module_stack) and was skipped")
     return PassResult(gm, True, decisions)

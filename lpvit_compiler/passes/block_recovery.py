@@ -1,0 +1,212 @@
+"""Block-level recovery: after the per-layer refit of a transformer block, fit the block as a whole.
+
+The reconstruction pass (reconstruct.py) calls this at the end of every block, between the per-layer refit of
+that block and the next block's, so each later layer is refitted on inputs that already went through recovered
+blocks (EBFT, arXiv 2402.12419; BRECQ-style block reconstruction).
+
+Input: a :class:`BlockRegion` — the graph nodes fx recorded under one numbered module (``blocks.3``,
+``encoder.layer.3``: ``node.meta["nn_module_stack"]``) — with its inputs in the pruned model X_p (the blocks
+before it pruned and recovered) and its outputs in the dense model Y_d (dense inputs, dense weights).
+Output: the region's parameters — the kept weights of its pruned linears (masks frozen: gradients outside a
+layer's mask are zeroed, so Adam never moves a pruned weight off 0), every bias, LayerNorm affine and LayerScale
+in it — after Adam steps on
+
+    L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs)
+
+over mini-batches of ``STEP_IMAGES`` calibration images. No labels. The new parameters are kept only if L over
+all calibration images went down; otherwise the per-layer refit's are restored, so recovery is never worse on
+the calibration data. Where the pruned part is redundant (X_p = X_d and the block already reproduces Y_d), L is
+0, every gradient is 0 and nothing moves.
+
+With ``quantize="int8"`` the block runs as it will be executed: each pruned linear's input quantized per token
+(``ops.fake_quantize_rows``) and its weight on the int8 grid of its fixed per-channel scales, both with
+straight-through gradients; the weights are rounded back onto the grid at the end.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ..quantization import codes
+from ..runtime.ops import fake_quantize_rows
+from ..state import LayerState
+
+STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the time budget
+_NUMBERED = re.compile(r"^(.*\.)?\d+$")  # a module path whose last component is an index: blocks.3
+
+
+@dataclass
+class BlockRegion:
+    """One transformer block as a contiguous run of graph nodes."""
+
+    name: str  # module path, e.g. "blocks.3"
+    nodes: list[fx.Node]  # in graph order
+    inputs: list[fx.Node]  # values defined before the region that it reads (not parameters)
+    outputs: list[fx.Node]  # region values read after it
+    layers: list[str]  # the prunable linears inside
+
+
+def _block_of(node: fx.Node) -> str | None:
+    """The outermost numbered module the node was traced in, e.g. "blocks.3" for blocks.3.attn.qkv."""
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        if _NUMBERED.match(path):
+            return path
+    return None
+
+
+def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[BlockRegion]:
+    """The graph's numbered blocks that hold a prunable layer and are one contiguous run of nodes, in order."""
+    nodes = list(gm.graph.nodes)
+    members: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        block = _block_of(node) if node.op != "get_attr" else None
+        if block is not None:
+            members.setdefault(block, []).append(i)
+    regions = []
+    for name, where in members.items():
+        first, last = where[0], where[-1]
+        run = [n for n in nodes[first:last + 1] if n.op != "get_attr"]
+        if len(run) != len(where):  # interleaved with another block's nodes: not one region
+            continue
+        inside = set(run)
+        inputs = list(dict.fromkeys(i for n in run for i in n.all_input_nodes
+                                    if i not in inside and i.op != "get_attr"))
+        outputs = [n for n in run if any(u not in inside for u in n.users)]
+        prunable = [n.target for n in run if n.op == "call_module" and n.target in layers]
+        if prunable and outputs:
+            regions.append(BlockRegion(name, run, inputs, outputs, prunable))
+    return regions
+
+
+class _RegionRunner:
+    """Evaluates a region's nodes on given inputs with autograd (parameters are the graph module's own)."""
+
+    def __init__(self, gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState], int8: bool):
+        self.interpreter = fx.Interpreter(gm)
+        self.gm, self.region, self.int8 = gm, region, int8
+        self.scales = {name: layers[name].weight_scales for name in region.layers} if int8 else {}
+
+    def parameters(self) -> list[nn.Parameter]:
+        found = {}
+        for node in self.region.nodes:
+            if node.op == "call_module":
+                found.update({id(p): p for p in self.gm.get_submodule(node.target).parameters()})
+            for used in node.all_input_nodes:
+                if used.op == "get_attr":
+                    value = self.interpreter.fetch_attr(used.target)
+                    if isinstance(value, nn.Parameter):
+                        found[id(value)] = value
+        return list(found.values())
+
+    def __call__(self, inputs: dict[fx.Node, object]) -> list[torch.Tensor]:
+        env = dict(inputs)
+
+        def value(n: fx.Node):
+            return env[n] if n in env else self.interpreter.fetch_attr(n.target)
+
+        for node in self.region.nodes:
+            args = fx.node.map_arg(node.args, value)
+            kwargs = fx.node.map_arg(node.kwargs, value)
+            if node.op == "call_module" and node.target in self.scales:
+                env[node] = self._int8_linear(node.target, args[0])
+            else:
+                env[node] = getattr(self.interpreter, node.op)(node.target, args, kwargs)
+        return [env[n] for n in self.region.outputs]
+
+    def _int8_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        linear = self.gm.get_submodule(name)
+        scales = self.scales[name].to(linear.weight.dtype)[:, None]
+        on_grid = codes(linear.weight, scales[:, 0]) * scales
+        weight = linear.weight + (on_grid - linear.weight).detach()  # straight-through
+        xq = x + (fake_quantize_rows(x.detach()) - x).detach()
+        return nn.functional.linear(xq, weight, linear.bias)
+
+
+def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], generator: torch.Generator):
+    """Endless (inputs, targets) mini-batches of STEP_IMAGES images, drawn from the calibration chunks in a
+    random order. A value whose first dimension is not the chunk's image count (a broadcast mask) is passed whole."""
+    chunks = len(targets[0])
+    while True:
+        for c in torch.randperm(chunks, generator=generator).tolist():
+            images = targets[0][c].shape[0]
+            for start in range(0, images, STEP_IMAGES):
+                part = slice(start, start + STEP_IMAGES)
+
+                def cut(v):
+                    if not isinstance(v, torch.Tensor):
+                        return v
+                    return v[part].detach() if v.dim() and v.shape[0] == images else v.detach()
+                yield ({n: cut(vs[c]) for n, vs in inputs.items()}, [cut(t[c]) for t in targets])
+
+
+def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared errors, sum of squared targets) over the region's outputs."""
+    num = sum((o - t).pow(2).sum() for o, t in zip(outputs, targets))
+    return num, sum(t.pow(2).sum() for t in targets)
+
+
+def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
+                  inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, seconds: float,
+                  lr: float, int8: bool, seed: int = 0) -> dict:
+    """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
+    values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk.
+    Returns what it did: steps run, relative loss before and after, whether the result was kept."""
+    runner = _RegionRunner(gm, region, layers, int8)
+    params = runner.parameters()
+    masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
+    chunks = len(targets[0])
+
+    def full_loss() -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for c in range(chunks):
+                n, d = _loss(runner({k: v[c] for k, v in inputs.items()}), [t[c] for t in targets])
+                num, den = num + float(n), den + float(d)
+        return num / max(den, 1e-30)
+
+    before = full_loss()
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed))
+    deadline = time.perf_counter() + seconds
+    done = 0
+    with torch.enable_grad():
+        for done in range(1, steps + 1):
+            batch_inputs, batch_targets = next(batches)
+            num, den = _loss(runner(batch_inputs), batch_targets)
+            optimizer.zero_grad(set_to_none=False)
+            (num / den.clamp_min(1e-30)).backward()
+            for p in params:
+                if id(p) in masks:
+                    p.grad.mul_(masks[id(p)])
+            optimizer.step()
+            if time.perf_counter() > deadline:
+                break
+    with torch.no_grad():
+        if int8:  # back onto the int8 grid the layout will store
+            for name in region.layers:
+                weight = gm.get_submodule(name).weight
+                scales = layers[name].weight_scales.to(weight.dtype)
+                weight.copy_(codes(weight * masks[id(weight)], scales) * scales[:, None])
+        after = full_loss()
+        kept = after < before
+        if not kept:
+            for p, original in zip(params, start):
+                p.copy_(original)
+    return {"steps": done if steps else 0, "loss_before": before, "loss_after": after, "kept": kept}
+
+
+def run_region(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState], inputs: dict[fx.Node, list],
+               int8: bool) -> list[list[torch.Tensor]]:
+    """The region's outputs per calibration chunk (no gradients), as the model now computes them."""
+    runner = _RegionRunner(gm, region, layers, int8)
+    chunks = len(next(iter(inputs.values())))
+    with torch.no_grad():
+        per_chunk = [runner({k: v[c] for k, v in inputs.items()}) for c in range(chunks)]
+    return [[outs[i] for outs in per_chunk] for i in range(len(region.outputs))]

@@ -1,0 +1,164 @@
+"""Block-level recovery: regions found from the traced module stack, the Adam fit never worse than its start on
+calibration data, masks frozen, exact where the pruned part is redundant, and the option in a compile."""
+
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.passes.block_recovery import block_regions, recover_block, run_region
+from lpvit_compiler.quantization import quantize_nearest
+from lpvit_compiler.state import LayerState
+
+from conftest import tiny_vit
+
+WIDTH, BLOCK = 32, (8, 8)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 2 * WIDTH), nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(WIDTH, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _setup(density=0.5, zero_pruned=False, seed=0):
+    """(dense net, traced copy with masked weights, layer states, calibration chunks)."""
+    dense = Net().eval()
+    gm = fx.symbolic_trace(Net().eval())
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"):
+        weight = gm.get_submodule(name).weight
+        layer = LayerState(name, BlockGrid(*weight.shape, BLOCK))
+        layer.block_mask = torch.rand(layer.grid.block_rows, layer.grid.block_cols, generator=g) < density
+        with torch.no_grad():
+            if zero_pruned:  # the pruned blocks carry nothing: pruning them changes nothing
+                dense.get_submodule(name).weight.mul_(layer.element_mask())
+                weight.copy_(dense.get_submodule(name).weight)
+            weight.mul_(layer.element_mask())
+        layers[name] = layer
+    chunks = [torch.randn(8, 5, WIDTH, generator=g) for _ in range(3)]
+    return dense, gm, layers, chunks
+
+
+def _region_data(dense, region, chunks):
+    """Pruned-model inputs (the calibration chunks: region 0 reads the graph input) and dense targets."""
+    with torch.no_grad():
+        return {region.inputs[0]: chunks}, [[dense.blocks[0](c) for c in chunks]]
+
+
+def test_regions_are_the_numbered_blocks_of_a_traced_model():
+    _, gm, layers, _ = _setup()
+    regions = block_regions(gm, layers)
+    assert [r.name for r in regions] == ["blocks.0", "blocks.1"]
+    assert [r.layers for r in regions] == [["blocks.0.fc1", "blocks.0.fc2"], ["blocks.1.fc1", "blocks.1.fc2"]]
+    assert all(len(r.inputs) == 1 and len(r.outputs) == 1 for r in regions)
+    assert regions[0].outputs[0] in regions[1].inputs  # block 1 reads block 0's output
+    # a timm ViT: one region per block, each holding its four prunable linears
+    vit = fx.symbolic_trace(tiny_vit())
+    names = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks")]
+    vit_layers = {n: LayerState(n, BlockGrid(*vit.get_submodule(n).weight.shape, (16, 16))) for n in names}
+    assert [(r.name, len(r.layers)) for r in block_regions(vit, vit_layers)] == [("blocks.0", 4), ("blocks.1", 4)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recovery_lowers_the_block_loss_and_keeps_the_masks(seed):
+    dense, gm, layers, chunks = _setup(seed=seed)
+    region = block_regions(gm, layers)[0]
+    inputs, targets = _region_data(dense, region, chunks)
+    result = recover_block(gm, region, layers, inputs, targets, steps=60, seconds=1e9, lr=3e-3, int8=False)
+    assert result["kept"] and result["loss_after"] < 0.7 * result["loss_before"]
+    for name in region.layers:  # nothing pruned came back
+        weight = gm.get_submodule(name).weight
+        assert torch.equal(weight * ~layers[name].element_mask(), torch.zeros_like(weight))
+    # the recorded loss is the region's real loss on the calibration chunks
+    outputs = run_region(gm, region, layers, inputs, int8=False)[0]
+    num = sum(float((o - t).pow(2).sum()) for o, t in zip(outputs, targets[0]))
+    den = sum(float(t.pow(2).sum()) for t in targets[0])
+    assert num / den == pytest.approx(result["loss_after"], rel=1e-4)
+
+
+def test_a_diverging_fit_is_undone():
+    dense, gm, layers, chunks = _setup()
+    region = block_regions(gm, layers)[0]
+    inputs, targets = _region_data(dense, region, chunks)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=0.9, int8=False)
+    assert not result["kept"] and result["loss_after"] >= result["loss_before"]
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())  # never worse than the start
+
+
+def test_exact_and_untouched_when_the_pruned_part_is_redundant():
+    dense, gm, layers, chunks = _setup(zero_pruned=True)
+    region = block_regions(gm, layers)[0]
+    inputs, targets = _region_data(dense, region, chunks)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=1e-2, int8=False)
+    assert result["loss_before"] < 1e-12
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    for output, target in zip(run_region(gm, region, layers, inputs, int8=False)[0], targets[0]):
+        torch.testing.assert_close(output, target, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_recovery_leaves_weights_on_their_int8_grid():
+    dense, gm, layers, chunks = _setup()
+    for name, layer in layers.items():
+        weight = gm.get_submodule(name).weight
+        with torch.no_grad():
+            quantized, layer.weight_scales = quantize_nearest(weight, layer.element_mask())
+            weight.copy_(quantized)
+    region = block_regions(gm, layers)[0]
+    inputs, targets = _region_data(dense, region, chunks)
+    result = recover_block(gm, region, layers, inputs, targets, steps=40, seconds=1e9, lr=3e-3, int8=True)
+    assert result["loss_after"] <= result["loss_before"]
+    for name in region.layers:
+        weight, scales = gm.get_submodule(name).weight, layers[name].weight_scales
+        grid = weight.detach() / scales[:, None]
+        assert torch.allclose(grid, grid.round(), atol=1e-4) and float(grid.abs().max()) <= 127 + 1e-4
+        assert torch.equal(weight * ~layers[name].element_mask(), torch.zeros_like(weight))
+
+
+def test_compile_records_recovery_and_it_lowers_calibration_error(calib, tmp_path):
+    model = tiny_vit()
+    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False)
+    plain = lpvit.compile(model, block_recovery=False, **common)
+    recovered = lpvit.compile(model, recovery_steps=80, recovery_lr=1e-3, dump_dir=tmp_path, **common)
+    decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
+    blocks = decisions["block_recovery"]["blocks"]
+    assert set(blocks) == {"blocks.0", "blocks.1"}
+    assert all(b["loss_after"] <= b["loss_before"] for b in blocks.values())
+    assert any(b["kept"] for b in blocks.values())
+    for name in plain.plan.layers:  # recovery does not change what the solve chose
+        assert plain.plan.layers[name]["pruned_blocks"] == recovered.plan.layers[name]["pruned_blocks"]
+    with torch.no_grad():
+        target = model(calib)
+        errors = [float((c(calib) - target).pow(2).sum() / target.pow(2).sum()) for c in (plain, recovered)]
+    assert errors[1] < errors[0]
+
+
+def test_recovery_options_are_validated(model, calib):
+    with pytest.raises(lpvit.ConfigError, match="recovery_steps must be a non-negative int"):
+        lpvit.compile(model, calib=calib, recovery_steps=-1)
+    with pytest.raises(lpvit.ConfigError, match="recovery_lr must be in"):
+        lpvit.compile(model, calib=calib, recovery_lr=0)
