@@ -147,8 +147,10 @@ def main(argv=None) -> int:
         dense = model(evaluation)
     rows = []
     settings = [(criterion + (" + reconstruct" if reconstruct else ""),
-                 {"importance": criterion, "reconstruct": reconstruct})
+                 {"importance": criterion, "reconstruct": reconstruct, "block_recovery": False})
                 for reconstruct in (False, True) for criterion in args.criteria]
+    settings += [(f"{criterion} + reconstruct + block recovery", {"importance": criterion})
+                 for criterion in args.criteria]
     if args.int8:
         settings += [("obs + reconstruct + int8 (GPTQ)", {"importance": "obs", "quantize": "int8"}),
                      ("obs + reconstruct + int8 (round to nearest)",

@@ -162,3 +162,29 @@ def test_recovery_options_are_validated(model, calib):
         lpvit.compile(model, calib=calib, recovery_steps=-1)
     with pytest.raises(lpvit.ConfigError, match="recovery_lr must be in"):
         lpvit.compile(model, calib=calib, recovery_lr=0)
+
+
+class StaticBlock(Block):
+    """A block whose graph has the batch size baked in (as torch.export graphs can): it runs on 16 images only."""
+
+    def forward(self, x):
+        return super().forward(x).reshape(16, -1, WIDTH)
+
+
+def test_a_graph_with_a_fixed_batch_size_steps_on_whole_chunks():
+    dense, _, layers, _ = _setup()
+    net = Net().eval()
+    net.blocks[0] = StaticBlock()
+    net.blocks[0].load_state_dict(dense.blocks[0].state_dict())
+    gm = fx.symbolic_trace(net)
+    for name in ("blocks.0.fc1", "blocks.0.fc2"):
+        with torch.no_grad():
+            gm.get_submodule(name).weight.mul_(layers[name].element_mask())
+    region = block_regions(gm, layers)[0]
+    chunks = [torch.randn(16, 5, WIDTH, generator=torch.Generator().manual_seed(c)) for c in range(2)]
+    with torch.no_grad():
+        targets = [[dense.blocks[0](c) for c in chunks]]
+    result = recover_block(gm, region, layers, {region.inputs[0]: chunks}, targets, steps=10, seconds=1e9,
+                           lr=3e-3, int8=False)
+    assert result["images_per_step"] == "chunk" and result["steps"] == 10
+    assert result["loss_after"] <= result["loss_before"]

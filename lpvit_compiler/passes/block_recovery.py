@@ -13,7 +13,8 @@ in it — after Adam steps on
 
     L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs)
 
-over mini-batches of ``STEP_IMAGES`` calibration images. No labels. The new parameters are kept only if L over
+over mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
+batch size baked in, as torch.export graphs can). No labels. The new parameters are kept only if L over
 all calibration images went down; otherwise the per-layer refit's are restored, so recovery is never worse on
 the calibration data. Where the pruned part is redundant (X_p = X_d and the block already reproduces Y_d), L is
 0, every gradient is 0 and nothing moves.
@@ -128,21 +129,38 @@ class _RegionRunner:
         return nn.functional.linear(xq, weight, linear.bias)
 
 
-def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], generator: torch.Generator):
-    """Endless (inputs, targets) mini-batches of STEP_IMAGES images, drawn from the calibration chunks in a
-    random order. A value whose first dimension is not the chunk's image count (a broadcast mask) is passed whole."""
+def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], generator: torch.Generator,
+                  step_images: int | None):
+    """Endless (inputs, targets) mini-batches of ``step_images`` images (None: whole chunks), drawn from the
+    calibration chunks in a random order. A value whose first dimension is not the chunk's image count (a
+    broadcast mask) is passed whole."""
     chunks = len(targets[0])
     while True:
         for c in torch.randperm(chunks, generator=generator).tolist():
             images = targets[0][c].shape[0]
-            for start in range(0, images, STEP_IMAGES):
-                part = slice(start, start + STEP_IMAGES)
+            for start in range(0, images, step_images or images):
+                part = slice(start, start + (step_images or images))
 
                 def cut(v):
                     if not isinstance(v, torch.Tensor):
                         return v
                     return v[part].detach() if v.dim() and v.shape[0] == images else v.detach()
                 yield ({n: cut(vs[c]) for n, vs in inputs.items()}, [cut(t[c]) for t in targets])
+
+
+def _runs_on_part_of_a_chunk(runner: _RegionRunner, inputs: dict[fx.Node, list],
+                             targets: list[list[torch.Tensor]]) -> bool:
+    """Whether the region runs on fewer images than a calibration chunk holds: a graph captured by torch.export
+    can bake the batch size into its reshapes, and then every step must take whole chunks."""
+    batch_inputs, _ = next(_step_batches(inputs, targets, torch.Generator().manual_seed(0), STEP_IMAGES))
+    if all(t[0].shape[0] <= STEP_IMAGES for t in targets):
+        return True
+    try:
+        with torch.no_grad():
+            runner(batch_inputs)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +191,8 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     before = full_loss()
     start = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=lr)
-    batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed))
+    step_images = STEP_IMAGES if _runs_on_part_of_a_chunk(runner, inputs, targets) else None
+    batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed), step_images)
     deadline = time.perf_counter() + seconds
     done = 0
     with torch.enable_grad():
@@ -199,7 +218,8 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
         if not kept:
             for p, original in zip(params, start):
                 p.copy_(original)
-    return {"steps": done if steps else 0, "loss_before": before, "loss_after": after, "kept": kept}
+    return {"steps": done, "images_per_step": step_images or "chunk", "loss_before": before, "loss_after": after,
+            "kept": kept}
 
 
 def run_region(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState], inputs: dict[fx.Node, list],
