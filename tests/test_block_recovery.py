@@ -99,6 +99,16 @@ def test_recovery_lowers_the_block_loss_and_keeps_the_masks(seed):
     assert num / den == pytest.approx(result["loss_after"], rel=1e-4)
 
 
+def test_no_time_budget_means_no_steps():
+    dense, gm, layers, chunks = _setup()
+    region = block_regions(gm, layers)[0]
+    inputs, targets = _region_data(dense, region, chunks)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = recover_block(gm, region, layers, inputs, targets, steps=50, seconds=0.0, lr=3e-3, int8=False)
+    assert result["steps"] == 0 and not result["kept"]
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
 def test_a_diverging_fit_is_undone():
     dense, gm, layers, chunks = _setup()
     region = block_regions(gm, layers)[0]

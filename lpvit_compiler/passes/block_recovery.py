@@ -80,7 +80,7 @@ def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[Blo
                                     if i not in inside and i.op != "get_attr"))
         outputs = [n for n in run if any(u not in inside for u in n.users)]
         prunable = [n.target for n in run if n.op == "call_module" and n.target in layers]
-        if prunable and outputs:
+        if prunable and outputs and inputs:
             regions.append(BlockRegion(name, run, inputs, outputs, prunable))
     return regions
 
@@ -175,6 +175,8 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
     values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk.
     Returns what it did: steps run, relative loss before and after, whether the result was kept."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for values in targets for t in values):
+        return {"steps": 0, "kept": False, "skipped": "an output of the block is not a float tensor"}
     runner = _RegionRunner(gm, region, layers, int8)
     params = runner.parameters()
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
@@ -196,7 +198,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     deadline = time.perf_counter() + seconds
     done = 0
     with torch.enable_grad():
-        for done in range(1, steps + 1):
+        while done < steps and time.perf_counter() < deadline:
             batch_inputs, batch_targets = next(batches)
             num, den = _loss(runner(batch_inputs), batch_targets)
             optimizer.zero_grad(set_to_none=False)
@@ -205,8 +207,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
                 if id(p) in masks:
                     p.grad.mul_(masks[id(p)])
             optimizer.step()
-            if time.perf_counter() > deadline:
-                break
+            done += 1
     with torch.no_grad():
         if int8:  # back onto the int8 grid the layout will store
             for name in region.layers:

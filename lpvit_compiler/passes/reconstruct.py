@@ -218,4 +218,9 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                                        {"note": "no numbered transformer blocks found in the graph"})}}
     if opts.block_recovery and not regions:
         state.notes.append("block recovery found no numbered transformer blocks (nn_module_stack) and was skipped")
+    elif per_block:
+        kept = [b for b in per_block.values() if b["kept"]]
+        state.notes.append(f"block recovery refitted {len(kept)} of {len(per_block)} blocks" + (
+            f", mean block loss on calibration data {sum(b['loss_before'] for b in kept) / len(kept):.3g} -> "
+            f"{sum(b['loss_after'] for b in kept) / len(kept):.3g}" if kept else ""))
     return PassResult(gm, True, decisions)
