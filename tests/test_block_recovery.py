@@ -87,7 +87,7 @@ def test_recovery_lowers_the_block_loss_and_keeps_the_masks(seed):
     dense, gm, layers, chunks = _setup(seed=seed)
     region = block_regions(gm, layers)[0]
     inputs, targets = _region_data(dense, region, chunks)
-    result = recover_block(gm, region, layers, inputs, targets, steps=60, seconds=1e9, lr=3e-3, int8=False)
+    result, returned = recover_block(gm, region, layers, inputs, targets, steps=60, seconds=1e9, lr=3e-3, int8=False)
     assert result["kept"] and result["loss_after"] < 0.7 * result["loss_before"]
     for name in region.layers:  # nothing pruned came back
         weight = gm.get_submodule(name).weight
@@ -97,6 +97,8 @@ def test_recovery_lowers_the_block_loss_and_keeps_the_masks(seed):
     num = sum(float((o - t).pow(2).sum()) for o, t in zip(outputs, targets[0]))
     den = sum(float(t.pow(2).sum()) for t in targets[0])
     assert num / den == pytest.approx(result["loss_after"], rel=1e-4)
+    for got, fresh in zip(returned[0], outputs):  # what the pruned stream continues from
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)
 
 
 def test_no_time_budget_means_no_steps():
@@ -104,7 +106,7 @@ def test_no_time_budget_means_no_steps():
     region = block_regions(gm, layers)[0]
     inputs, targets = _region_data(dense, region, chunks)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    result = recover_block(gm, region, layers, inputs, targets, steps=50, seconds=0.0, lr=3e-3, int8=False)
+    result, _ = recover_block(gm, region, layers, inputs, targets, steps=50, seconds=0.0, lr=3e-3, int8=False)
     assert result["steps"] == 0 and not result["kept"]
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
 
@@ -114,9 +116,11 @@ def test_a_diverging_fit_is_undone():
     region = block_regions(gm, layers)[0]
     inputs, targets = _region_data(dense, region, chunks)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    result = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=0.9, int8=False)
+    result, returned = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=0.9, int8=False)
     assert not result["kept"] and result["loss_after"] >= result["loss_before"]
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())  # never worse than the start
+    for got, fresh in zip(returned[0], run_region(gm, region, layers, inputs, int8=False)[0]):
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)  # the restored block's outputs
 
 
 def test_exact_and_untouched_when_the_pruned_part_is_redundant():
@@ -124,7 +128,7 @@ def test_exact_and_untouched_when_the_pruned_part_is_redundant():
     region = block_regions(gm, layers)[0]
     inputs, targets = _region_data(dense, region, chunks)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    result = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=1e-2, int8=False)
+    result, _ = recover_block(gm, region, layers, inputs, targets, steps=20, seconds=1e9, lr=1e-2, int8=False)
     assert result["loss_before"] < 1e-12
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     for output, target in zip(run_region(gm, region, layers, inputs, int8=False)[0], targets[0]):
@@ -140,7 +144,7 @@ def test_int8_recovery_leaves_weights_on_their_int8_grid():
             weight.copy_(quantized)
     region = block_regions(gm, layers)[0]
     inputs, targets = _region_data(dense, region, chunks)
-    result = recover_block(gm, region, layers, inputs, targets, steps=40, seconds=1e9, lr=3e-3, int8=True)
+    result, _ = recover_block(gm, region, layers, inputs, targets, steps=40, seconds=1e9, lr=3e-3, int8=True)
     assert result["loss_after"] <= result["loss_before"]
     for name in region.layers:
         weight, scales = gm.get_submodule(name).weight, layers[name].weight_scales
@@ -194,7 +198,7 @@ def test_a_graph_with_a_fixed_batch_size_steps_on_whole_chunks():
     chunks = [torch.randn(16, 5, WIDTH, generator=torch.Generator().manual_seed(c)) for c in range(2)]
     with torch.no_grad():
         targets = [[dense.blocks[0](c) for c in chunks]]
-    result = recover_block(gm, region, layers, {region.inputs[0]: chunks}, targets, steps=10, seconds=1e9,
+    result, _ = recover_block(gm, region, layers, {region.inputs[0]: chunks}, targets, steps=10, seconds=1e9,
                            lr=3e-3, int8=False)
     assert result["images_per_step"] == "chunk" and result["steps"] == 10
     assert result["loss_after"] <= result["loss_before"]

@@ -152,9 +152,9 @@ def _runs_on_part_of_a_chunk(runner: _RegionRunner, inputs: dict[fx.Node, list],
                              targets: list[list[torch.Tensor]]) -> bool:
     """Whether the region runs on fewer images than a calibration chunk holds: a graph captured by torch.export
     can bake the batch size into its reshapes, and then every step must take whole chunks."""
-    batch_inputs, _ = next(_step_batches(inputs, targets, torch.Generator().manual_seed(0), STEP_IMAGES))
     if all(t[0].shape[0] <= STEP_IMAGES for t in targets):
         return True
+    batch_inputs, _ = next(_step_batches(inputs, targets, torch.Generator().manual_seed(0), STEP_IMAGES))
     try:
         with torch.no_grad():
             runner(batch_inputs)
@@ -169,28 +169,29 @@ def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[tor
     return num, sum(t.pow(2).sum() for t in targets)
 
 
+def _relative_loss(outputs: list[list[torch.Tensor]], targets: list[list[torch.Tensor]]) -> float:
+    """L over every calibration chunk: outputs and targets per region output, per chunk."""
+    num = den = 0.0
+    for chunk in range(len(targets[0])):
+        n, d = _loss([o[chunk] for o in outputs], [t[chunk] for t in targets])
+        num, den = num + float(n), den + float(d)
+    return num / max(den, 1e-30)
+
+
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
                   inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, seconds: float,
-                  lr: float, int8: bool, seed: int = 0) -> dict:
+                  lr: float, int8: bool, seed: int = 0) -> tuple[dict, list[list[torch.Tensor]]]:
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
     values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk.
-    Returns what it did: steps run, relative loss before and after, whether the result was kept."""
+    Returns what it did (steps run, relative loss before and after, whether the result was kept) and the
+    region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
+    before_outputs = run_region(gm, region, layers, inputs, int8)
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for values in targets for t in values):
-        return {"steps": 0, "kept": False, "skipped": "an output of the block is not a float tensor"}
+        return {"steps": 0, "kept": False, "skipped": "an output of the block is not a float tensor"}, before_outputs
     runner = _RegionRunner(gm, region, layers, int8)
     params = runner.parameters()
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
-    chunks = len(targets[0])
-
-    def full_loss() -> float:
-        num = den = 0.0
-        with torch.no_grad():
-            for c in range(chunks):
-                n, d = _loss(runner({k: v[c] for k, v in inputs.items()}), [t[c] for t in targets])
-                num, den = num + float(n), den + float(d)
-        return num / max(den, 1e-30)
-
-    before = full_loss()
+    before = _relative_loss(before_outputs, targets)
     start = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=lr)
     step_images = STEP_IMAGES if _runs_on_part_of_a_chunk(runner, inputs, targets) else None
@@ -214,13 +215,15 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
                 weight = gm.get_submodule(name).weight
                 scales = layers[name].weight_scales.to(weight.dtype)
                 weight.copy_(codes(weight * masks[id(weight)], scales) * scales[:, None])
-        after = full_loss()
+        after_outputs = run_region(gm, region, layers, inputs, int8)
+        after = _relative_loss(after_outputs, targets)
         kept = after < before
         if not kept:
             for p, original in zip(params, start):
                 p.copy_(original)
-    return {"steps": done, "images_per_step": step_images or "chunk", "loss_before": before, "loss_after": after,
-            "kept": kept}
+    decisions = {"steps": done, "images_per_step": step_images or "chunk", "loss_before": before,
+                 "loss_after": after, "kept": kept}
+    return decisions, after_outputs if kept else before_outputs
 
 
 def run_region(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState], inputs: dict[fx.Node, list],

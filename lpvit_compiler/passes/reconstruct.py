@@ -54,7 +54,7 @@ from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
-from .block_recovery import block_regions, recover_block, run_region
+from .block_recovery import block_regions, recover_block
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
@@ -199,12 +199,11 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 region = region_ending.pop(node)
                 started = time.perf_counter()
                 inputs = {n: pruned[n] for n in region.inputs}
-                per_block[region.name] = recover_block(
+                per_block[region.name], outputs = recover_block(
                     gm, region, state.layers, inputs, [dense[n] for n in region.outputs],
                     steps=opts.recovery_steps, seconds=recovery_left / (len(region_ending) + 1),
                     lr=opts.recovery_lr, int8=int8)
-                for out, values in zip(region.outputs, run_region(gm, region, state.layers, inputs, int8)):
-                    pruned[out] = values
+                pruned.update(zip(region.outputs, outputs))
                 recovery_left = max(0.0, recovery_left - (time.perf_counter() - started))
             for used in node.all_input_nodes:
                 if last_use.get(used) is node:
