@@ -56,11 +56,11 @@ def compile(
         data_config: the preprocessing the model expects (timm data config), stored in the plan and in
             exported ONNX files for ``lpvit eval``.
         **options: the tuning options of :class:`~lpvit_compiler.options.CompileOptions`, each with its default
-            and meaning there: ``importance`` ("obs"), ``min_density`` (0.05), ``power_weight`` (0),
-            ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01), ``prune_heads`` (False),
-            ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True), ``reconstruct`` (True),
-            ``reconstruct_images`` (128), ``block_recovery`` (True), ``recovery_seconds`` (60),
-            ``recovery_steps`` (200), ``recovery_lr`` (3e-4), ``verify`` (False).
+            and meaning there: ``importance`` ("obs"), ``sensitivity`` ("channel"), ``min_density`` (0.05),
+            ``power_weight`` (0), ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01),
+            ``prune_heads`` (False), ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True),
+            ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (128), ``block_recovery`` (True),
+            ``recovery_seconds`` (60), ``recovery_steps`` (200), ``recovery_lr`` (3e-4), ``verify`` (False).
     """
     opts = CompileOptions.build(hw, flops_keep=flops_keep, target_speedup=target_speedup, power_keep=power_keep,
                                 block_shape=block_shape, **options)

@@ -18,10 +18,16 @@ from .costmodel import HardwareProfile, get_profile
 from .errors import ConfigError
 
 IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
+SENSITIVITIES = ("channel", "layer")
 POWER_MODELS = ("energy", "lpvit")
 QUANTIZE_MODES = (None, "int8")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
+# Named sets of tuning options; options given with a preset override it. "fast": DeiT-S on 256 images in about
+# half a minute on 2 cores (benchmarks/compile_time.py), for trying budgets before a full compile.
+PRESETS = {
+    "fast": {"importance": "hessian", "importance_images": 64, "reconstruct_images": 32, "block_recovery": False},
+}
 
 
 def _number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable:
@@ -40,6 +46,10 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ConfigError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _optional_positive_int(name: str, value) -> int | None:
+    return None if value is None else _positive_int(name, value)
 
 
 def _count(name: str, value) -> int:
@@ -93,6 +103,11 @@ class CompileOptions:
     block_shape: tuple[int, int]  # (rows, cols) of a weight block
     importance: str = _option("obs", _choice(IMPORTANCE_CRITERIA),
                               "block criterion: obs (error left after refit), taylor (LPViT), hessian, magnitude")
+    sensitivity: str = _option("channel", _choice(SENSITIVITIES),
+                               "obs: weight each output channel's error by the loss's sensitivity to that channel "
+                               "(channel), or by the layer's mean sensitivity (layer)")
+    importance_images: int | None = _option(None, _optional_positive_int, "calibration images the importance "
+                                                                          "statistics run on (None: all)")
     min_density: float = _option(0.05, _number(0.0, 1.0, low_open=True), "share of blocks every layer keeps")
     power_weight: float | str = _option(0.0, _power_weight, "beta of the solve's power term, or 'auto' (LPViT)")
     power_model: str = _option("energy", _choice(POWER_MODELS), "power term: the profile's energy, or LPViT's proxy")
@@ -106,6 +121,8 @@ class CompileOptions:
     dense_fallback: bool = _option(True, _flag, "keep a layer dense where the block-sparse kernel would be slower")
     fuse_epilogues: bool = _option(True, _flag, "fold the activation and residual add after a block-sparse layer "
                                                "into its write-back")
+    fold_scales: bool = _option(True, _flag, "fold LayerScale into the linear before it and LayerNorm affines into "
+                                             "the linears after them, before scoring (an equivalent graph)")
     reconstruct: bool = _option(True, _flag, "refit kept weights and biases to the dense outputs")
     quantize: str | None = _option(None, _choice(QUANTIZE_MODES),
                                    "None (float32) or 'int8': int8 weights (one scale per output channel) and X "
@@ -134,14 +151,18 @@ class CompileOptions:
     @classmethod
     def build(cls, hw: str | HardwareProfile = DEFAULT_HW, *, flops_keep: float | None = None,
               target_speedup: float | None = None, power_keep: float | None = None, block_shape=None,
-              **tuning) -> CompileOptions:
+              preset: str | None = None, **tuning) -> CompileOptions:
         """Validated options from keyword arguments; the budget is one of ``flops_keep`` (default 0.5),
-        ``target_speedup`` or ``power_keep``."""
+        ``target_speedup`` or ``power_keep``; ``preset`` names a set of defaults (``PRESETS``)."""
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            tuning = {**PRESETS[preset], **tuning}
         known = cls.tuning_names()
         for name in tuning:
             if name not in known:
                 close = difflib.get_close_matches(name, [*known, "flops_keep", "target_speedup", "power_keep",
-                                                         "block_shape", "hw"], n=1)
+                                                         "block_shape", "hw", "preset"], n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise ConfigError(f"unknown option {name!r}{hint}; options are: {', '.join(known)}")
         requested_block = _block_shape(block_shape, None) if block_shape is not None else None

@@ -4,6 +4,7 @@ model, read and updated by every pass — nothing passes between passes outside 
 Who fills what (each pass's contract in ``passes/`` says the same to the pass manager):
 
     capture            -> CompileState.layers (name, grid), capture_method, selection, notes
+    fold_scales        -> (the graph's weights only)
     importance         -> tokens, block_scores, prune_order, distortion
     hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
     block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.passes.block_recovery import block_regions, recover_block, run_region
+from lpvit_compiler.passes.block_recovery import _step_scales, block_regions, recover_block, run_region
 from lpvit_compiler.quantization import quantize_nearest
 from lpvit_compiler.state import LayerState
 
@@ -99,6 +99,27 @@ def test_recovery_lowers_the_block_loss_and_keeps_the_masks(seed):
     assert num / den == pytest.approx(result["loss_after"], rel=1e-4)
     for got, fresh in zip(returned[0], outputs):  # what the pruned stream continues from
         torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+
+
+def test_step_scales_follow_the_rows_and_columns_folding_scaled():
+    # W = diag(a) U diag(b) with |U| = 1 over the kept entries: every weight's step factor is a_i b_j over the
+    # RMS of a and b (so folded LayerScale rows and LayerNorm columns move at their own scale), 0 where pruned
+    # rows' RMS comes from kept entries only
+    _, gm, layers, _ = _setup()
+    region = block_regions(gm, layers)[0]
+    g = torch.Generator().manual_seed(3)
+    fc1 = gm.get_submodule("blocks.0.fc1")
+    a, b = torch.rand(2 * WIDTH, generator=g) + 0.1, torch.rand(WIDTH, generator=g) * 10 + 0.1
+    full = torch.ones(layers["blocks.0.fc1"].grid.block_rows, layers["blocks.0.fc1"].grid.block_cols, dtype=torch.bool)
+    layers["blocks.0.fc1"].block_mask = full
+    with torch.no_grad():
+        signs = torch.randint(0, 2, fc1.weight.shape, generator=g) * 2.0 - 1
+        fc1.weight.copy_(a[:, None] * signs * b[None, :])
+    scales = _step_scales(gm, region, layers)
+    rms_a, rms_b = a.square().mean().sqrt(), b.square().mean().sqrt()
+    torch.testing.assert_close(scales[id(fc1.weight)], a[:, None] * b[None, :] / (rms_a * rms_b))
+    torch.testing.assert_close(scales[id(fc1.bias)], a / rms_a)
+    assert set(scales) >= {id(gm.get_submodule("blocks.0.fc2").weight), id(gm.get_submodule("blocks.0.fc2").bias)}
 
 
 def test_no_time_budget_means_no_steps():

@@ -73,7 +73,7 @@ def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
     x = torch.randn(500, shape[1], dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
     moment = x.T @ x / 500
     damping = 0.01
-    _, order, distortion = _obs(layer, weight, moment, gradient_energy=float(shape[0]), damping=damping)
+    _, order, distortion = _obs(layer, weight, moment, gradient_energy=torch.ones(shape[0]), damping=damping)
     damped = moment + damping * moment.diagonal().mean() * torch.eye(shape[1], dtype=torch.float64)
     for k in (1, 3, layer.num_blocks // 2, layer.num_blocks - 1, layer.num_blocks):
         flat = torch.ones(layer.num_blocks, dtype=torch.bool)
@@ -90,3 +90,33 @@ def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
                 schur = schur - damped[pruned][:, keep] @ refit
             direct += float(row[pruned] @ schur @ row[pruned])
         assert distortion[k].item() == pytest.approx(direct, rel=1e-6)
+
+
+class _AmplifiedHalf(torch.nn.Module):
+    """fc's first 16 output channels reach the logits amplified 10x, the last 16 damped 10x (a fixed buffer,
+    not a foldable parameter): blocks in the damped half are the ones to prune."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 4)
+        self.register_buffer("gain", torch.cat([torch.full((16,), 10.0), torch.full((16,), 0.1)]))
+
+    def forward(self, x):  # x [B, 1, 4, 32]: 4 tokens of width 32
+        return self.head(self.fc(x.flatten(1, 2)) * self.gain).mean(1)
+
+
+@pytest.mark.parametrize("sensitivity", ["channel", "layer"])
+def test_channel_sensitivity_prunes_the_channels_the_network_damps(sensitivity):
+    import lpvit_compiler as lpvit
+
+    torch.manual_seed(1)
+    compiled = lpvit.compile(_AmplifiedHalf().eval(), flops_keep=0.5, calib=torch.randn(64, 1, 4, 32),
+                             block_shape=8, sensitivity=sensitivity, reconstruct=False, progress=False)
+    mask = compiled.masks["fc"][::8, ::8]  # one entry per 8x8 block: [4, 4], True = kept
+    assert int(mask.sum()) == 8
+    if sensitivity == "channel":  # exactly the damped half goes
+        assert bool(mask[:2].all()) and not bool(mask[2:].any())
+    else:  # one sensitivity for the whole layer cannot tell the halves apart
+        assert bool(mask[2:].any())

@@ -6,7 +6,8 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.passes.reconstruct import _normal_equations, reconstruct_weight
+from lpvit_compiler.passes.reconstruct import (_normal_equations, _relative_output_error, _targets,
+                                               reconstruct_weight)
 
 
 def _layer(n=32, k=48, block=(8, 8), density=0.5, seed=0):
@@ -60,6 +61,20 @@ def test_never_worse_than_masking_on_calibration_data(damping, seed):
         err = (F.linear(xp, new_weight, new_bias) - target).pow(2).sum(1)
         assert err.sum() <= err_masked.sum() * (1 + 1e-5)
         assert torch.equal(new_weight * ~mask, torch.zeros_like(new_weight))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_recorded_errors_from_the_normal_equations_equal_running_the_layer(with_bias):
+    weight, bias, grid, mask, g = _layer()
+    bias = bias if with_bias else None
+    xd = [torch.randn(400, 48, generator=g) * 2 + 1 for _ in range(3)]
+    xp = [x + 0.3 * torch.randn(x.shape, generator=g) for x in xd]
+    h, gram, s = _normal_equations(xp, xd, with_bias)
+    dense = [F.linear(x, weight, bias) for x in xd]
+    energy = sum(float(y.double().square().sum()) for y in dense)
+    direct = sum(float((F.linear(x, weight * mask, bias) - y).double().square().sum()) for x, y in zip(xp, dense))
+    recorded = _relative_output_error(weight * mask, bias, h, _targets(weight, bias, gram, s), energy)
+    assert recorded == pytest.approx(direct / energy, rel=1e-5)
 
 
 def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):

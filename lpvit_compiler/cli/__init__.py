@@ -17,7 +17,7 @@ import sys
 
 from ..costmodel import known_profiles
 from ..errors import LpvitError
-from ..options import DEFAULT_FLOPS_KEEP, DEFAULT_HW, IMPORTANCE_CRITERIA, CompileOptions
+from ..options import DEFAULT_FLOPS_KEEP, DEFAULT_HW, IMPORTANCE_CRITERIA, PRESETS, CompileOptions
 from .bench_cmd import cmd_bench
 from .compile_cmd import cmd_compile
 from .eval_cmd import cmd_eval
@@ -52,20 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-speedup", type=float, help="predicted speedup of the whole model on --hw")
     budget.add_argument("--power-keep", type=float, help="fraction of the prunable linears' predicted power to keep")
     c.add_argument("--block", help="block shape RxC (default: the hardware profile's)")
-    c.add_argument("--importance", default=CompileOptions.default("importance"), choices=IMPORTANCE_CRITERIA,
+    c.add_argument("--preset", choices=tuple(PRESETS), help="a named set of defaults: fast (about half a minute "
+                   "for DeiT-S: Hessian criterion, fewer statistics and refit images, no block recovery); the "
+                   "flags below override it")
+    c.add_argument("--importance", choices=IMPORTANCE_CRITERIA,
                    help=f"block criterion (default {CompileOptions.default('importance')}): obs, taylor (LPViT's), "
                    "hessian or magnitude")
     c.add_argument("--prune-heads", action="store_true", help="also prune classifier heads")
     c.add_argument("--verify", action="store_true", help="check every pass's invariant while compiling (slower)")
-    c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+    c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=None,
                    help="keep the surviving weights as trained (default: refit them to the dense outputs)")
-    c.add_argument("--no-block-recovery", dest="block_recovery", action="store_false",
+    c.add_argument("--no-block-recovery", dest="block_recovery", action="store_false", default=None,
                    help="skip fitting each transformer block to the dense block's output (faster compile)")
-    c.add_argument("--recovery-seconds", type=float, default=CompileOptions.default("recovery_seconds"),
-                   help="time budget of block recovery (default %(default)s)")
+    c.add_argument("--recovery-seconds", type=float,
+                   help=f"time budget of block recovery (default {CompileOptions.default('recovery_seconds'):g})")
     c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
                                                          "block-sparse kernel (default: float32)")
-    c.add_argument("--no-gptq", dest="gptq", action="store_false",
+    c.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="with --quantize: round weights to nearest instead of GPTQ's error compensation")
     c.add_argument("--calib", default="random:32", metavar="SPEC",
                    help="calibration images: an ImageFolder DIR, fashion-mnist[:N] or random:N (default random:32)")

@@ -20,3 +20,14 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES)
     return node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
+
+
+def is_inference_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """nn.Identity, or a dropout / drop-path module with rate 0 (a nonzero rate is kept for fine-tuning)."""
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    if isinstance(module, nn.Identity):
+        return True
+    rate = getattr(module, "p", getattr(module, "drop_prob", None))  # nn.Dropout*, timm DropPath
+    return type(module).__name__ in ("Dropout", "DropPath") and rate == 0

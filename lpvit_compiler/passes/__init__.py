@@ -7,13 +7,14 @@ from .block_mask_solve import block_mask_solve
 from .bsr_layout import bsr_layout
 from .capture import capture
 from .dead_block_elimination import dead_block_elimination
+from .fold_scales import fold_scales
 from .fuse_epilogues import fuse_epilogues
 from .hardware import hardware
 from .importance import importance
 from .reconstruct import reconstruct
 
-PIPELINE = (capture, importance, hardware, block_mask_solve, reconstruct, dead_block_elimination, bsr_layout,
-            fuse_epilogues)
+PIPELINE = (capture, fold_scales, importance, hardware, block_mask_solve, reconstruct, dead_block_elimination,
+            bsr_layout, fuse_epilogues)
 
-__all__ = ["PIPELINE", "capture", "importance", "hardware", "block_mask_solve", "reconstruct",
+__all__ = ["PIPELINE", "capture", "fold_scales", "importance", "hardware", "block_mask_solve", "reconstruct",
            "dead_block_elimination", "bsr_layout", "fuse_epilogues"]

@@ -14,7 +14,9 @@ in it — after Adam steps on
     L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs)
 
 over mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
-batch size baked in, as torch.export graphs can). No labels. The new parameters are kept only if L over
+batch size baked in, as torch.export graphs can). No labels. Each linear's Adam steps are scaled per weight by
+its row's and column's magnitude (``_step_scales``), so rows and columns that scale folding multiplied by a
+LayerScale or LayerNorm gamma move at the same relative rate as the rest. The new parameters are kept only if L over
 all calibration images went down; otherwise the per-layer refit's are restored, so recovery is never worse on
 the calibration data. Where the pruned part is redundant (X_p = X_d and the block already reproduces Y_d), L is
 0, every gradient is 0 and nothing moves.
@@ -178,6 +180,32 @@ def _relative_loss(outputs: list[list[torch.Tensor]], targets: list[list[torch.T
     return num / max(den, 1e-30)
 
 
+def _step_scales(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState]) -> dict[int, torch.Tensor]:
+    """Per-element factors of Adam's steps for the region's linears: c = r k^T / rms(W)^2 for the weight (r, k its
+    row and column RMS over kept entries), r / rms(W) for the bias; both average about 1, so ``recovery_lr``
+    keeps its meaning.
+
+    Adam's step has the same size for every weight, so it is not invariant to rescaling rows or columns; scale
+    folding (fold_scales.py) puts LayerScale into rows and LayerNorm affines into columns, and DINOv2's spread
+    over 1e-3 .. 10. For W = diag(a) U diag(b) with U of even magnitude, c = a b^T / (rms(a) rms(b)): each
+    weight moves in proportion to its own scale, as if Adam ran on U."""
+    scales = {}
+    for node in region.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if type(module) is not nn.Linear:
+            continue
+        w = module.weight.detach()
+        kept = (layers[node.target].element_mask() if node.target in layers else torch.ones_like(w)).to(w.dtype)
+        square = w.square() * kept
+        rms = (square.sum() / kept.sum().clamp_min(1)).sqrt().clamp_min(1e-30)
+        rows = (square.sum(1) / kept.sum(1).clamp_min(1)).sqrt()
+        cols = (square.sum(0) / kept.sum(0).clamp_min(1)).sqrt()
+        scales[id(module.weight)] = rows[:, None] * cols[None, :] / rms.square()
+        if module.bias is not None:
+            scales[id(module.bias)] = rows / rms
+    return scales
+
+
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
                   inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, seconds: float,
                   lr: float, int8: bool, seed: int = 0) -> tuple[dict, list[list[torch.Tensor]]]:
@@ -193,6 +221,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
     before = _relative_loss(before_outputs, targets)
     start = [p.detach().clone() for p in params]
+    step_scales = _step_scales(gm, region, layers)
     optimizer = torch.optim.Adam(params, lr=lr)
     step_images = STEP_IMAGES if _runs_on_part_of_a_chunk(runner, inputs, targets) else None
     batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed), step_images)
@@ -207,7 +236,12 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
             for p in params:
                 if id(p) in masks:
                     p.grad.mul_(masks[id(p)])
+            previous = {id(p): p.detach().clone() for p in params if id(p) in step_scales}
             optimizer.step()
+            with torch.no_grad():
+                for p in params:
+                    if id(p) in step_scales:
+                        p.sub_(previous[id(p)]).mul_(step_scales[id(p)]).add_(previous[id(p)])
             done += 1
     with torch.no_grad():
         if int8:  # back onto the int8 grid the layout will store

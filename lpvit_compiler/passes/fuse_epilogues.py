@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import first_line
+from ..frontend.patterns import is_inference_identity
 from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import BlockSparseLinear
 from ..state import CompileState
@@ -33,16 +34,6 @@ from ..state import CompileState
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 _GELUS = (torch.nn.functional.gelu, torch.ops.aten.gelu.default)
 _RELUS = (torch.nn.functional.relu, torch.relu, torch.ops.aten.relu.default)
-
-
-def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op != "call_module":
-        return False
-    module = gm.get_submodule(node.target)
-    if isinstance(module, nn.Identity):
-        return True
-    rate = getattr(module, "p", getattr(module, "drop_prob", None))  # nn.Dropout*, timm DropPath
-    return type(module).__name__ in ("Dropout", "DropPath") and rate == 0
 
 
 def _activation(node: fx.Node, gm: fx.GraphModule) -> str | None:
@@ -68,7 +59,7 @@ def _skip_identities(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None,
     """Follow single-user identities from ``node``: (the first non-identity user or None, identities passed)."""
     passed = []
     user = _only_user(node)
-    while user is not None and _is_identity(user, gm):
+    while user is not None and is_inference_identity(gm, user):
         passed.append(user)
         user = _only_user(user)
     return user, passed

@@ -20,11 +20,13 @@ Pruning a block means dW = -W on it. Criteria (``importance=``):
 
 ``obs`` (default) — the damage left after reconstruction (passes/reconstruct.py), per unit of loss.
     Optimal Brain Surgeon for a group: zeroing block b (rows R, columns C) and refitting the rest of each row
-    leaves output error  e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T  per token (H = E[x x^T] damped
-    by ``hessian_damping`` * mean diag, as the reconstruction solves it). Layers are put on one scale by the
-    loss's sensitivity to their outputs, a_l = sum over calibration tokens of ||dL/dy||^2 / out_features
-    (L as for ``taylor``):
-    d(k) = a_l * sum_{b pruned} e_b                                    (additive over blocks)
+    leaves output error  e_{b,r} = w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T  in row r per token (H = E[x x^T] damped
+    by ``hessian_damping`` * mean diag, as the reconstruction solves it). Each output channel's error is
+    weighted by the loss's sensitivity to it, a_r = sum over calibration tokens of (dL/dy_r)^2 (L as for
+    ``taylor``; the diagonal of the output Fisher), which puts layers on one scale and, inside a layer, makes
+    the channels the rest of the network amplifies (LayerScale, massive-activation channels) costly:
+    d(k) = sum_{b pruned} sum_{r in R_b} a_r e_{b,r}                  (additive over blocks)
+    ``sensitivity="layer"`` uses one mean a_l = sum_r a_r / out_features for the whole layer instead.
 
 ``magnitude`` — baseline: s_b = mean_b |W|,  d(k) = sum_{b pruned} ||W_b||^2 / ||W||^2.
 """
@@ -53,22 +55,25 @@ class CalibrationStats:
     tokens: dict[str, int] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # mean dL/dW
     input_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x x^T], float64
-    output_gradient_energy: dict[str, float] = field(default_factory=dict)  # sum over tokens of ||dL/dy||^2
+    output_gradient_energy: dict[str, torch.Tensor] = field(default_factory=dict)  # [out]: sum_t (dL/dy_t)^2
     images: int = 0
 
 
-def collect_statistics(gm: fx.GraphModule, state: CompileState, need_gradients: bool, need_hessians: bool
-                       ) -> CalibrationStats:
+def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients: bool, output_gradients: bool,
+                       need_hessians: bool) -> CalibrationStats:
     """Run the calibration batches once, recording per-layer tokens and what the criterion needs.
 
     Batches run in chunks of at most ``CHUNK_IMAGES`` images (autograd memory grows with the batch, and small
-    chunks are faster on CPU); chunk losses are weighted so that gradients equal the whole batch's. When the
-    criterion needs neither gradients nor input moments, one image suffices to count tokens.
+    chunks are faster on CPU); chunk losses are weighted so that gradients equal the whole batch's. Output
+    gradients alone need no weight gradients: a float input then requires grad instead, and backward skips
+    every dL/dW product. When the criterion needs neither gradients nor input moments, one image suffices to count
+    tokens.
     """
     stats = CalibrationStats()
     modules = {name: gm.get_submodule(name) for name in state.layers}
     rows: dict[str, int] = dict.fromkeys(modules, 0)
     images_in_chunk = [0]
+    backward = weight_gradients or output_gradients
 
     def make_hook(name):
         def hook(module, args):
@@ -80,14 +85,22 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, need_gradients: 
                 rows[name] += flat.shape[0]
         return hook
 
-    batches = state.calibration if need_gradients or need_hessians else [state.calibration[0][:1]]
+    if not (backward or need_hessians):
+        batches = [state.calibration[0][:1]]
+    elif state.options.importance_images is not None:
+        batches = list(torch.cat(state.calibration)[: state.options.importance_images].split(
+            state.options.calib_batch_size))
+    else:
+        batches = state.calibration
+    through_input = output_gradients and not weight_gradients and batches[0].is_floating_point()
+
     def make_output_hook(name):
         def accumulate(grad):
-            stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0.0) + float(
-                grad.double().square().sum())
+            energy = grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
+            stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0) + energy
 
         def hook(module, args, output):
-            if need_gradients and output.requires_grad:
+            if output_gradients and output.requires_grad:
                 output.register_hook(accumulate)
         return hook
 
@@ -96,19 +109,22 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, need_gradients: 
     requires_grad = {p: p.requires_grad for p in gm.parameters()}
     try:
         for p in gm.parameters():
-            p.requires_grad_(need_gradients and any(p is m.weight for m in modules.values()))
+            p.requires_grad_(backward and not through_input and any(p is m.weight for m in modules.values()))
         for batch in track(batches, description="importance: calibration", disable=not state.progress,
                            transient=True):
             stats.images += batch.shape[0]
             for chunk in batch.split(CHUNK_IMAGES):
                 images_in_chunk[0] = chunk.shape[0]
-                with torch.set_grad_enabled(need_gradients):
+                if through_input:
+                    chunk = chunk.detach().requires_grad_(True)
+                with torch.set_grad_enabled(backward):
                     logits = logits_of(gm(chunk))
-                if need_gradients:
+                if backward:
                     (logits.float().pow(2).mean() * (chunk.shape[0] / batch.shape[0])).backward()
-            if need_gradients:
+            if backward and not through_input:
                 for name, m in modules.items():
-                    stats.gradients[name] = stats.gradients.get(name, 0) + m.weight.grad
+                    if weight_gradients:
+                        stats.gradients[name] = stats.gradients.get(name, 0) + m.weight.grad
                     m.weight.grad = None
     finally:
         for h in handles:
@@ -159,20 +175,22 @@ def _hessian(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor):
     return _quadratic_scores(layer, weight, moment, lambda cols: moment[cols, cols])
 
 
-def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: float, damping: float):
+def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: torch.Tensor,
+         damping: float):
     """Optimal Brain Surgeon over blocks. Order: by the single-block cost of zeroing block b and refitting the
-    rest of its rows, e_b = sum_{r in R} w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T (H damped by ``damping`` * mean diag).
-    Curve: the exact output error per token after pruning the first k blocks and refitting — within a block
-    row, blocks are removed one after another with OBS's updates of the row's weights and inverse Hessian;
-    block rows are independent, so their errors add. Scaled by the loss's sensitivity to the layer's outputs,
-    sum_t ||dL/dy_t||^2 / out_features."""
+    rest of its rows, e_b = sum_{r in R} a_r w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T (H damped by ``damping`` * mean
+    diag). Curve: the exact weighted output error per token after pruning the first k blocks and refitting —
+    within a block row, blocks are removed one after another with OBS's updates of the row's weights and
+    inverse Hessian; block rows are independent, so their errors add. Row r's error is quadratic in w_r, so
+    weighting it by a_r (``gradient_energy`` [out]) is computing on the rows w_r * sqrt(a_r)."""
     k = moment.shape[0]
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
-    scores, order, _ = _quadratic_scores(layer, weight, moment, lambda cols: torch.linalg.inv(inverse[cols, cols]))
-    errors = _sequential_obs_errors(layer.grid, weight.double(), inverse, order, scores)
+    weighted = weight.double() * gradient_energy.double().clamp_min(0).sqrt()[:, None]
+    scores, order, _ = _quadratic_scores(layer, weighted, moment, lambda cols: torch.linalg.inv(inverse[cols, cols]))
+    errors = _sequential_obs_errors(layer.grid, weighted, inverse, order, scores)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
-    return scores, order, distortion * gradient_energy / layer.out_features
+    return scores, order, distortion
 
 
 def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor,
@@ -250,7 +268,7 @@ def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
 @compiler_pass(requires=("graph", "layers"), provides=("importance",))
 def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
     criterion = state.options.importance
-    stats = collect_statistics(gm, state, need_gradients=criterion in ("taylor", "obs"),
+    stats = collect_statistics(gm, state, weight_gradients=criterion == "taylor", output_gradients=criterion == "obs",
                                need_hessians=criterion in ("hessian", "obs"))
     per_layer = {}
     for name, layer in state.layers.items():
@@ -261,8 +279,11 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
         elif criterion == "hessian":
             scores, order, distortion = _hessian(layer, weight, stats.input_moments[name])
         elif criterion == "obs":
-            scores, order, distortion = _obs(layer, weight, stats.input_moments[name],
-                                             stats.output_gradient_energy[name], state.options.hessian_damping)
+            energy = stats.output_gradient_energy[name]
+            if state.options.sensitivity == "layer":
+                energy = energy.mean().expand_as(energy)
+            scores, order, distortion = _obs(layer, weight, stats.input_moments[name], energy,
+                                             state.options.hessian_damping)
         else:
             scores, order, distortion = _magnitude(layer, weight)
         layer.block_scores = scores.float()

@@ -58,7 +58,9 @@ from .block_recovery import block_regions, recover_block
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
-    """H = A^T A [K', K'], G = A^T X_d [K', K], s = A^T 1 [K'] (float64), over all chunks' tokens."""
+    """H = A^T A [K', K'], G = A^T X_d [K', K], s = A^T 1 [K'] (float64), over all chunks' tokens.
+
+    The bias column of A = [X_p, 1] is never materialised: its products are column sums and the token count."""
     k = xp[0].shape[-1]
     size = k + int(with_bias)
     h = torch.zeros(size, size, dtype=torch.float64)
@@ -66,12 +68,31 @@ def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias:
     s = torch.zeros(size, dtype=torch.float64)
     for p, d in zip(xp, xd):
         p, d = p.reshape(-1, k), d.reshape(-1, k)
+        h[:k, :k] += (p.T @ p).double()
+        g[:k] += (p.T @ d).double()
+        s[:k] += p.sum(0).double()
         if with_bias:
-            p = torch.cat([p, p.new_ones(p.shape[0], 1)], dim=1)
-        h += (p.T @ p).double()
-        g += (p.T @ d).double()
-        s += p.sum(0).double()
+            g[k] += d.sum(0).double()
+            s[k] += p.shape[0]
+    if with_bias:
+        h[k, :k] = h[:k, k] = s[:k]
+        h[k, k] = s[k]
     return h, g, s
+
+
+def _targets(weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """[N, K']: row n is A^T y_n = G W_n^T + s b_n, y_n the dense layer's output n."""
+    target = weight.double() @ g.T
+    return target + bias.double()[:, None] * s[None, :] if bias is not None else target
+
+
+def _relative_output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, target: torch.Tensor,
+                           dense_energy: float) -> float:
+    """sum_n ||A u_n - y_n||^2 / ||Y||^2 for u_n = [W_n, b_n], from the (undamped) normal equations:
+    u^T H u - 2 u . target + ||y_n||^2 — the error on every calibration token without running the layer."""
+    u = torch.cat([weight, bias[:, None]], dim=1).double() if bias is not None else weight.double()
+    residual = float(((u @ h) * u).sum() - 2 * (u * target).sum()) + dense_energy
+    return max(residual, 0.0) / max(dense_energy, 1e-30)
 
 
 def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
@@ -81,9 +102,7 @@ def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_
     n, k = weight.shape
     with_bias = bias is not None
     w64 = weight.double()
-    target = w64 @ g.T  # [N, K']: row n is (G W_n^T)^T
-    if with_bias:
-        target += bias.double()[:, None] * s[None, :]
+    target = _targets(weight, bias, g, s)
     h, lam = damped(h, k, damping)
     keep = element_mask.bool()
     if with_bias:
@@ -113,12 +132,6 @@ def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: i
     args = fx.node.map_arg(node.args, lambda n: values[n][chunk])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n][chunk])
     return getattr(interpreter, node.op)(node.target, args, kwargs)
-
-
-def _relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    num = sum(float((o - t).pow(2).sum()) for o, t in zip(outputs, targets))
-    den = sum(float(t.pow(2).sum()) for t in targets)
-    return num / max(den, 1e-30)
 
 
 @compiler_pass(requires=("masks",), provides=("masked_weights",), invariant="zero_outside_masks")
@@ -172,8 +185,11 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 mask = layer.element_mask()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    before = _relative_error([F.linear(x, weight * mask, bias) for x in xp], dense[node])
+                    dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
+                                       for y in dense[node])
                     h, g, s = _normal_equations(xp, xd, bias is not None)
+                    target = _targets(weight, bias, g, s)
+                    before = _relative_output_error(weight * mask, bias, h, target, dense_energy)
                     new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
                                                               layer.grid.block_shape[0], h, g, s,
                                                               opts.hessian_damping)
@@ -186,8 +202,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     if bias is not None:
                         linear.bias.copy_(new_bias)
                     pruned[node] = [linear(x) for x in xp]
-                per_layer[node.target] = {"relative_error_masked": before,
-                                          "relative_error_reconstructed": _relative_error(pruned[node], dense[node])}
+                    after = _relative_output_error(linear.weight, linear.bias, h, target, dense_energy)
+                per_layer[node.target] = {"relative_error_masked": before, "relative_error_reconstructed": after}
                 progress.advance(task)
             else:
                 with torch.no_grad():
