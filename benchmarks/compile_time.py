@@ -4,7 +4,7 @@ Each compile runs in a fresh subprocess so its peak RSS is its own. Goal (compil
 calibration images at 224 px in <= 60 s with peak RSS <= 4 GB on 2 CPU cores.
 
     python benchmarks/compile_time.py [--models deit_small_patch16_224 deit_base_patch16_224] [--images 256]
-                                      [--importance taylor hessian magnitude] [--repeats 3]
+                                      [--importance taylor hessian magnitude | --preset fast] [--repeats 3]
 
 The machine is shared and noisy: each configuration runs ``--repeats`` times and the table gives the median
 wall time with the range. Writes benchmarks/results/compile_time_<models>.{md,json}.
@@ -24,7 +24,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(model_name: str, images: int, importance: str) -> dict:
+def run_one(model_name: str, images: int, importance: str, preset: str | None = None) -> dict:
     import timm
     import torch
 
@@ -34,11 +34,12 @@ def run_one(model_name: str, images: int, importance: str) -> dict:
     model = timm.create_model(model_name).eval()
     calib = torch.randn(images, 3, 224, 224)
     start = time.perf_counter()
-    compiled = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, importance=importance, progress=False)
+    options = {"preset": preset} if preset else {"importance": importance}
+    compiled = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - start
     return {
         "model": model_name,
-        "importance": importance,
+        "importance": f"preset {preset}" if preset else importance,
         "calibration_images": images,
         "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),
@@ -54,19 +55,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--importance", nargs="+", default=["taylor"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--preset", help="compile with this preset (lpvit_compiler.options.PRESETS) instead of "
+                                          "--importance")
     parser.add_argument("--stem", help="results file name (default compile_time_<models>)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "IMPORTANCE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.images, args.one[1])))
+        print(json.dumps(run_one(args.one[0], args.images, args.one[1], args.preset)))
         return
     rows = []
     for model in args.models:
-        for importance in args.importance:
+        for importance in ([None] if args.preset else args.importance):
             runs = []
             for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, __file__, "--one", model, importance, "--images",
-                                      str(args.images)], check=True, capture_output=True, text=True)
+                command = [sys.executable, __file__, "--one", model, str(importance), "--images", str(args.images)]
+                out = subprocess.run(command + (["--preset", args.preset] if args.preset else []), check=True,
+                                     capture_output=True, text=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             times = sorted(r["seconds"] for r in runs)
             row = {**runs[0], "seconds": statistics.median(times), "seconds_runs": times,

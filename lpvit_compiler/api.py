@@ -56,7 +56,7 @@ def compile(
         data_config: the preprocessing the model expects (timm data config), stored in the plan and in
             exported ONNX files for ``lpvit eval``.
         **options: the tuning options of :class:`~lpvit_compiler.options.CompileOptions`, each with its default
-            and meaning there: ``importance`` ("obs"), ``sensitivity`` ("channel"), ``min_density`` (0.05),
+            and meaning there: ``importance`` ("obs"), ``sensitivity`` ("layer"), ``min_density`` (0.05),
             ``power_weight`` (0), ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01),
             ``prune_heads`` (False), ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True),
             ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (128), ``block_recovery`` (True),

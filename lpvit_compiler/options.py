@@ -103,7 +103,7 @@ class CompileOptions:
     block_shape: tuple[int, int]  # (rows, cols) of a weight block
     importance: str = _option("obs", _choice(IMPORTANCE_CRITERIA),
                               "block criterion: obs (error left after refit), taylor (LPViT), hessian, magnitude")
-    sensitivity: str = _option("channel", _choice(SENSITIVITIES),
+    sensitivity: str = _option("layer", _choice(SENSITIVITIES),
                                "obs: weight each output channel's error by the loss's sensitivity to that channel "
                                "(channel), or by the layer's mean sensitivity (layer)")
     importance_images: int | None = _option(None, _optional_positive_int, "calibration images the importance "

@@ -27,6 +27,9 @@ from conftest import masked_reference
     (dict(layers=[3]), r"layers must hold module names \(str\), got \[3\]"),
     (dict(flop_keep=0.5), r"unknown option 'flop_keep' \(did you mean flops_keep\?\); options are: importance"),
     (dict(min_density=0.0), r"min_density must be in \(0, 1\]"),
+    (dict(preset="quick"), r"unknown preset 'quick'; choose one of fast"),
+    (dict(importance_images=0), r"importance_images must be a positive int, got 0"),
+    (dict(sensitivity="row"), r"unknown sensitivity 'row'; choose one of channel, layer"),
     (dict(layers=["blocks.0.attn.qkv", "nope"]), r"layers=\['nope'\] are not linear layers of the model"),
 ])
 def test_bad_options_get_clear_errors(model, calib, kwargs, message):
@@ -48,6 +51,23 @@ def test_bad_options_get_clear_errors(model, calib, kwargs, message):
 def test_bad_calibration_data_gets_clear_errors(model, calib, message):
     with pytest.raises(lpvit.CalibrationError, match=message):
         lpvit.compile(model, calib=calib, block_shape=16, progress=False)
+
+
+def test_preset_sets_defaults_and_given_options_override_it():
+    from lpvit_compiler.options import PRESETS, CompileOptions
+
+    fast = CompileOptions.build(preset="fast")
+    assert all(getattr(fast, name) == value for name, value in PRESETS["fast"].items())
+    assert CompileOptions.build(preset="fast", importance="obs").importance == "obs"
+    assert CompileOptions.build().importance == "obs" and CompileOptions.build().importance_images is None
+
+
+def test_importance_statistics_run_on_the_first_importance_images(model, calib, tmp_path):
+    import json
+
+    lpvit.compile(model, calib=calib, block_shape=16, importance_images=5, dump_dir=tmp_path, progress=False)
+    decisions = json.loads(next(tmp_path.glob("*-importance/decisions.json")).read_text())
+    assert decisions["calibration_images"] == 5
 
 
 def test_model_without_linear_layers(calib):

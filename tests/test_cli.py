@@ -152,6 +152,7 @@ def test_quiet_prints_nothing(tmp_path):
     (("compile", MODEL, "--calib", "no/such/dir", "--out", "x.onnx"), ["no/such/dir is not a directory"]),
     (("compile", MODEL, "--calib", "random:zero", "--out", "x.onnx"), ["count after ':' must be a positive integer"]),
     (("compile", MODEL, "--hw", "tpu", "--out", "x.onnx"), ["unknown hardware profile 'tpu'"]),
+    (("compile", MODEL, "--preset", "quick", "--out", "x.onnx"), ["invalid choice: 'quick'", "fast"]),
     (("compile", "vit_tiny_patch16_224", "--pretrained", "--out", "x.onnx"),
      ["could not fetch the pretrained weights of 'vit_tiny_patch16_224'", "--checkpoint PATH"]),
     (("compile", "model.onnx", "--out", "x.onnx"), ["is an ONNX file", "lpvit bench"]),
