@@ -32,8 +32,9 @@ from .state import CompileState
 
 HEATMAP_PIXELS_PER_BLOCK = 4
 VERIFY_RTOL = 1e-4  # relative to the largest output magnitude
-# int8: float rounding may move a quantized input across a rounding boundary (one step, 1/127 of its row's max)
-VERIFY_RTOL_INT8 = 2e-2
+# int8: float rounding may move a quantized input across a rounding boundary (one step, 1/127 of its row's max),
+# and dead-block elimination removes constant input columns that can set a token's int8 scale (a new grid)
+VERIFY_RTOL_INT8 = 3e-2
 
 
 def _to_json(value):
