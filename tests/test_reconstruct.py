@@ -20,7 +20,8 @@ def _layer(n=32, k=48, block=(8, 8), density=0.5, seed=0):
 
 def _refit(weight, bias, grid, mask, xp, xd, damping):
     h, g, s = _normal_equations([xp], [xd], bias is not None)
-    return reconstruct_weight(weight, bias, mask, grid.block_rows, grid.block_shape[0], h, g, s, damping)
+    return reconstruct_weight(weight, bias, mask, grid.block_rows, grid.block_shape[0], h, _targets(weight, bias, g, s),
+                              damping)
 
 
 def test_exact_recovery_when_the_pruned_inputs_are_redundant():

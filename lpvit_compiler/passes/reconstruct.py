@@ -96,13 +96,13 @@ def _relative_output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: t
 
 
 def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
-                       block_rows: int, bh: int, h: torch.Tensor, g: torch.Tensor, s: torch.Tensor,
+                       block_rows: int, bh: int, h: torch.Tensor, target: torch.Tensor,
                        damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The refitted (weight, bias) of one layer from its normal equations (see the module docstring)."""
+    """The refitted (weight, bias) of one layer from its normal equations H and ``target`` = _targets(...)
+    (see the module docstring)."""
     n, k = weight.shape
     with_bias = bias is not None
     w64 = weight.double()
-    target = _targets(weight, bias, g, s)
     h, lam = damped(h, k, damping)
     keep = element_mask.bool()
     if with_bias:
@@ -191,7 +191,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     target = _targets(weight, bias, g, s)
                     before = _relative_output_error(weight * mask, bias, h, target, dense_energy)
                     new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
-                                                              layer.grid.block_shape[0], h, g, s,
+                                                              layer.grid.block_shape[0], h, target,
                                                               opts.hessian_damping)
                     if int8 and opts.gptq:
                         new_weight, new_bias, layer.weight_scales = quantize_gptq(
