@@ -49,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
     parser.add_argument("--flops-keep", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--patch-keep", nargs="+", type=float, default=[1.0],
+                        help="with a value below 1: token_pruning='cascade' at that patch_keep (1: no token pruning)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--block", type=int, default=None, help="block edge (default: the hw profile's)")
     parser.add_argument("--hw", default="cpu")
@@ -74,13 +76,14 @@ def main() -> None:
         calib = torch.randn(16, 3, 224, 224)
         variants = {"lpvit": {}, **({"lpvit_unfused": {"fuse_epilogues": False}} if args.unfused else {}),
                     **({"lpvit_int8": {"quantize": "int8"}} if args.int8 else {})}
-        for flops_keep in args.flops_keep:
+        for flops_keep, patch_keep in [(f, p) for p in args.patch_keep for f in args.flops_keep]:
             compiled = {}
+            tokens = {"token_pruning": "cascade", "patch_keep": patch_keep} if patch_keep < 1 else {}
             for label, options in variants.items():
                 compiled[label] = lpvit.compile(model, hw=args.hw, flops_keep=flops_keep, calib=calib,
                                                 importance="magnitude", block_shape=args.block, progress=False,
-                                                **options)
-                paths[label] = compiled[label].export(work / f"{name}-{flops_keep}-{label}.onnx")
+                                                **tokens, **options)
+                paths[label] = compiled[label].export(work / f"{name}-{flops_keep}-{patch_keep}-{label}.onnx")
             sessions = {label: ort_session(str(path), args.threads, custom_ops=label.startswith("lpvit"))
                         for label, path in paths.items()}
             for batch in args.batches:
@@ -101,7 +104,7 @@ def main() -> None:
                                     args.repeats)
                 best_dense = min(times["dense"], times["dense_ort_opt"])
                 report = compiled["lpvit"].report
-                row = {"model": name, "flops_keep": flops_keep, "block": list(report.layers[0].block_shape),
+                row = {"model": name, "flops_keep": flops_keep, "patch_keep": patch_keep, "block": list(report.layers[0].block_shape),
                        "model_flops_keep": report.summary["model_flops_keep"], "batch": batch,
                        "threads": args.threads, **{f"ms_{label}": t * 1e3 for label, t in times.items()},
                        "speedup": best_dense / times["lpvit"], "predicted_speedup": report.summary["predicted_speedup"],
@@ -132,10 +135,10 @@ def main() -> None:
                                                                     "**{:.2f}x**"),
                ("lpvit int8 / ORT int8", "int8_vs_ort_int8", "{:.2f}x")]
     columns = [c for c in columns if any(c[1] in r for r in rows)]
-    lines += ["| model | flops_keep (linears) | model FLOPs kept | block | batch | " +
-              " | ".join(c[0] for c in columns) + " |", "|---" * (5 + len(columns)) + "|"]
+    lines += ["| model | flops_keep (linears) | patch_keep | model FLOPs kept | block | batch | " +
+              " | ".join(c[0] for c in columns) + " |", "|---" * (6 + len(columns)) + "|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['flops_keep']} | {r['model_flops_keep']:.3f} | "
+        lines.append(f"| {r['model']} | {r['flops_keep']} | {r['patch_keep']} | {r['model_flops_keep']:.3f} | "
                      f"{r['block'][0]}x{r['block'][1]} | {r['batch']} | " +
                      " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
     for r in rows:

@@ -21,6 +21,7 @@ IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
 SENSITIVITIES = ("channel", "layer")
 POWER_MODELS = ("energy", "lpvit")
 QUANTIZE_MODES = (None, "int8")
+TOKEN_PRUNING_MODES = (None, "cascade", "auto")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 # Named sets of tuning options; options given with a preset override it. "fast": DeiT-S on 256 images in about
@@ -123,6 +124,17 @@ class CompileOptions:
                                                "into its write-back")
     fold_scales: bool = _option(True, _flag, "fold LayerScale into the linear before it and LayerNorm affines into "
                                              "the linears after them, before scoring (an equivalent graph)")
+    token_pruning: str | None = _option(None, _choice(TOKEN_PRUNING_MODES),
+                                        "None, 'cascade' (CP-ViT: drop the lowest-scoring patch tokens block by "
+                                        "block) or 'auto' (cascade where the model allows it, else skipped with "
+                                        "a report note)")
+    patch_keep: float = _option(0.5, _number(0.0, 1.0, low_open=True),
+                                "token_pruning: fraction of the patch tokens left after the last pruning stage")
+    first_token_stage: int = _option(1, _positive_int, "token_pruning: the first block (0-based) whose input is "
+                                                       "pruned; blocks before it only score")
+    prefix_tokens: int | None = _option(None, lambda n, v: None if v is None else _count(n, v),
+                                        "token_pruning: class/distillation/register tokens before the patches, "
+                                        "never pruned (None: the model's num_prefix_tokens)")
     reconstruct: bool = _option(True, _flag, "refit kept weights and biases to the dense outputs")
     quantize: str | None = _option(None, _choice(QUANTIZE_MODES),
                                    "None (float32) or 'int8': int8 weights (one scale per output channel) and X "

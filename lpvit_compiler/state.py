@@ -5,6 +5,7 @@ Who fills what (each pass's contract in ``passes/`` says the same to the pass ma
 
     capture            -> CompileState.layers (name, grid), capture_method, selection, notes
     fold_scales        -> (the graph's weights only)
+    token_pruning      -> CompileState.token_stages (the graph gathers tokens; importance then counts them)
     importance         -> tokens, block_scores, prune_order, distortion
     hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
     block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve
@@ -115,15 +116,36 @@ class LayerState:
 
 
 @dataclass(frozen=True)
+class TokenStage:
+    """One cascade token-pruning stage (token_pruning pass): the tokens entering a block and those it keeps."""
+
+    block: str  # e.g. "blocks.3"
+    module: str  # the TokenSelect module at its input
+    tokens_in: int  # per image, prefix tokens included
+    tokens_out: int
+    patches_kept: int
+    locality: float  # the block's 3x3 attention locality on the calibration images (the schedule's weight)
+
+
+@dataclass(frozen=True)
+class BeforeTokens:
+    """The model as the token-pruning pass found it: what whole-model FLOPs and speedups compare with."""
+
+    model_flops: float  # per image
+    tokens: dict[str, int]  # per prunable layer, tokens per image
+
+
+@dataclass(frozen=True)
 class ModelCosts:
-    """The dense model's predicted cost (hardware pass), per inference of ``hw_batch_size`` images."""
+    """The dense model's predicted cost (hardware pass), per inference of ``hw_batch_size`` images. "Dense" is
+    the original model: with token pruning, before it (``CompileState.before_tokens``)."""
 
     hw_batch_size: int
-    model_flops: float  # per image, the whole model (torch.utils.flop_counter)
-    other_flops: float  # of which outside the prunable linears
-    other_latency_s: float
+    model_flops: float  # per image, the whole dense model (torch.utils.flop_counter)
+    other_flops: float  # outside the prunable linears, in the graph as it is (tokens pruned)
+    other_latency_s: float  # of other_flops
     other_energy_j: float
-    dense_latency_s: float  # whole model
+    dense_latency_s: float  # whole dense model
     dense_energy_j: float
 
 
@@ -155,6 +177,8 @@ class CompileState:
     layers: dict[str, LayerState] = field(default_factory=dict)
     selection: dict[str, str] = field(default_factory=dict)  # every linear -> why it is (not) pruned
     notes: list[str] = field(default_factory=list)  # for the report: decisions a user should know about
+    token_stages: list[TokenStage] = field(default_factory=list)  # token_pruning, in block order
+    before_tokens: BeforeTokens | None = None  # token_pruning
     # hardware, solve, dead-block elimination, layout
     model_costs: ModelCosts | None = None
     solve: SolveOutcome | None = None

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.passes.block_recovery import _step_scales, block_regions, recover_block, run_region
+from lpvit_compiler.frontend.regions import block_regions
+from lpvit_compiler.passes.block_recovery import _step_scales, recover_block, run_region
 from lpvit_compiler.quantization import quantize_nearest
 from lpvit_compiler.state import LayerState
 

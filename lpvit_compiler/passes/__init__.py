@@ -12,9 +12,10 @@ from .fuse_epilogues import fuse_epilogues
 from .hardware import hardware
 from .importance import importance
 from .reconstruct import reconstruct
+from .token_pruning import token_pruning
 
-PIPELINE = (capture, fold_scales, importance, hardware, block_mask_solve, reconstruct, dead_block_elimination,
-            bsr_layout, fuse_epilogues)
+PIPELINE = (capture, fold_scales, token_pruning, importance, hardware, block_mask_solve, reconstruct,
+            dead_block_elimination, bsr_layout, fuse_epilogues)
 
-__all__ = ["PIPELINE", "capture", "fold_scales", "importance", "hardware", "block_mask_solve", "reconstruct",
-           "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
+__all__ = ["PIPELINE", "capture", "fold_scales", "token_pruning", "importance", "hardware", "block_mask_solve",
+           "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]

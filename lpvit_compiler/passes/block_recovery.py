@@ -11,7 +11,8 @@ Output: the region's parameters — the kept weights of its pruned linears (mask
 layer's mask are zeroed, so Adam never moves a pruned weight off 0), every bias, LayerNorm affine and LayerScale
 in it — after Adam steps on
 
-    L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs)
+    L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs, less the
+                                                                         token-pruning scores it passes on)
 
 over mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
 batch size baked in, as torch.export graphs can). No labels. Each linear's Adam steps are scaled per weight by
@@ -28,65 +29,17 @@ straight-through gradients; the weights are rounded back onto the grid at the en
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
+from ..frontend.regions import BlockRegion
 from ..quantization import codes
 from ..runtime.ops import fake_quantize_rows
 from ..state import LayerState
 
 STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the time budget
-_NUMBERED = re.compile(r"^(.*\.)?\d+$")  # a module path whose last component is an index: blocks.3
-
-
-@dataclass
-class BlockRegion:
-    """One transformer block as a contiguous run of graph nodes."""
-
-    name: str  # module path, e.g. "blocks.3"
-    nodes: list[fx.Node]  # in graph order
-    inputs: list[fx.Node]  # values defined before the region that it reads (not parameters)
-    outputs: list[fx.Node]  # region values read after it
-    layers: list[str]  # the prunable linears inside
-
-
-def _block_of(node: fx.Node) -> str | None:
-    """The outermost numbered module the node was traced in, e.g. "blocks.3" for blocks.3.attn.qkv."""
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
-        path = entry[0] if isinstance(entry, tuple) else str(entry)
-        if _NUMBERED.match(path):
-            return path
-    return None
-
-
-def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[BlockRegion]:
-    """The graph's numbered blocks that hold a prunable layer and are one contiguous run of nodes, in order."""
-    nodes = list(gm.graph.nodes)
-    members: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        block = _block_of(node) if node.op != "get_attr" else None
-        if block is not None:
-            members.setdefault(block, []).append(i)
-    regions = []
-    for name, where in members.items():
-        first, last = where[0], where[-1]
-        run = [n for n in nodes[first:last + 1] if n.op != "get_attr"]
-        if len(run) != len(where):  # interleaved with another block's nodes: not one region
-            continue
-        inside = set(run)
-        inputs = list(dict.fromkeys(i for n in run for i in n.all_input_nodes
-                                    if i not in inside and i.op != "get_attr"))
-        outputs = [n for n in run if any(u not in inside for u in n.users)]
-        prunable = [n.target for n in run if n.op == "call_module" and n.target in layers]
-        if prunable and outputs and inputs:
-            regions.append(BlockRegion(name, run, inputs, outputs, prunable))
-    return regions
-
-
 class _RegionRunner:
     """Evaluates a region's nodes on given inputs with autograd (parameters are the graph module's own)."""
 
@@ -214,12 +167,18 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     Returns what it did (steps run, relative loss before and after, whether the result was kept) and the
     region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
     before_outputs = run_region(gm, region, layers, inputs, int8)
+    fit = region.fitted()
+
+    def fitted(outputs: list) -> list:
+        return [outputs[i] for i in fit]
+
+    targets = fitted(targets)
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for values in targets for t in values):
         return {"steps": 0, "kept": False, "skipped": "an output of the block is not a float tensor"}, before_outputs
     runner = _RegionRunner(gm, region, layers, int8)
     params = runner.parameters()
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
-    before = _relative_loss(before_outputs, targets)
+    before = _relative_loss(fitted(before_outputs), targets)
     start = [p.detach().clone() for p in params]
     step_scales = _step_scales(gm, region, layers)
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -230,7 +189,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     with torch.enable_grad():
         while done < steps and time.perf_counter() < deadline:
             batch_inputs, batch_targets = next(batches)
-            num, den = _loss(runner(batch_inputs), batch_targets)
+            num, den = _loss(fitted(runner(batch_inputs)), batch_targets)
             optimizer.zero_grad(set_to_none=False)
             (num / den.clamp_min(1e-30)).backward()
             for p in params:
@@ -250,7 +209,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
                 scales = layers[name].weight_scales.to(weight.dtype)
                 weight.copy_(codes(weight * masks[id(weight)], scales) * scales[:, None])
         after_outputs = run_region(gm, region, layers, inputs, int8)
-        after = _relative_loss(after_outputs, targets)
+        after = _relative_loss(fitted(after_outputs), targets)
         kept = after < before
         if not kept:
             for p, original in zip(params, start):

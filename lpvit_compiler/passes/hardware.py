@@ -9,7 +9,8 @@ Output: the graph unchanged; per layer, ``curves`` over k = blocks pruned (0 .. 
                             GEMM's (the layout pass then keeps that layer dense)
     power[k]   = energy[k]  or, with power_model="lpvit", (num_blocks - k) * floor(in_features / 16)
 
-and ``state.model_costs``, the dense whole model's figures; the manager then computes every layer's current
+and ``state.model_costs``, the dense whole model's figures (with token pruning, the model before it: its
+FLOPs and each layer at its original token count, so speedups and FLOPs kept count the tokens too); the manager then computes every layer's current
 ``costs`` (state.py). The whole model's FLOPs come from
 ``torch.utils.flop_counter`` on one image (attention included); what is not in the prunable linears is
 costed at dense throughput as ``other``.
@@ -20,24 +21,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import fx
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..costmodel import layer_costs, lpvit_power_proxy
+from ..costmodel.flops import model_flops_per_image
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, CostCurves, ModelCosts
 from .importance import sample_at_ratios
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def model_flops_per_image(gm: fx.GraphModule, image: torch.Tensor) -> float:
-    """Forward FLOPs of one image (torch.utils.flop_counter; CPU attention counted too)."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        gm(image)
-    return float(counter.get_total_flops())
 
 
 @compiler_pass(requires=("importance",), provides=("curves", "costs", "model_costs"), changes_costs=True)
@@ -74,15 +63,25 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
     prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
     other_flops = max(0.0, model_flops - prunable_flops)
     other_latency, other_energy = hw.other_cost(other_flops)
+    original = state.before_tokens  # the model before token pruning: what speedups and FLOPs compare with
+    if original is None:
+        dense = [layer.curves.dense for layer in state.layers.values()]
+        original_flops, original_other = model_flops, (other_latency, other_energy)
+    else:
+        dense = [layer_costs(hw, original.tokens[name], (layer.out_features, layer.in_features),
+                             layer.grid.block_shape, layer.num_blocks) for name, layer in state.layers.items()]
+        original_flops = original.model_flops
+        original_other = hw.other_cost(max(0.0, original_flops - sum(d.flops_dense for d in dense)))
     state.model_costs = ModelCosts(
-        hw_batch_size=hw.batch_size, model_flops=model_flops, other_flops=other_flops,
+        hw_batch_size=hw.batch_size, model_flops=original_flops, other_flops=other_flops,
         other_latency_s=other_latency, other_energy_j=other_energy,
-        dense_latency_s=other_latency + sum(layer.curves.dense.dense_latency_s for layer in state.layers.values()),
-        dense_energy_j=other_energy + sum(layer.curves.dense.dense_energy_j for layer in state.layers.values()))
+        dense_latency_s=original_other[0] + sum(d.dense_latency_s for d in dense),
+        dense_energy_j=original_other[1] + sum(d.dense_energy_j for d in dense))
     decisions = {
         "profile": hw.to_dict(),
         "power_model": state.options.power_model,
         "model_flops_per_image": model_flops,
+        "model_flops_per_image_before_token_pruning": None if original is None else original.model_flops,
         "prunable_linear_flops_per_image": prunable_flops,
         "prunable_share_of_model_flops": prunable_flops / model_flops if model_flops else None,
         "predicted_dense_latency_ms": state.model_costs.dense_latency_s * 1e3,

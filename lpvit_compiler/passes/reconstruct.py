@@ -34,6 +34,9 @@ node by node over the calibration images: each layer is fitted to the inputs it 
 earlier layers does not pile up), and its targets are the dense model's outputs (the shift in activation
 statistics that pruning causes is corrected, including through the bias).
 
+With token pruning, both streams keep the tokens the pruned model selects (its scores decide, as at run time),
+so every target row belongs to the same token as the input row fitted to it.
+
 With ``block_recovery=True``, when the streams reach the end of a transformer block (a numbered module such as
 ``blocks.3``), the block as a whole is then fitted to the dense block's output by Adam steps, masks frozen
 (block_recovery.py states the loss), before the pruned stream goes on into the next block. The time budget
@@ -54,7 +57,9 @@ from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
-from .block_recovery import block_regions, recover_block
+from ..tokens import TokenSelect
+from ..frontend.regions import block_regions
+from .block_recovery import recover_block
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
@@ -205,6 +210,12 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     after = _relative_output_error(linear.weight, linear.bias, h, target, dense_energy)
                 per_layer[node.target] = {"relative_error_masked": before, "relative_error_reconstructed": after}
                 progress.advance(task)
+            elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenSelect):
+                with torch.no_grad():  # both streams keep the tokens the pruned model keeps: targets match rows
+                    pruned[node] = [_run_node(interpreter, node, pruned, i) for i in range(len(chunks))]
+                    stream, score = node.args
+                    dense[node] = [TokenSelect.gather(dense[stream][i], dense[score][i], kept[2])
+                                   for i, kept in enumerate(pruned[node])]
             else:
                 with torch.no_grad():
                     dense[node] = [_run_node(interpreter, node, dense, i) for i in range(len(chunks))]

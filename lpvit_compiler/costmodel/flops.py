@@ -1,0 +1,19 @@
+"""Whole-model FLOPs of a graph, counted by ``torch.utils.flop_counter`` (attention included)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def model_flops_per_image(model: nn.Module, image: torch.Tensor) -> float:
+    """Forward FLOPs of one image (CPU attention counted too)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(image)
+    return float(counter.get_total_flops())

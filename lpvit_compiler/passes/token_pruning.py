@@ -1,0 +1,343 @@
+"""Cascade token pruning (CP-ViT, arXiv 2203.04570): drop the least informative patch tokens block by block
+(pass 02, ``token_pruning="cascade"``).
+
+Input: the canonical GraphModule of a plain ViT — numbered blocks (``blocks.3``), each one contiguous region
+whose only input is the token stream x [B, N, C] (P prefix tokens — class, distillation, registers — then the
+patches) and which holds one attention (``F.scaled_dot_product_attention``, or an explicit softmax over the
+keys). Output: a graph in which
+
+    every attention exposes its probabilities A [B, H, N, N]
+        (SDPA becomes softmax(q k^T * scale) @ v: the same function, ONNX exports it the same way)
+    S accumulates CP-ViT's cumulative patch score, per image b and token j, block by block:
+        S_b(j) += sum_h max_i A_b,h[i, j]                                   (tokens.patch_scores)
+    at the input of every stage block l >= ``first_token_stage``, tokens.TokenSelect keeps the P prefix tokens
+        and the image's top-n_l patches by S (n_l static; which patches, per image at run time), and S with them
+
+so every later op — linears, attention (quadratically), norms, GELU, residual adds — runs on fewer tokens.
+``LayerState.tokens`` (measured by the importance pass that runs next) then counts the pruned tokens, so the
+cost model, the solve and the reconstruction all see the pruned model.
+
+Schedule (layer-aware, after CP-ViT's attention range): on the calibration images, each block's locality is
+the share of a patch query's attention mass over patch keys that falls on its 3x3 neighbourhood of the patch
+grid (mean over images, heads and patch queries; the grid is sqrt(patches) square, else locality is uniform).
+Local attention mixes what neighbours already carry, so a local block's input tolerates more pruning:
+of the R = patches - round(patch_keep * patches) patches removed in all, stage l removes
+
+    r_l = R * w_l / sum_stages w      with w_l = locality_l          (largest-remainder rounding)
+
+Unsupported models (windows, spatial stages, rotary or relative position tables, convolutions inside the
+blocks, a block with another input) raise a ConfigError naming the reason; ``token_pruning="auto"`` skips the
+pass with a report note instead.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+
+from ..costmodel.flops import model_flops_per_image
+from ..errors import ConfigError, first_line
+from ..frontend.regions import BlockRegion, block_regions
+from ..pass_manager import PassResult, compiler_pass
+from ..state import BeforeTokens, CompileState, TokenStage
+from ..tokens import TokenSelect, attention_probabilities, patch_scores
+
+SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+LOCALITY_IMAGES = 16
+MAP_IMAGES = 4
+_SPATIAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+class UnsupportedModel(Exception):
+    """Dropping tokens would change what the model computes (the message says why)."""
+
+
+def _is_softmax_over_keys(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target == "softmax":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    elif node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    else:
+        return False
+    shape = _shape(node.args[0])
+    return shape is not None and len(shape) == 4 and dim in (-1, 3)
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _prefix_tokens(state: CompileState) -> int:
+    if state.options.prefix_tokens is not None:
+        return state.options.prefix_tokens
+    model = state.model
+    if isinstance(getattr(model, "num_prefix_tokens", None), int):
+        return model.num_prefix_tokens
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ("vit", "deit", "dinov2", "dinov2_with_registers"):
+        return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    raise UnsupportedModel("it cannot tell how many class/register tokens precede the patches (no "
+                           "num_prefix_tokens attribute): pass prefix_tokens=<count>")
+
+
+def _attention_site(region: BlockRegion) -> fx.Node:
+    sites = [n for n in region.nodes if (n.op == "call_function" and n.target in SDPA) or _is_softmax_over_keys(n)]
+    if len(sites) != 1:
+        raise UnsupportedModel(f"block {region.name} holds {len(sites)} attention ops (one expected)")
+    return sites[0]
+
+
+def _check_block(gm: fx.GraphModule, region: BlockRegion, tokens: int) -> fx.Node:
+    """The block's token-stream input, after checking that dropping tokens keeps the block's meaning."""
+    tensors = [n for n in region.inputs if _shape(n) is not None]  # timm passes attn_mask=None along
+    if len(tensors) != 1:
+        names = ", ".join(n.name for n in tensors)
+        raise UnsupportedModel(f"block {region.name} reads {len(tensors)} tensors besides its parameters "
+                               f"({names}): per-position inputs such as rotary embeddings or masks would no "
+                               "longer match the kept tokens")
+    stream = tensors[0]
+    shape = _shape(stream)
+    if shape is None or len(shape) != 3 or shape[1] != tokens:
+        raise UnsupportedModel(f"block {region.name}'s input is {list(shape) if shape else 'not a tensor'}, not "
+                               f"[batch, {tokens} tokens, channels]: a spatial layout (windows, pooling stages) "
+                               "has no tokens to drop")
+    for node in region.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _SPATIAL_MODULES):
+            raise UnsupportedModel(f"block {region.name} runs a convolution or pooling over the token grid "
+                                   f"({node.target}), which dropping tokens would break")
+        for used in node.all_input_nodes:
+            table = _shape(used) if used.op == "get_attr" else None
+            if table is not None and len(table) >= 2 and tokens in table[-2:]:
+                raise UnsupportedModel(f"block {region.name} uses {used.target}, a table with one entry per "
+                                       "token position (relative position bias?)")
+    outside = [u for u in stream.users if u not in set(region.nodes)]
+    if outside:
+        raise UnsupportedModel(f"the input of block {region.name} is also read after it ({outside[0].name})")
+    return stream
+
+
+def _default(value):
+    """A graph input left at its default (timm's attn_mask=None, is_causal=False) as that default."""
+    if isinstance(value, fx.Node) and value.op == "placeholder":
+        return value.args[0] if value.args else value
+    return value
+
+
+def _expose_probabilities(gm: fx.GraphModule, site: fx.Node) -> fx.Node:
+    """The node holding the attention's probabilities; an SDPA call is rewritten to compute them explicitly."""
+    if site.op == "call_function" and site.target in SDPA:
+        q, k, v = site.args[:3]
+        extra = {key: _default(value) for key, value in
+                 (dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), site.args[3:])) | site.kwargs).items()}
+        if extra.get("attn_mask") is not None or extra.get("is_causal") or extra.get("dropout_p", 0.0):
+            raise UnsupportedModel(f"{site.name}: attention with a mask, causal or with dropout")
+        scale = extra.get("scale") or _shape(q)[-1] ** -0.5
+        with gm.graph.inserting_before(site):
+            probabilities = gm.graph.call_function(attention_probabilities, (q, k, float(scale)))
+            output = gm.graph.call_function(operator.matmul, (probabilities, v))
+        for node in (probabilities, output):
+            node.meta.update({key: site.meta[key] for key in ("nn_module_stack",) if key in site.meta})
+        site.replace_all_uses_with(output)
+        gm.graph.erase_node(site)
+        return probabilities
+    return site
+
+
+def _locality(gm: fx.GraphModule, probabilities: list[fx.Node], images: torch.Tensor, prefix: int) -> np.ndarray:
+    """Per attention: mean share of a patch query's patch-key mass on its 3x3 grid neighbourhood (docstring)."""
+    wanted = {node: i for i, node in enumerate(probabilities)}
+    found = [[] for _ in probabilities]
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in wanted:
+                found[wanted[node]].append(value.detach())
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(images)
+    patches = found[0][0].shape[-1] - prefix
+    side = math.isqrt(patches)
+    if side * side != patches:
+        return np.ones(len(probabilities))
+    rows, cols = np.divmod(np.arange(patches), side)
+    near = torch.from_numpy((np.abs(rows[:, None] - rows[None]) <= 1) & (np.abs(cols[:, None] - cols[None]) <= 1))
+    shares = []
+    for values in found:
+        a = torch.cat(values)[:, :, prefix:, prefix:].double()
+        shares.append(float(((a * near).sum(-1) / a.sum(-1).clamp_min(1e-30)).mean()))
+    return np.array(shares)
+
+
+def _before_tokens(gm: fx.GraphModule, state: CompileState, image: torch.Tensor) -> BeforeTokens:
+    tokens = {}
+    hooks = [gm.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: tokens.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+        for name in state.layers]
+    try:
+        flops = model_flops_per_image(gm, image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return BeforeTokens(flops, tokens)
+
+
+def keep_counts(patches: int, patch_keep: float, weights: np.ndarray) -> list[int]:
+    """Patches kept after each stage: R = patches - round(patch_keep * patches) removed in proportion to
+    ``weights`` (largest-remainder rounding, so the last stage ends exactly at round(patch_keep * patches))."""
+    removed_total = patches - max(1, round(patch_keep * patches))
+    weights = np.maximum(np.asarray(weights, dtype=float), 1e-6)
+    share = removed_total * weights / weights.sum()
+    removed = np.floor(share).astype(int)
+    for i in np.argsort(-(share - removed))[: removed_total - removed.sum()]:
+        removed[i] += 1
+    return [int(patches - r) for r in np.cumsum(removed)]
+
+
+def _insert_scores(gm: fx.GraphModule, probabilities: fx.Node, previous: fx.Node | None) -> fx.Node:
+    """S after this block: the previous S plus this attention's patch scores, inside the block (same module
+    stack, so the block stays one region); marked so block recovery does not fit them."""
+    with gm.graph.inserting_after(probabilities):
+        score = gm.graph.call_function(patch_scores, (probabilities,))
+    total = score
+    if previous is not None:
+        with gm.graph.inserting_after(score):
+            total = gm.graph.call_function(operator.add, (previous, score))
+    for node in {score, total}:
+        node.meta.update({key: probabilities.meta[key] for key in ("nn_module_stack",) if key in probabilities.meta})
+        node.meta["token_score"] = True
+    return total
+
+
+def _insert_selection(gm: fx.GraphModule, region: BlockRegion, stream: fx.Node, score: fx.Node, prefix: int,
+                      keep: int) -> tuple[fx.Node, str]:
+    name = f"{region.name}.token_select"
+    gm.add_submodule(name, TokenSelect(prefix, keep))
+    inside = set(region.nodes)
+    with gm.graph.inserting_before(region.nodes[0]):
+        select = gm.graph.call_module(name, (stream, score))
+        kept = gm.graph.call_function(operator.getitem, (select, 0))
+        kept_score = gm.graph.call_function(operator.getitem, (select, 1))
+    stream.replace_all_uses_with(kept, delete_user_cb=lambda user: user in inside)
+    return kept_score, name
+
+
+def _kept_maps(gm: fx.GraphModule, stages: list[TokenStage], images: torch.Tensor, prefix: int):
+    """() -> Figure: for a few calibration images, the image and the patches kept after the first, middle and
+    last stage (the rest darkened)."""
+    indices = {}
+    hooks = [gm.get_submodule(s.module).register_forward_hook(
+        lambda m, a, out, name=s.module: indices.__setitem__(name, out[2])) for s in stages]
+    try:
+        with torch.no_grad():
+            gm(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    positions, kept = torch.arange(stages[0].tokens_in).expand(len(images), -1), []
+    for s in stages:  # compose each stage's indices back to positions in the original token sequence
+        positions = positions.gather(1, indices[s.module])
+        kept.append(positions[:, prefix:] - prefix)
+    shown = sorted({0, len(stages) // 2, len(stages) - 1})
+
+    def figure():
+        import matplotlib.pyplot as plt
+
+        patches = stages[0].tokens_in - prefix
+        side = math.isqrt(patches)
+        fig, axes = plt.subplots(len(images), 1 + len(shown), figsize=(2.2 * (1 + len(shown)), 2.2 * len(images)),
+                                 squeeze=False)
+        for row, image in enumerate(images):
+            picture = image[:3].permute(1, 2, 0).float()
+            picture = ((picture - picture.min()) / (picture.max() - picture.min()).clamp_min(1e-12)).numpy()
+            picture = np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture
+            axes[row, 0].imshow(picture)
+            axes[row, 0].set_title("input" if row == 0 else "")
+            for col, stage in enumerate(shown, start=1):
+                grid = torch.zeros(side * side)
+                grid[kept[stage][row]] = 1.0
+                mask = F.interpolate(grid.reshape(1, 1, side, side), size=picture.shape[:2])[0, 0].numpy()
+                axes[row, col].imshow(picture * (0.2 + 0.8 * mask[..., None]))
+                if row == 0:
+                    axes[row, col].set_title(f"{stages[stage].block}: {stages[stage].patches_kept} kept")
+        for ax in axes.flat:
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+    return figure
+
+
+@compiler_pass(requires=("graph", "layers"), provides=("token_schedule",))
+def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    opts = state.options
+    if opts.token_pruning is None:
+        return PassResult(gm, False, {"enabled": False})
+    example = state.calibration[0][:2]
+    reference = gm(example)
+    before = _before_tokens(gm, state, example[:1])
+    try:
+        prefix = _prefix_tokens(state)
+        ShapeProp(gm).propagate(example)
+        tables = [name for name, _ in [*state.model.named_parameters(), *state.model.named_buffers()]
+                  if "relative_position" in name or "rel_pos" in name]
+        if tables:
+            raise UnsupportedModel(f"it indexes relative position tables by token position ({tables[0]})")
+        regions = block_regions(gm, state.layers)
+        if not regions:
+            raise UnsupportedModel("no numbered transformer blocks with prunable linears were found")
+        first = [_shape(n) for n in regions[0].inputs if _shape(n) is not None]
+        tokens = first[0][1] if first and len(first[0]) == 3 else -1
+        streams = [_check_block(gm, region, tokens) for region in regions]
+        sites = [_attention_site(region) for region in regions]
+        if tokens - prefix < 2 or opts.first_token_stage >= len(regions):
+            raise UnsupportedModel(f"{len(regions)} blocks of {tokens} tokens ({prefix} prefix) leave nothing to "
+                                   f"prune from block {opts.first_token_stage} on")
+        probabilities = [_expose_probabilities(gm, site) for site in sites]
+    except UnsupportedModel as e:
+        if opts.token_pruning == "auto":
+            state.notes.append(f"token pruning skipped: {e}")
+            return PassResult(gm, False, {"enabled": False, "skipped": str(e)})
+        raise ConfigError(f"token_pruning={opts.token_pruning!r} cannot prune this model's tokens: {e}. Use "
+                          "token_pruning=None (weight blocks only) or 'auto' (skips token pruning where the model "
+                          "does not allow it)") from None
+    gm.recompile()
+    images = torch.cat(state.calibration)[:LOCALITY_IMAGES]
+    locality = _locality(gm, probabilities, images, prefix)
+    patches = tokens - prefix
+    stage_blocks = list(range(opts.first_token_stage, len(regions)))
+    counts = keep_counts(patches, opts.patch_keep, locality[stage_blocks])
+    score, stages, tokens_in = None, [], tokens
+    for i, (region, stream) in enumerate(zip(regions, streams)):
+        if i in stage_blocks:
+            keep = counts[stage_blocks.index(i)]
+            score, module = _insert_selection(gm, region, stream, score, prefix, keep)
+            stages.append(TokenStage(region.name, module, tokens_in, prefix + keep, keep, float(locality[i])))
+            tokens_in = prefix + keep
+        score = _insert_scores(gm, probabilities[i], score)
+    gm.graph.lint()
+    gm.recompile()
+    try:
+        output = gm(example)
+    except Exception as e:  # a shape the blocks bake in (a token-count constant) breaks on fewer tokens
+        raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model no longer runs on fewer tokens "
+                          f"({first_line(e)}); use token_pruning=None or 'auto'") from None
+    if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
+        raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model's output changes shape on fewer tokens "
+                          "(it pools over token positions); use token_pruning=None")
+    state.token_stages, state.before_tokens = stages, before
+    decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches, "patch_keep": opts.patch_keep,
+                 "locality_3x3": dict(zip((r.name for r in regions), locality.round(4).tolist())),
+                 "stages": [vars(s) for s in stages],
+                 "mean_token_fraction": float(np.mean([tokens] * stage_blocks[0] + [s.tokens_out for s in stages])
+                                              / tokens)}
+    figures = {"kept_patches": _kept_maps(gm, stages, images[:MAP_IMAGES], prefix)}
+    return PassResult(gm, True, decisions, figures=figures)
