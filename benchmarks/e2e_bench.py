@@ -14,8 +14,12 @@ one-line alternative a user has) and lpvit with ``quantize="int8"`` (GPTQ int8 w
 activations, the int8 block-sparse kernel); ``--no-unfused`` leaves out the unfused model.
 
     python benchmarks/e2e_bench.py [--models deit_small_patch16_224 deit_base_patch16_224]
-                                   [--flops-keep 0.5 0.3] [--batches 1 8] [--threads 2] [--repeats 9]
+                                   [--flops-keep 0.5 0.3] [--patch-keep 1.0 0.5] [--head-keep 1.0]
+                                   [--batches 1 8] [--threads 2] [--repeats 9]
                                    [--int8] [--no-unfused] [--out benchmarks/results/e2e_bench]
+
+``--patch-keep`` below 1 adds cascade token pruning (every (flops_keep, patch_keep) pair is compiled);
+``--head-keep`` below 1 removes attention heads.
 
 Writes <out>.md and <out>.json. No session spin-waits after its run (``ort_session``), nor do torch's OpenMP
 threads (OMP_WAIT_POLICY=PASSIVE), so the candidates taking turns do not slow each other down.
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--flops-keep", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--patch-keep", nargs="+", type=float, default=[1.0],
                         help="with a value below 1: token_pruning='cascade' at that patch_keep (1: no token pruning)")
+    parser.add_argument("--head-keep", type=float, default=1.0, help="fraction of attention heads kept (head_keep)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--block", type=int, default=None, help="block edge (default: the hw profile's)")
     parser.add_argument("--hw", default="cpu")
@@ -79,6 +84,7 @@ def main() -> None:
         for flops_keep, patch_keep in [(f, p) for p in args.patch_keep for f in args.flops_keep]:
             compiled = {}
             tokens = {"token_pruning": "cascade", "patch_keep": patch_keep} if patch_keep < 1 else {}
+            tokens["head_keep"] = args.head_keep
             for label, options in variants.items():
                 compiled[label] = lpvit.compile(model, hw=args.hw, flops_keep=flops_keep, calib=calib,
                                                 importance="magnitude", block_shape=args.block, progress=False,
@@ -104,7 +110,8 @@ def main() -> None:
                                     args.repeats)
                 best_dense = min(times["dense"], times["dense_ort_opt"])
                 report = compiled["lpvit"].report
-                row = {"model": name, "flops_keep": flops_keep, "patch_keep": patch_keep, "block": list(report.layers[0].block_shape),
+                row = {"model": name, "flops_keep": flops_keep, "patch_keep": patch_keep, "head_keep": args.head_keep,
+                       "block": list(report.layers[0].block_shape),
                        "model_flops_keep": report.summary["model_flops_keep"], "batch": batch,
                        "threads": args.threads, **{f"ms_{label}": t * 1e3 for label, t in times.items()},
                        "speedup": best_dense / times["lpvit"], "predicted_speedup": report.summary["predicted_speedup"],

@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help='another float32 variant with these compile options, e.g. '
                              '\'no block recovery={"block_recovery": false}\' (repeatable)')
+    parser.add_argument("--budget", action="append", default=[], metavar="FLOPS_KEEP:PATCH_KEEP",
+                        help="instead of the --flops-keep grid: compile at these (flops_keep, patch_keep) pairs, "
+                             "token_pruning='cascade' where patch_keep < 1 (repeatable; e.g. 1:0.5 is tokens only)")
     parser.add_argument("--no-speed", action="store_true", help="accuracy only: skip the onnxruntime timing")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_vit")
     args = parser.parse_args(argv)
@@ -305,16 +308,18 @@ def main(argv=None) -> int:
     variants = {"float32": {}, **dict(_parse_variant(v) for v in args.variant),
                 **({"int8 (GPTQ)": {"quantize": "int8"}, "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
                    if args.int8 else {})}
-    budgets = [(1.0, 16)] if args.int8 else []  # int8 alone: every block kept
-    budgets += [(keep, block) for block in args.blocks for keep in args.flops_keep]
-    for flops_keep, block in budgets:
+    budgets = [(1.0, 16, 1.0)] if args.int8 else []  # int8 alone: every block kept
+    pairs = [tuple(float(v) for v in b.split(":")) for b in args.budget] or [(k, 1.0) for k in args.flops_keep]
+    budgets += [(keep, block, patch_keep) for block in args.blocks for keep, patch_keep in pairs]
+    for flops_keep, block, patch_keep in budgets:
+        tokens = {"token_pruning": "cascade", "patch_keep": patch_keep} if patch_keep < 1 else {}
         for variant, options in variants.items():
-            if flops_keep == 1.0 and "quantize" not in options:
+            if flops_keep == 1.0 and not tokens and "quantize" not in options and "head_keep" not in options:
                 continue
             started = time.perf_counter()
             compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=block, progress=False,
-                                     **options)
-            path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}.onnx")
+                                     **tokens, **options)
+            path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}-{patch_keep}.onnx")
             compile_seconds = round(time.perf_counter() - started, 1)
             print(f"compiled {variant} {block}x{block} at {flops_keep} in {compile_seconds:.0f} s", flush=True)
             session = ort_session(str(path), args.threads, custom_ops=True)
@@ -323,7 +328,8 @@ def main(argv=None) -> int:
             speedup = None if args.no_speed else {
                 b: t["speedup"] for b, t in compare_sessions(dense_session, session, args.batches,
                                                              args.repeats)["batches"].items()}
-            row = {"variant": variant, "block": block, "flops_keep": flops_keep,
+            row = {"variant": variant, "block": block, "flops_keep": flops_keep, "patch_keep": patch_keep,
+                   "model_flops_keep": compiled.report.summary["model_flops_keep"],
                    "top1_torch": top1(torch_logits, test_labels),
                    "top1_onnx": top1(run_onnx(session, test_images), test_labels),
                    "compile_seconds": compile_seconds, "speedup": speedup}
@@ -355,17 +361,29 @@ def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
              f"{meta['conversion_max_abs_error']:.1e}. Speed: onnxruntime {meta['onnxruntime']}, {meta['threads']} "
              f"threads, kernel ISA {meta['isa']} (int8 {meta['int8_isa']}), median of {meta['repeats']} interleaved "
              "runs, ratio over the dense float32 model.", "",
-             "| variant | block | flops_keep | top-1 torch | top-1 onnxruntime | top-1 static activations | " +
-             " | ".join(f"speedup b{b}" for b in batches) + " | compile s |", "|---" * (7 + len(batches)) + "|"]
+             "| variant | block | flops_keep | patch_keep | model FLOPs kept | top-1 torch | top-1 onnxruntime | "
+             "top-1 static activations | " + " | ".join(f"speedup b{b}" for b in batches) + " | compile s |",
+             "|---" * (9 + len(batches)) + "|"]
     for r in rows:
         block = f"{r['block']}x{r['block']}" if r["block"] else "—"
         torch_top1 = f"{r['top1_torch']:.3f}" if "top1_torch" in r else "—"
         static = f"{r['top1_static_activations']:.3f}" if "top1_static_activations" in r else "—"
-        lines.append(f"| {r['variant']} | {block} | {r['flops_keep']} | {torch_top1} | {r['top1_onnx']:.3f} | "
+        model_flops = f"{r['model_flops_keep']:.3f}" if r.get("model_flops_keep") is not None else "1.000"
+        lines.append(f"| {r['variant']} | {block} | {r['flops_keep']} | {r.get('patch_keep', 1.0)} | {model_flops} | "
+                     f"{torch_top1} | {r['top1_onnx']:.3f} | "
                      f"{static} | " +
                      " | ".join(f"{r['speedup'][str(b)]:.2f}x" if r["speedup"] else "—" for b in batches) +
                      f" | {r.get('compile_seconds', '—')} |")
     return "\n".join(lines) + "\n"
+
+
+def _kind(row: dict) -> str:
+    tokens, blocks = row.get("patch_keep", 1.0) < 1, row["flops_keep"] < 1
+    return "tokens + blocks" if tokens and blocks else "tokens only" if tokens else "blocks only"
+
+
+def _has_tokens(rows: list[dict]) -> bool:
+    return any(r.get("patch_keep", 1.0) < 1 for r in rows)
 
 
 def plot(rows: list[dict], path: Path, batch: int) -> None:
@@ -375,14 +393,19 @@ def plot(rows: list[dict], path: Path, batch: int) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(7, 4.5))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+    dense = next(r for r in rows if r["variant"] == "dense")
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "dense"):
         for block in dict.fromkeys(r["block"] for r in rows if r["variant"] == variant):
-            points = sorted((r["speedup"][str(batch)], r["top1_onnx"]) for r in rows
-                            if r["variant"] == variant and r["block"] == block and r["speedup"])
-            if not points:
-                continue
-            label = variant + (f" {block}x{block}" if block else "")
-            ax.plot(*zip(*points), "o-" if len(points) > 1 else "s", label=label)
+            for kind in ("blocks only", "tokens only", "tokens + blocks"):
+                points = sorted((r["speedup"][str(batch)], r["top1_onnx"]) for r in rows
+                                if r["variant"] == variant and r["block"] == block and r["speedup"]
+                                and _kind(r) == kind)
+                if not points:
+                    continue
+                label = variant + (f" {block}x{block}" if block else "") + (f", {kind}" if kind != "blocks only"
+                                                                             or _has_tokens(rows) else "")
+                points = [(1.0, dense["top1_onnx"]), *points]  # every curve starts at the dense model
+                ax.plot(*zip(*points), "o-", label=label)
     ax.set_xlabel(f"speedup over dense float32, onnxruntime, batch {batch}")
     ax.set_ylabel("top-1 (onnxruntime)")
     ax.set_title("DINOv2-S + linear probe: speed-accuracy frontier")

@@ -132,6 +132,8 @@ class CompileOptions:
                                 "token_pruning: fraction of the patch tokens left after the last pruning stage")
     first_token_stage: int = _option(1, _positive_int, "token_pruning: the first block (0-based) whose input is "
                                                        "pruned; blocks before it only score")
+    head_keep: float = _option(1.0, _number(0.0, 1.0, low_open=True),
+                               "fraction of each block's attention heads kept (the lowest-scoring go; proj refitted)")
     prefix_tokens: int | None = _option(None, lambda n, v: None if v is None else _count(n, v),
                                         "token_pruning: class/distillation/register tokens before the patches, "
                                         "never pruned (None: the model's num_prefix_tokens)")

@@ -6,6 +6,7 @@ Who fills what (each pass's contract in ``passes/`` says the same to the pass ma
     capture            -> CompileState.layers (name, grid), capture_method, selection, notes
     fold_scales        -> (the graph's weights only)
     token_pruning      -> CompileState.token_stages (the graph gathers tokens; importance then counts them)
+    head_pruning       -> CompileState.heads_kept; qkv and proj layers get their smaller grids
     importance         -> tokens, block_scores, prune_order, distortion
     hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
     block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve
@@ -27,10 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .blocks import BlockGrid
 from .costmodel import LayerCosts, layer_costs
+from .costmodel.flops import model_flops_per_image
 from .options import CompileOptions
 
 
@@ -128,17 +130,19 @@ class TokenStage:
 
 
 @dataclass(frozen=True)
-class BeforeTokens:
-    """The model as the token-pruning pass found it: what whole-model FLOPs and speedups compare with."""
+class UnprunedModel:
+    """The model as the first token or head pruning pass found it: what whole-model FLOPs and speedups
+    compare with."""
 
     model_flops: float  # per image
     tokens: dict[str, int]  # per prunable layer, tokens per image
+    shapes: dict[str, tuple[int, int]]  # per prunable layer, [out, in] (head pruning shrinks qkv and proj)
 
 
 @dataclass(frozen=True)
 class ModelCosts:
     """The dense model's predicted cost (hardware pass), per inference of ``hw_batch_size`` images. "Dense" is
-    the original model: with token pruning, before it (``CompileState.before_tokens``)."""
+    the original model: with token or head pruning, before it (``CompileState.unpruned``)."""
 
     hw_batch_size: int
     model_flops: float  # per image, the whole dense model (torch.utils.flop_counter)
@@ -178,12 +182,29 @@ class CompileState:
     selection: dict[str, str] = field(default_factory=dict)  # every linear -> why it is (not) pruned
     notes: list[str] = field(default_factory=list)  # for the report: decisions a user should know about
     token_stages: list[TokenStage] = field(default_factory=list)  # token_pruning, in block order
-    before_tokens: BeforeTokens | None = None  # token_pruning
+    heads_kept: dict[str, list[int]] = field(default_factory=dict)  # head_pruning: block -> kept head indices
+    unpruned: UnprunedModel | None = None  # token_pruning, head_pruning: the model before them
     # hardware, solve, dead-block elimination, layout
     model_costs: ModelCosts | None = None
     solve: SolveOutcome | None = None
     hidden_units_removed: int = 0
     flops_keep_executed: float | None = None
+
+    def remember_unpruned(self, gm: fx.GraphModule) -> None:
+        """Record the model's FLOPs and per-layer tokens before the first token or head rewrite (once)."""
+        if self.unpruned is not None:
+            return
+        tokens = {}
+        hooks = [gm.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: tokens.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+            for name in self.layers]
+        try:
+            flops = model_flops_per_image(gm, self.calibration[0][:1])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        shapes = {name: tuple(gm.get_submodule(name).weight.shape) for name in self.layers}
+        self.unpruned = UnprunedModel(flops, tokens, shapes)
 
     def refresh_costs(self) -> None:
         """Recompute every layer's ``costs`` from its current shape, tokens and live blocks."""

@@ -53,5 +53,8 @@ class TokenSelect(nn.Module):
     @staticmethod
     def gather(x: torch.Tensor, score: torch.Tensor, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        return x.gather(1, rows), score.gather(1, index), index
+        # whole rows of the flattened [B * N, C] tokens (ONNX Gather): no index expanded to [B, n, C]
+        batch, tokens, channels = x.shape
+        rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
+        kept = x.reshape(batch * tokens, channels).index_select(0, rows).reshape(batch, index.shape[1], channels)
+        return kept, score.gather(1, index), index

@@ -10,12 +10,13 @@ from .dead_block_elimination import dead_block_elimination
 from .fold_scales import fold_scales
 from .fuse_epilogues import fuse_epilogues
 from .hardware import hardware
+from .head_pruning import head_pruning
 from .importance import importance
 from .reconstruct import reconstruct
 from .token_pruning import token_pruning
 
-PIPELINE = (capture, fold_scales, token_pruning, importance, hardware, block_mask_solve, reconstruct,
+PIPELINE = (capture, fold_scales, token_pruning, head_pruning, importance, hardware, block_mask_solve, reconstruct,
             dead_block_elimination, bsr_layout, fuse_epilogues)
 
-__all__ = ["PIPELINE", "capture", "fold_scales", "token_pruning", "importance", "hardware", "block_mask_solve",
-           "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
+__all__ = ["PIPELINE", "capture", "fold_scales", "token_pruning", "head_pruning", "importance", "hardware",
+           "block_mask_solve", "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]

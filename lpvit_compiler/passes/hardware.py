@@ -9,9 +9,9 @@ Output: the graph unchanged; per layer, ``curves`` over k = blocks pruned (0 .. 
                             GEMM's (the layout pass then keeps that layer dense)
     power[k]   = energy[k]  or, with power_model="lpvit", (num_blocks - k) * floor(in_features / 16)
 
-and ``state.model_costs``, the dense whole model's figures (with token pruning, the model before it: its
-FLOPs and each layer at its original token count, so speedups and FLOPs kept count the tokens too); the manager then computes every layer's current
-``costs`` (state.py). The whole model's FLOPs come from
+and ``state.model_costs``, the dense whole model's figures (with token or head pruning, the model before them:
+its FLOPs and each layer at its original token count and shape, so speedups and FLOPs kept count them too);
+the manager then computes every layer's current ``costs`` (state.py). The whole model's FLOPs come from
 ``torch.utils.flop_counter`` on one image (attention included); what is not in the prunable linears is
 costed at dense throughput as ``other``.
 """
@@ -19,9 +19,9 @@ costed at dense throughput as ``other``.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import fx
 
+from ..blocks import BlockGrid
 from ..costmodel import layer_costs, lpvit_power_proxy
 from ..costmodel.flops import model_flops_per_image
 from ..pass_manager import PassResult, compiler_pass
@@ -63,13 +63,14 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
     prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
     other_flops = max(0.0, model_flops - prunable_flops)
     other_latency, other_energy = hw.other_cost(other_flops)
-    original = state.before_tokens  # the model before token pruning: what speedups and FLOPs compare with
+    original = state.unpruned  # the model before token/head pruning: what speedups and FLOPs compare with
     if original is None:
         dense = [layer.curves.dense for layer in state.layers.values()]
         original_flops, original_other = model_flops, (other_latency, other_energy)
     else:
-        dense = [layer_costs(hw, original.tokens[name], (layer.out_features, layer.in_features),
-                             layer.grid.block_shape, layer.num_blocks) for name, layer in state.layers.items()]
+        dense = [layer_costs(hw, original.tokens[name], original.shapes[name], layer.grid.block_shape,
+                             BlockGrid(*original.shapes[name], layer.grid.block_shape).num_blocks)
+                 for name, layer in state.layers.items()]
         original_flops = original.model_flops
         original_other = hw.other_cost(max(0.0, original_flops - sum(d.flops_dense for d in dense)))
     state.model_costs = ModelCosts(
@@ -81,7 +82,7 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
         "profile": hw.to_dict(),
         "power_model": state.options.power_model,
         "model_flops_per_image": model_flops,
-        "model_flops_per_image_before_token_pruning": None if original is None else original.model_flops,
+        "model_flops_per_image_before_token_and_head_pruning": None if original is None else original.model_flops,
         "prunable_linear_flops_per_image": prunable_flops,
         "prunable_share_of_model_flops": prunable_flops / model_flops if model_flops else None,
         "predicted_dense_latency_ms": state.model_costs.dense_latency_s * 1e3,

@@ -41,38 +41,16 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from ..costmodel.flops import model_flops_per_image
 from ..errors import ConfigError, first_line
+from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record, tensor_shape
 from ..frontend.regions import BlockRegion, block_regions
 from ..pass_manager import PassResult, compiler_pass
-from ..state import BeforeTokens, CompileState, TokenStage
-from ..tokens import TokenSelect, attention_probabilities, patch_scores
+from ..state import CompileState, TokenStage
+from ..tokens import TokenSelect, patch_scores
 
-SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
-SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
 LOCALITY_IMAGES = 16
 MAP_IMAGES = 4
 _SPATIAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-
-
-class UnsupportedModel(Exception):
-    """Dropping tokens would change what the model computes (the message says why)."""
-
-
-def _is_softmax_over_keys(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target == "softmax":
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    elif node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    else:
-        return False
-    shape = _shape(node.args[0])
-    return shape is not None and len(shape) == 4 and dim in (-1, 3)
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _prefix_tokens(state: CompileState) -> int:
@@ -88,23 +66,16 @@ def _prefix_tokens(state: CompileState) -> int:
                            "num_prefix_tokens attribute): pass prefix_tokens=<count>")
 
 
-def _attention_site(region: BlockRegion) -> fx.Node:
-    sites = [n for n in region.nodes if (n.op == "call_function" and n.target in SDPA) or _is_softmax_over_keys(n)]
-    if len(sites) != 1:
-        raise UnsupportedModel(f"block {region.name} holds {len(sites)} attention ops (one expected)")
-    return sites[0]
-
-
-def _check_block(gm: fx.GraphModule, region: BlockRegion, tokens: int) -> fx.Node:
+def _check_block(gm: fx.GraphModule, region: BlockRegion, tokens: int, prefix: int) -> fx.Node:
     """The block's token-stream input, after checking that dropping tokens keeps the block's meaning."""
-    tensors = [n for n in region.inputs if _shape(n) is not None]  # timm passes attn_mask=None along
+    tensors = [n for n in region.inputs if tensor_shape(n) is not None]  # timm passes attn_mask=None along
     if len(tensors) != 1:
         names = ", ".join(n.name for n in tensors)
         raise UnsupportedModel(f"block {region.name} reads {len(tensors)} tensors besides its parameters "
                                f"({names}): per-position inputs such as rotary embeddings or masks would no "
                                "longer match the kept tokens")
     stream = tensors[0]
-    shape = _shape(stream)
+    shape = tensor_shape(stream)
     if shape is None or len(shape) != 3 or shape[1] != tokens:
         raise UnsupportedModel(f"block {region.name}'s input is {list(shape) if shape else 'not a tensor'}, not "
                                f"[batch, {tokens} tokens, channels]: a spatial layout (windows, pooling stages) "
@@ -114,58 +85,20 @@ def _check_block(gm: fx.GraphModule, region: BlockRegion, tokens: int) -> fx.Nod
             raise UnsupportedModel(f"block {region.name} runs a convolution or pooling over the token grid "
                                    f"({node.target}), which dropping tokens would break")
         for used in node.all_input_nodes:
-            table = _shape(used) if used.op == "get_attr" else None
-            if table is not None and len(table) >= 2 and tokens in table[-2:]:
+            table = tensor_shape(used) if used.op == "get_attr" else None
+            if table is not None and len(table) >= 2 and {tokens, tokens - prefix} & set(table[-2:]):
                 raise UnsupportedModel(f"block {region.name} uses {used.target}, a table with one entry per "
-                                       "token position (relative position bias?)")
+                                       "token position (rotary embeddings or a relative position bias)")
     outside = [u for u in stream.users if u not in set(region.nodes)]
     if outside:
         raise UnsupportedModel(f"the input of block {region.name} is also read after it ({outside[0].name})")
     return stream
 
 
-def _default(value):
-    """A graph input left at its default (timm's attn_mask=None, is_causal=False) as that default."""
-    if isinstance(value, fx.Node) and value.op == "placeholder":
-        return value.args[0] if value.args else value
-    return value
-
-
-def _expose_probabilities(gm: fx.GraphModule, site: fx.Node) -> fx.Node:
-    """The node holding the attention's probabilities; an SDPA call is rewritten to compute them explicitly."""
-    if site.op == "call_function" and site.target in SDPA:
-        q, k, v = site.args[:3]
-        extra = {key: _default(value) for key, value in
-                 (dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), site.args[3:])) | site.kwargs).items()}
-        if extra.get("attn_mask") is not None or extra.get("is_causal") or extra.get("dropout_p", 0.0):
-            raise UnsupportedModel(f"{site.name}: attention with a mask, causal or with dropout")
-        scale = extra.get("scale") or _shape(q)[-1] ** -0.5
-        with gm.graph.inserting_before(site):
-            probabilities = gm.graph.call_function(attention_probabilities, (q, k, float(scale)))
-            output = gm.graph.call_function(operator.matmul, (probabilities, v))
-        for node in (probabilities, output):
-            node.meta.update({key: site.meta[key] for key in ("nn_module_stack",) if key in site.meta})
-        site.replace_all_uses_with(output)
-        gm.graph.erase_node(site)
-        return probabilities
-    return site
-
-
 def _locality(gm: fx.GraphModule, probabilities: list[fx.Node], images: torch.Tensor, prefix: int) -> np.ndarray:
     """Per attention: mean share of a patch query's patch-key mass on its 3x3 grid neighbourhood (docstring)."""
-    wanted = {node: i for i, node in enumerate(probabilities)}
-    found = [[] for _ in probabilities]
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node in wanted:
-                found[wanted[node]].append(value.detach())
-            return value
-
-    with torch.no_grad():
-        Recorder(gm).run(images)
-    patches = found[0][0].shape[-1] - prefix
+    found = record(gm, probabilities, images)
+    patches = found[0].shape[-1] - prefix
     side = math.isqrt(patches)
     if side * side != patches:
         return np.ones(len(probabilities))
@@ -173,22 +106,9 @@ def _locality(gm: fx.GraphModule, probabilities: list[fx.Node], images: torch.Te
     near = torch.from_numpy((np.abs(rows[:, None] - rows[None]) <= 1) & (np.abs(cols[:, None] - cols[None]) <= 1))
     shares = []
     for values in found:
-        a = torch.cat(values)[:, :, prefix:, prefix:].double()
+        a = values[:, :, prefix:, prefix:].double()
         shares.append(float(((a * near).sum(-1) / a.sum(-1).clamp_min(1e-30)).mean()))
     return np.array(shares)
-
-
-def _before_tokens(gm: fx.GraphModule, state: CompileState, image: torch.Tensor) -> BeforeTokens:
-    tokens = {}
-    hooks = [gm.get_submodule(name).register_forward_pre_hook(
-        lambda m, args, name=name: tokens.__setitem__(name, args[0].numel() // args[0].shape[-1]))
-        for name in state.layers]
-    try:
-        flops = model_flops_per_image(gm, image)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return BeforeTokens(flops, tokens)
 
 
 def keep_counts(patches: int, patch_keep: float, weights: np.ndarray) -> list[int]:
@@ -283,9 +203,8 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
         return PassResult(gm, False, {"enabled": False})
     example = state.calibration[0][:2]
     reference = gm(example)
-    before = _before_tokens(gm, state, example[:1])
+    state.remember_unpruned(gm)
     try:
-        prefix = _prefix_tokens(state)
         ShapeProp(gm).propagate(example)
         tables = [name for name, _ in [*state.model.named_parameters(), *state.model.named_buffers()]
                   if "relative_position" in name or "rel_pos" in name]
@@ -294,18 +213,20 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
         regions = block_regions(gm, state.layers)
         if not regions:
             raise UnsupportedModel("no numbered transformer blocks with prunable linears were found")
-        first = [_shape(n) for n in regions[0].inputs if _shape(n) is not None]
+        first = [tensor_shape(n) for n in regions[0].inputs if tensor_shape(n) is not None]
         tokens = first[0][1] if first and len(first[0]) == 3 else -1
-        streams = [_check_block(gm, region, tokens) for region in regions]
-        sites = [_attention_site(region) for region in regions]
+        prefix = _prefix_tokens(state)
+        streams = [_check_block(gm, region, tokens, prefix) for region in regions]
+        sites = [attention_site(region) for region in regions]
         if tokens - prefix < 2 or opts.first_token_stage >= len(regions):
             raise UnsupportedModel(f"{len(regions)} blocks of {tokens} tokens ({prefix} prefix) leave nothing to "
                                    f"prune from block {opts.first_token_stage} on")
-        probabilities = [_expose_probabilities(gm, site) for site in sites]
+        probabilities = [expose_probabilities(gm, site) for site in sites]
     except UnsupportedModel as e:
+        gm.recompile()  # attentions already exposed compute what they computed before
         if opts.token_pruning == "auto":
             state.notes.append(f"token pruning skipped: {e}")
-            return PassResult(gm, False, {"enabled": False, "skipped": str(e)})
+            return PassResult(gm, True, {"enabled": False, "skipped": str(e)})
         raise ConfigError(f"token_pruning={opts.token_pruning!r} cannot prune this model's tokens: {e}. Use "
                           "token_pruning=None (weight blocks only) or 'auto' (skips token pruning where the model "
                           "does not allow it)") from None
@@ -333,7 +254,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
         raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model's output changes shape on fewer tokens "
                           "(it pools over token positions); use token_pruning=None")
-    state.token_stages, state.before_tokens = stages, before
+    state.token_stages = stages
     decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches, "patch_keep": opts.patch_keep,
                  "locality_3x3": dict(zip((r.name for r in regions), locality.round(4).tolist())),
                  "stages": [vars(s) for s in stages],

@@ -95,6 +95,8 @@ class Report:
     hw_profile: dict = field(default_factory=dict)  # HardwareProfile.to_dict(), incl. how it was calibrated
     notes: list[str] = field(default_factory=list)  # decisions a user should know about (small layers left dense)
     measurements: Measurements = field(default_factory=Measurements)
+    token_stages: list[dict] = field(default_factory=list)  # token pruning: state.TokenStage per stage, in order
+    heads_kept: dict[str, list[int]] = field(default_factory=dict)  # head pruning: block -> kept head indices
 
     @property
     def flops_keep_achieved(self) -> float:
@@ -157,7 +159,9 @@ class Report:
             summary["quantize"] = f"{opts.quantize} ({'GPTQ' if opts.gptq else 'round to nearest'} weights, " \
                                   "per-token activations)"
         return cls(hw=hw.name, importance=opts.importance, budget=opts.budget, budget_target=opts.budget_target,
-                   summary=summary, layers=rows, passes=passes, hw_profile=hw.to_dict(), notes=list(state.notes))
+                   summary=summary, layers=rows, passes=passes, hw_profile=hw.to_dict(), notes=list(state.notes),
+                   token_stages=[dataclasses.asdict(stage) for stage in state.token_stages],
+                   heads_kept=dict(state.heads_kept))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,9 @@ def summary_items(report) -> list[tuple[str, str]]:
         (f"budget ({budget})", f"target {report.budget_target:.3f}, achieved {s['budget_achieved']:.3f}"),
         ("prunable-linear FLOPs kept", f"{s['flops_keep_achieved']:.3f} (executed {s['flops_keep_executed']:.3f})"),
         ("model FLOPs kept", f"{s['model_flops_keep']:.3f}"),
+        *([("tokens per image (cascade)", _token_line(report.token_stages))] if report.token_stages else []),
+        *([("attention heads kept", ", ".join(f"{block} {len(kept)}" for block, kept in report.heads_kept.items()))]
+          if report.heads_kept else []),
         (f"predicted on {report.hw} (batch {s['hw_batch_size']})",
          f"{s['compiled_speedup']:.2f}x faster, energy x{s['compiled_energy_ratio']:.2f}"),
     ]
@@ -31,3 +34,8 @@ def summary_items(report) -> list[tuple[str, str]]:
         items.append((f"top-1 on {a['data']} ({a['images']} images)",
                       f"dense {a['dense']:.4f}, compiled {a['compiled']:.4f} ({a['compiled'] - a['dense']:+.4f})"))
     return items
+
+
+def _token_line(stages: list[dict]) -> str:
+    counts = ", ".join(str(stage["tokens_out"]) for stage in stages)
+    return f"{stages[0]['tokens_in']} into {stages[0]['block']}, then {counts} after each stage to {stages[-1]['block']}"

@@ -1,0 +1,214 @@
+"""Cascade token pruning (CP-ViT): scores, per-image top-k, schedule, export, unsupported models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_vit
+
+import lpvit_compiler as lpvit
+from lpvit_compiler.errors import ConfigError
+from lpvit_compiler.passes.token_pruning import keep_counts
+from lpvit_compiler.report.summary import summary_items
+from lpvit_compiler.runtime.sessions import ort_session
+
+PREFIX = 3  # class token + 2 registers
+
+
+def _model(**overrides):
+    """4 blocks, 8x8 patches of 4 px, a class token and two registers. Queries and keys are scaled up so that
+    attention is peaked, as in trained models: with the near-uniform attention of a random init, patch scores
+    tie to within float rounding, and torch and onnxruntime may then keep different (equally scored) patches."""
+    model = tiny_vit(patch_size=4, depth=4, reg_tokens=2, **overrides)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * block.attn.qkv.in_features].mul_(4.0)
+    return model
+
+
+def _compile(model, calib, **options):
+    defaults = dict(flops_keep=1.0, calib=calib, token_pruning="cascade", patch_keep=0.5, block_shape=16,
+                    importance="magnitude", reconstruct=False, progress=False)
+    return lpvit.compile(model, **{**defaults, **options})
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(2)
+    return torch.randn(16, 3, 32, 32)
+
+
+def _reference(model, x: torch.Tensor, stages: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The cascade written out directly on the timm modules: per-block probabilities, S, top-k, gather.
+    Returns the logits and, per stage, each image's kept patch positions in the original grid."""
+    kept_after = {s["block"]: s["patches_kept"] for s in stages}
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    score, kept = None, []
+    for i, block in enumerate(model.blocks):
+        if f"blocks.{i}" in kept_after:
+            top = score[:, PREFIX:].topk(kept_after[f"blocks.{i}"], dim=1).indices + PREFIX
+            index = torch.cat([torch.arange(PREFIX).expand(x.shape[0], -1), top], dim=1)
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            score, positions = score.gather(1, index), positions.gather(1, index)
+            kept.append(positions[:, PREFIX:] - PREFIX)
+        b, n, c = x.shape
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        probabilities = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+        contribution = probabilities.max(dim=2).values.sum(dim=1)  # max over queries, sum over heads
+        score = contribution if score is None else score + contribution
+        x = x + attn.proj((probabilities @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + block.mlp(block.norm2(x))
+    return model.forward_head(model.norm(x)), kept
+
+
+@pytest.mark.parametrize("fused_attention", [True, False], ids=["sdpa", "explicit-softmax"])
+def test_compiled_model_is_the_cascade_computed_directly(calib, fused_attention):
+    model = _model()
+    for block in model.blocks:
+        block.attn.fused_attn = fused_attention
+    compiled = _compile(model, calib, fold_scales=False)
+    stages = compiled.report.token_stages
+    assert [s["block"] for s in stages] == ["blocks.1", "blocks.2", "blocks.3"]
+    assert stages[-1]["patches_kept"] == 32 and stages[0]["tokens_in"] == PREFIX + 64
+    assert all(a["patches_kept"] > b["patches_kept"] for a, b in zip(stages, stages[1:]))
+    x = torch.randn(5, 3, 32, 32)
+    indices = {}
+    hooks = [compiled.graph_module.get_submodule(s["module"]).register_forward_hook(
+        lambda m, a, out, name=s["module"]: indices.__setitem__(name, out[2])) for s in stages]
+    with torch.no_grad():
+        got = compiled(x)
+        expected, kept = _reference(model, x, stages)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    positions = torch.arange(PREFIX + 64).expand(5, -1)
+    for stage, reference_kept in zip(stages, kept):
+        positions = positions.gather(1, indices[stage["module"]])
+        assert (positions[:, :PREFIX] == torch.arange(PREFIX)).all(), "prefix tokens are always kept"
+        for image in range(5):  # each image keeps its own top-k: the same set as the direct computation
+            assert set(positions[image, PREFIX:].tolist()) == set((reference_kept[image] + PREFIX).tolist())
+    assert not all(set(positions[0].tolist()) == set(positions[i].tolist()) for i in range(1, 5))
+
+
+def test_batch_independence_and_onnxruntime_agreement(calib, tmp_path):
+    compiled = _compile(_model(), calib, flops_keep=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        together = compiled(x)
+        alone = torch.cat([compiled(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    for target in ("lpvit", "portable"):
+        path = compiled.export(tmp_path / f"{target}.onnx", target=target)
+        session = ort_session(str(path), 2, custom_ops=target == "lpvit")
+        got = session.run(None, {"pixel_values": x.numpy()})[0]
+        assert np.abs(got - together.numpy()).max() <= 1e-4 * np.abs(together.numpy()).max(), target
+        single = session.run(None, {"pixel_values": x[1:2].numpy()})[0]
+        np.testing.assert_allclose(single, got[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_exported_graph_has_static_token_counts(calib, tmp_path):
+    from lpvit_compiler.lowering.onnx_export import _register_schema
+
+    compiled = _compile(_model(), calib)
+    proto = onnx.load(compiled.export(tmp_path / "m.onnx"))
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    top_k = {int(constants[n.input[1]].reshape(-1)[0]) for n in proto.graph.node if n.op_type == "TopK"}
+    stages = compiled.report.token_stages
+    assert top_k == {s["patches_kept"] for s in stages}  # every TopK's k is a constant: a stage's patch count
+    _register_schema()  # so shape inference knows ai.lpvit::BlockSparseLinear
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in inferred.graph.value_info}
+    streams = [shape for shape in dims.values() if len(shape) == 3 and shape[2] == 64]  # [batch, tokens, C]
+    assert streams and all(isinstance(shape[1], int) and shape[0] == "batch" for shape in streams)
+    assert {s["tokens_out"] for s in stages} <= {shape[1] for shape in streams}
+
+
+def test_schedule_removes_in_proportion_to_locality():
+    counts = keep_counts(64, 0.5, np.array([0.1, 0.3, 0.1, 0.5]))
+    assert counts[-1] == 32 and all(a >= b for a, b in zip(counts, counts[1:]))
+    removed = -np.diff([64, *counts])
+    assert removed.sum() == 32 and removed.argmax() == 3 and removed[1] > removed[0]
+    assert keep_counts(10, 1.0, np.ones(3)) == [10, 10, 10]
+
+
+def test_cost_model_counts_tokens_against_the_unpruned_model(calib, tmp_path):
+    model = _model()
+    dense = lpvit.compile(model, flops_keep=1.0, calib=calib, block_shape=16, importance="magnitude",
+                          reconstruct=False, progress=False)
+    pruned = _compile(model, calib, dump_dir=tmp_path)
+    tokens = {row.name: row.tokens for row in pruned.report.layers}
+    assert tokens["blocks.0.attn.qkv"] == PREFIX + 64 and tokens["blocks.3.mlp.fc1"] == PREFIX + 32
+    assert pruned.report.summary["model_flops"] == pytest.approx(dense.report.summary["model_flops"])
+    assert pruned.report.summary["model_flops_keep"] < 0.85
+    assert pruned.report.summary["predicted_speedup"] > 1.1 > dense.report.summary["predicted_speedup"] - 0.05
+    decisions = json.loads((tmp_path / "02-token_pruning" / "decisions.json").read_text())
+    assert set(decisions["locality_3x3"]) == {f"blocks.{i}" for i in range(4)}
+    assert (tmp_path / "02-token_pruning" / "kept_patches.png").stat().st_size > 1000
+    assert "tokens per image" in "\n".join(f"{k}: {v}" for k, v in summary_items(pruned.report))
+
+
+def test_reconstruction_and_recovery_fit_the_token_pruned_model(calib, tmp_path):
+    model = _model()
+    tokens_only = _compile(model, calib)
+    masked = _compile(model, calib, flops_keep=0.5)
+    refitted = _compile(model, calib, flops_keep=0.5, reconstruct=True, recovery_steps=5, dump_dir=tmp_path)
+    decisions = json.loads((tmp_path / "07-reconstruct" / "decisions.json").read_text())
+    blocks = decisions["block_recovery"]["blocks"]
+    assert sorted(blocks) == [f"blocks.{i}" for i in range(4)] and all(b["steps"] == 5 for b in blocks.values())
+    x = calib[:8]
+    with torch.no_grad():
+        target = tokens_only(x)
+        errors = [float((c(x) - target).norm() / target.norm()) for c in (masked, refitted)]
+    assert errors[1] < 0.5 * errors[0], errors  # the refit targets are the same tokens' dense outputs
+
+
+def test_models_whose_tokens_cannot_be_dropped_get_a_clear_error(calib):
+    from timm.models.eva import Eva
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2),
+                           num_classes=10).eval()
+    with pytest.raises(ConfigError, match="relative position"):
+        _compile(swin, calib)
+    eva = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+              use_rot_pos_emb=True, ref_feat_shape=(4, 4)).eval()
+    with pytest.raises(ConfigError, match="rotary embeddings"):
+        _compile(eva, calib)
+    compiled = _compile(swin, calib, token_pruning="auto")
+    assert any(note.startswith("token pruning skipped") for note in compiled.report.notes)
+    assert compiled.report.token_stages == []
+
+
+def test_prefix_tokens_must_be_known():
+    class Wrapper(torch.nn.Module):  # hides num_prefix_tokens
+        def __init__(self):
+            super().__init__()
+            self.vit = _model()
+
+        def forward(self, x):
+            return self.vit(x)
+
+    wrapper = Wrapper().eval()
+    calib = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ConfigError, match="prefix_tokens"):
+        _compile(wrapper, calib)
+    compiled = _compile(wrapper, calib, prefix_tokens=PREFIX)
+    assert compiled.report.token_stages[0]["tokens_in"] == PREFIX + 64
+
+
+def test_composes_with_int8(calib, tmp_path):
+    compiled = _compile(_model(), calib, flops_keep=0.5, quantize="int8", reconstruct=True, block_recovery=False)
+    assert compiled.report.token_stages and all(r.layout.endswith("int8") for r in compiled.report.layers
+                                                if r.kept_blocks < r.blocks)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = compiled(x).numpy()
+    session = ort_session(str(compiled.export(tmp_path / "int8.onnx")), 2, custom_ops=True)
+    got = session.run(None, {"pixel_values": x.numpy()})[0]
+    assert np.linalg.norm(got - expected) <= 0.05 * np.linalg.norm(expected)
