@@ -264,6 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", action="append", default=[], metavar="FLOPS_KEEP:PATCH_KEEP",
                         help="instead of the --flops-keep grid: compile at these (flops_keep, patch_keep) pairs, "
                              "token_pruning='cascade' where patch_keep < 1 (repeatable; e.g. 1:0.5 is tokens only)")
+    parser.add_argument("--only-variants", action="store_true", help="compile only the --variant options (not the "
+                                                                     "default float32 variant)")
     parser.add_argument("--no-speed", action="store_true", help="accuracy only: skip the onnxruntime timing")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_vit")
     args = parser.parse_args(argv)
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
                      "top1_onnx": top1(run_onnx(session, test_images), test_labels),
                      "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    variants = {"float32": {}, **dict(_parse_variant(v) for v in args.variant),
+    variants = {**({} if args.only_variants else {"float32": {}}), **dict(_parse_variant(v) for v in args.variant),
                 **({"int8 (GPTQ)": {"quantize": "int8"}, "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
                    if args.int8 else {})}
     budgets = [(1.0, 16, 1.0)] if args.int8 else []  # int8 alone: every block kept
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
                 continue
             started = time.perf_counter()
             compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=block, progress=False,
-                                     **tokens, **options)
+                                     **{**tokens, **options})
             path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}-{patch_keep}.onnx")
             compile_seconds = round(time.perf_counter() - started, 1)
             print(f"compiled {variant} {block}x{block} at {flops_keep} in {compile_seconds:.0f} s", flush=True)
@@ -329,6 +331,7 @@ def main(argv=None) -> int:
                 b: t["speedup"] for b, t in compare_sessions(dense_session, session, args.batches,
                                                              args.repeats)["batches"].items()}
             row = {"variant": variant, "block": block, "flops_keep": flops_keep, "patch_keep": patch_keep,
+                   "head_keep": options.get("head_keep", 1.0),
                    "model_flops_keep": compiled.report.summary["model_flops_keep"],
                    "top1_torch": top1(torch_logits, test_labels),
                    "top1_onnx": top1(run_onnx(session, test_images), test_labels),
@@ -378,12 +381,15 @@ def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
 
 
 def _kind(row: dict) -> str:
-    tokens, blocks = row.get("patch_keep", 1.0) < 1, row["flops_keep"] < 1
-    return "tokens + blocks" if tokens and blocks else "tokens only" if tokens else "blocks only"
+    """What a row pruned: "blocks only", "tokens only", "tokens + blocks", "heads + blocks", ..."""
+    parts = [name for name, pruned in (("tokens", row.get("patch_keep", 1.0) < 1),
+                                       ("heads", row.get("head_keep", 1.0) < 1), ("blocks", row["flops_keep"] < 1))
+             if pruned]
+    return "nothing pruned" if not parts else parts[0] + " only" if len(parts) == 1 else " + ".join(parts)
 
 
-def _has_tokens(rows: list[dict]) -> bool:
-    return any(r.get("patch_keep", 1.0) < 1 for r in rows)
+def _not_only_blocks(rows: list[dict]) -> bool:
+    return any(_kind(r) != "blocks only" for r in rows if r["variant"] != "dense")
 
 
 def plot(rows: list[dict], path: Path, batch: int) -> None:
@@ -396,14 +402,14 @@ def plot(rows: list[dict], path: Path, batch: int) -> None:
     dense = next(r for r in rows if r["variant"] == "dense")
     for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "dense"):
         for block in dict.fromkeys(r["block"] for r in rows if r["variant"] == variant):
-            for kind in ("blocks only", "tokens only", "tokens + blocks"):
+            for kind in dict.fromkeys(_kind(r) for r in rows if r["variant"] == variant):
                 points = sorted((r["speedup"][str(batch)], r["top1_onnx"]) for r in rows
                                 if r["variant"] == variant and r["block"] == block and r["speedup"]
                                 and _kind(r) == kind)
                 if not points:
                     continue
                 label = variant + (f" {block}x{block}" if block else "") + (f", {kind}" if kind != "blocks only"
-                                                                             or _has_tokens(rows) else "")
+                                                                             or _not_only_blocks(rows) else "")
                 points = [(1.0, dense["top1_onnx"]), *points]  # every curve starts at the dense model
                 ax.plot(*zip(*points), "o-", label=label)
     ax.set_xlabel(f"speedup over dense float32, onnxruntime, batch {batch}")

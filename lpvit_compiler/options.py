@@ -21,7 +21,7 @@ IMPORTANCE_CRITERIA = ("obs", "taylor", "hessian", "magnitude")
 SENSITIVITIES = ("channel", "layer")
 POWER_MODELS = ("energy", "lpvit")
 QUANTIZE_MODES = (None, "int8")
-TOKEN_PRUNING_MODES = (None, "cascade", "auto")
+TOKEN_PRUNING_MODES = (None, "cascade", "merge", "auto")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 # Named sets of tuning options; options given with a preset override it. "fast": DeiT-S on 256 images in about
@@ -126,8 +126,9 @@ class CompileOptions:
                                              "the linears after them, before scoring (an equivalent graph)")
     token_pruning: str | None = _option(None, _choice(TOKEN_PRUNING_MODES),
                                         "None, 'cascade' (CP-ViT: drop the lowest-scoring patch tokens block by "
-                                        "block) or 'auto' (cascade where the model allows it, else skipped with "
-                                        "a report note)")
+                                        "block), 'merge' (ToMe: merge the most similar patches instead) or "
+                                        "'auto' (cascade where the model allows it, else skipped with a report "
+                                        "note)")
     patch_keep: float = _option(0.5, _number(0.0, 1.0, low_open=True),
                                 "token_pruning: fraction of the patch tokens left after the last pruning stage")
     first_token_stage: int = _option(1, _positive_int, "token_pruning: the first block (0-based) whose input is "

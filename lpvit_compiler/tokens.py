@@ -1,6 +1,10 @@
-"""Ops the token-pruning pass puts into the graph: explicit attention probabilities, CP-ViT's patch score and
-the per-image top-k selection of tokens. Plain torch, so torch.fx, torch.export and the ONNX exporter trace
-them (Softmax, ReduceMax, TopK and GatherElements in ONNX).
+"""Ops the token-pruning pass puts into the graph: explicit attention probabilities, CP-ViT's patch score, the
+per-image top-k selection of tokens (``"cascade"``) and ToMe's bipartite merge (``"merge"``). Plain torch, so
+torch.fx, torch.export and the ONNX exporter trace them (Softmax, ReduceMax, TopK, Gather, GatherElements,
+ScatterElements in ONNX).
+
+Both reducers split their work in two: ``decide`` (which tokens go where) and ``reduce``, so the
+reconstruction can merge its dense stream with the pruned stream's decision.
 
 Shapes: B images, H heads, N tokens (P prefix tokens — class, distillation, registers — then the patches),
 C channels.
@@ -12,9 +16,17 @@ import torch
 from torch import nn
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) over the keys: [B, H, N, N] from q, k [B, H, N, D] (what SDPA computes inside)."""
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float,
+                            key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ key_bias]) over the keys: [B, H, N, N] from q, k [B, H, N, D] (what SDPA computes
+    inside); ``key_bias`` [B, N] is added to every query's logit of key j (ToMe's log token size)."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return add_key_bias(logits, key_bias).softmax(dim=-1)
+
+
+def add_key_bias(logits: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    """logits [B, H, N, N] + key_bias [B, N] broadcast over heads and queries (None: unchanged)."""
+    return logits if key_bias is None else logits + key_bias[:, None, None, :]
 
 
 def patch_scores(probabilities: torch.Tensor) -> torch.Tensor:
@@ -42,19 +54,69 @@ class TokenSelect(nn.Module):
         return f"prefix={self.prefix}, keep={self.keep}"
 
     def forward(self, x: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.gather(x, score, self.indices(score))
+        return self.reduce(x, score, self.decide(x, score))
 
-    def indices(self, score: torch.Tensor) -> torch.Tensor:
+    def decide(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """[B, prefix + keep]: the prefix positions, then the top-``keep`` patches of each image in input order."""
         top = score[:, self.prefix:].topk(self.keep, dim=1).indices.sort(dim=1).values + self.prefix
         prefix = torch.arange(self.prefix, device=score.device).expand(score.shape[0], self.prefix)
         return torch.cat([prefix, top], dim=1)
 
     @staticmethod
-    def gather(x: torch.Tensor, score: torch.Tensor, index: torch.Tensor
+    def reduce(x: torch.Tensor, score: torch.Tensor, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # whole rows of the flattened [B * N, C] tokens (ONNX Gather): no index expanded to [B, n, C]
         batch, tokens, channels = x.shape
         rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
         kept = x.reshape(batch * tokens, channels).index_select(0, rows).reshape(batch, index.shape[1], channels)
         return kept, score.gather(1, index), index
+
+
+class TokenMerge(nn.Module):
+    """ToMe's bipartite soft matching (arXiv 2210.09461) on the patches; the ``prefix`` tokens are never merged.
+
+    forward(x [B, N, C], size [B, N] or None) -> (x [B, N - remove, C], size [B, N - remove]). Patches alternate
+    into sets A (even) and B (odd); each A patch links to its most similar B patch (cosine of the tokens), the
+    ``remove`` best-linked A patches are merged into their B partners by size-weighted average, and size counts
+    the patches a token now stands for (1 before the first merge). Attention after a merge adds log(size) to
+    the keys' logits (proportional attention), so a merged token weighs as the patches it replaced.
+    """
+
+    def __init__(self, prefix: int, remove: int):
+        super().__init__()
+        self.prefix, self.remove = int(prefix), int(remove)
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix}, remove={self.remove}"
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.reduce(x, size, self.decide(x, size))
+
+    def decide(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(order [B, |A|, 1]: A patches, best-linked first; partner [B, |A|, 1]: each one's B patch); None when
+        nothing is merged."""
+        if self.remove == 0:
+            return None
+        patches = x[:, self.prefix:]
+        metric = patches / patches.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, |A|, |B|]
+        best, partner = similarity.max(dim=-1)
+        return best.argsort(dim=-1, descending=True)[..., None], partner[..., None]
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None, decision: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = torch.ones_like(x[..., 0]) if size is None else size
+        if decision is None:
+            return x, size
+        order, partner = decision
+        channels = x.shape[-1]
+        weighted = torch.cat([x * size[..., None], size[..., None]], dim=-1)  # sums of x * size, and of size
+        head, patches = weighted[:, :self.prefix], weighted[:, self.prefix:]
+        a, b = patches[:, ::2], patches[:, 1::2]
+        merged_src, kept_src = order[:, :self.remove], order[:, self.remove:]
+        src = a.gather(1, merged_src.expand(-1, -1, channels + 1))
+        b = b.scatter_reduce(1, partner.gather(1, merged_src).expand(-1, -1, channels + 1), src, reduce="sum")
+        kept = torch.cat([head, a.gather(1, kept_src.expand(-1, -1, channels + 1)), b], dim=1)
+        size = kept[..., -1]
+        return kept[..., :-1] / size[..., None], size
+

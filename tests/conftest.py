@@ -18,6 +18,15 @@ def tiny_vit(**overrides) -> torch.nn.Module:
     return VisionTransformer(**{**kwargs, **overrides}).eval()
 
 
+def tiny_swin() -> torch.nn.Module:
+    """A 2-stage Swin on 32x32 images (windows of 4 patches, relative position tables)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2),
+                           num_classes=10).eval()
+
+
 def masked_reference(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The dense model with every mask applied to its weight: what a compiled model must reproduce."""
     reference = copy.deepcopy(model)

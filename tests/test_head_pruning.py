@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import tiny_swin, tiny_vit
 from torch.fx.passes.shape_prop import ShapeProp
 
 import lpvit_compiler as lpvit
@@ -99,11 +99,7 @@ def test_heads_and_tokens_together(calib):
 
 
 def test_head_pruning_refuses_attention_it_cannot_read(calib):
-    from timm.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(0)
-    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2),
-                           num_classes=10).eval()
+    swin = tiny_swin()
     with pytest.raises(ConfigError, match="cannot prune this model's heads"):
         _compile(swin, calib)
     with pytest.raises(ConfigError, match="head_keep"):

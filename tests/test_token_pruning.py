@@ -5,8 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
-from conftest import tiny_vit
+from conftest import tiny_swin, tiny_vit
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.errors import ConfigError
@@ -152,28 +154,27 @@ def test_cost_model_counts_tokens_against_the_unpruned_model(calib, tmp_path):
     assert "tokens per image" in "\n".join(f"{k}: {v}" for k, v in summary_items(pruned.report))
 
 
-def test_reconstruction_and_recovery_fit_the_token_pruned_model(calib, tmp_path):
+def test_reconstruction_fits_kept_tokens_to_the_model_before_token_pruning(calib, tmp_path):
     model = _model()
-    tokens_only = _compile(model, calib)
-    masked = _compile(model, calib, flops_keep=0.5)
-    refitted = _compile(model, calib, flops_keep=0.5, reconstruct=True, recovery_steps=5, dump_dir=tmp_path)
+    runs = {"tokens": _compile(model, calib),
+            "tokens, refitted": _compile(model, calib, reconstruct=True, recovery_steps=5),
+            "tokens + blocks": _compile(model, calib, flops_keep=0.5),
+            "tokens + blocks, refitted": _compile(model, calib, flops_keep=0.5, reconstruct=True, recovery_steps=5,
+                                                  dump_dir=tmp_path)}
     decisions = json.loads((tmp_path / "07-reconstruct" / "decisions.json").read_text())
     blocks = decisions["block_recovery"]["blocks"]
     assert sorted(blocks) == [f"blocks.{i}" for i in range(4)] and all(b["steps"] == 5 for b in blocks.values())
-    x = calib[:8]
+    x = calib[:8]  # calibration images: what the refit is guaranteed not to fit worse
     with torch.no_grad():
-        target = tokens_only(x)
-        errors = [float((c(x) - target).norm() / target.norm()) for c in (masked, refitted)]
-    assert errors[1] < 0.5 * errors[0], errors  # the refit targets are the same tokens' dense outputs
+        target = model(x)
+        error = {name: float((c(x) - target).norm() / target.norm()) for name, c in runs.items()}
+    assert error["tokens, refitted"] < error["tokens"], error  # the refit makes up for dropped tokens too
+    assert error["tokens + blocks, refitted"] < 0.5 * error["tokens + blocks"], error
 
 
 def test_models_whose_tokens_cannot_be_dropped_get_a_clear_error(calib):
     from timm.models.eva import Eva
-    from timm.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(0)
-    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 2),
-                           num_classes=10).eval()
+    swin = tiny_swin()
     with pytest.raises(ConfigError, match="relative position"):
         _compile(swin, calib)
     eva = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
@@ -212,3 +213,42 @@ def test_composes_with_int8(calib, tmp_path):
     session = ort_session(str(compiled.export(tmp_path / "int8.onnx")), 2, custom_ops=True)
     got = session.run(None, {"pixel_values": x.numpy()})[0]
     assert np.linalg.norm(got - expected) <= 0.05 * np.linalg.norm(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(3, 20), remove=st.integers(0, 10), prefix=st.integers(0, 2), seed=st.integers(0, 99))
+def test_token_merge_conserves_what_the_tokens_stand_for(tokens, remove, prefix, seed):
+    from lpvit_compiler.tokens import TokenMerge
+
+    patches = tokens - prefix
+    remove = min(remove, (patches + 1) // 2) if patches >= 2 else 0  # at most |A|, and B must not be empty
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, tokens, 5, generator=generator, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, tokens), generator=generator).double()
+    merged, merged_size = TokenMerge(prefix, remove)(x, size)
+    assert merged.shape == (2, tokens - remove, 5) and merged_size.shape == (2, tokens - remove)
+    torch.testing.assert_close(merged[:, :prefix], x[:, :prefix])  # prefix tokens are never merged
+    torch.testing.assert_close(merged_size.sum(1), size.sum(1))  # every patch is counted once
+    torch.testing.assert_close((merged * merged_size[..., None]).sum(1), (x * size[..., None]).sum(1))
+    if remove == 0:  # nothing merged: the same tokens
+        torch.testing.assert_close(merged, x)
+
+
+def test_merge_mode_matches_the_model_when_nothing_is_merged_and_runs_in_onnxruntime(calib, tmp_path):
+    model = _model()
+    unmerged = _compile(model, calib, token_pruning="merge", patch_keep=1.0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(x), model(x), rtol=1e-4, atol=1e-5)
+    merged = _compile(model, calib, token_pruning="merge", patch_keep=0.5, flops_keep=0.5)
+    assert [s["tokens_out"] for s in merged.report.token_stages][-1] == PREFIX + 32
+    assert "log" in merged.graph_module.code  # proportional attention
+    with torch.no_grad():
+        together = merged(x)
+        alone = torch.cat([merged(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    for target in ("lpvit", "portable"):
+        session = ort_session(str(merged.export(tmp_path / f"{target}.onnx", target=target)), 2,
+                              custom_ops=target == "lpvit")
+        got = session.run(None, {"pixel_values": x.numpy()})[0]
+        assert np.abs(got - together.numpy()).max() <= 1e-4 * np.abs(together.numpy()).max(), target

@@ -34,8 +34,11 @@ node by node over the calibration images: each layer is fitted to the inputs it 
 earlier layers does not pile up), and its targets are the dense model's outputs (the shift in activation
 statistics that pruning causes is corrected, including through the bias).
 
-With token pruning, both streams keep the tokens the pruned model selects (its scores decide, as at run time),
-so every target row belongs to the same token as the input row fitted to it.
+With cascade token pruning the dense stream keeps every token (it is the model before token pruning) and each
+target row is the dense value of the token the pruned model kept at that row (its scores decide, as at run
+time), so the refit and block recovery also make up for the tokens dropped — with ``flops_keep=1.0`` too,
+where every layer is refitted without a mask. With ``"merge"`` both streams merge alike (a merged token has
+no dense counterpart).
 
 With ``block_recovery=True``, when the streams reach the end of a transformer block (a numbered module such as
 ``blocks.3``), the block as a whole is then fitted to the dense block's output by Adam steps, masks frozen
@@ -57,7 +60,7 @@ from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
-from ..tokens import TokenSelect
+from ..tokens import TokenMerge, TokenSelect
 from ..frontend.regions import block_regions
 from .block_recovery import recover_block
 
@@ -133,6 +136,20 @@ def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_
     return (result[:, :k].contiguous(), result[:, k].contiguous()) if with_bias else (result, None)
 
 
+def _at_kept_tokens(dense: list, pruned: list, kept_positions: list) -> list:
+    """The dense stream's values (every token) at the tokens the pruned stream kept: rows of dimension 1 where
+    the two differ in token count, unchanged otherwise (no token pruning yet, or a value without tokens)."""
+    def at(value, like, positions):
+        if positions is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape == like.shape:
+            return value
+        return value.gather(1, positions[..., None].expand(-1, -1, value.shape[-1]))
+    return [at(v, p, k) for v, p, k in zip(dense, pruned, kept_positions)]
+
+
+def _chunk_args(node: fx.Node, values: dict, chunk: int) -> list:
+    return [values[a][chunk] if isinstance(a, fx.Node) else a for a in node.args]
+
+
 def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: int):
     args = fx.node.map_arg(node.args, lambda n: values[n][chunk])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n][chunk])
@@ -168,6 +185,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
             if position[last_use[used]] < position[region.nodes[-1]]:
                 last_use[used] = region.nodes[-1]
     dense, pruned, per_layer, per_block = {}, {}, {}, {}
+    kept_positions = [None] * len(chunks)  # cascade token pruning: the pruned stream's tokens in the dense one
     recovery_left = opts.recovery_seconds
     placeholders = 0
     with Progress(disable=not state.progress, transient=True) as progress:
@@ -190,8 +208,9 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 mask = layer.element_mask()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
-                                       for y in dense[node])
+                    xd = _at_kept_tokens(xd, xp, kept_positions)
+                    dense_energy = sum(float(torch.linalg.vector_norm(F.linear(x, weight, bias),
+                                                                      dtype=torch.float64)) ** 2 for x in xd)
                     h, g, s = _normal_equations(xp, xd, bias is not None)
                     target = _targets(weight, bias, g, s)
                     before = _relative_output_error(weight * mask, bias, h, target, dense_energy)
@@ -211,11 +230,17 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 per_layer[node.target] = {"relative_error_masked": before, "relative_error_reconstructed": after}
                 progress.advance(task)
             elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenSelect):
-                with torch.no_grad():  # both streams keep the tokens the pruned model keeps: targets match rows
+                with torch.no_grad():  # the dense stream keeps every token; kept_positions maps the pruned ones
                     pruned[node] = [_run_node(interpreter, node, pruned, i) for i in range(len(chunks))]
-                    stream, score = node.args
-                    dense[node] = [TokenSelect.gather(dense[stream][i], dense[score][i], kept[2])
-                                   for i, kept in enumerate(pruned[node])]
+                    dense[node] = [(*_chunk_args(node, dense, i), None) for i in range(len(chunks))]
+                    kept_positions = [index if p is None else p.gather(1, index)
+                                      for p, (_, _, index) in zip(kept_positions, pruned[node])]
+            elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenMerge):
+                merge = gm.get_submodule(node.target)
+                with torch.no_grad():  # merged tokens have no unpruned counterpart: both streams merge alike
+                    decisions = [merge.decide(*_chunk_args(node, pruned, i)) for i in range(len(chunks))]
+                    pruned[node] = [merge.reduce(*_chunk_args(node, pruned, i), d) for i, d in enumerate(decisions)]
+                    dense[node] = [merge.reduce(*_chunk_args(node, dense, i), d) for i, d in enumerate(decisions)]
             else:
                 with torch.no_grad():
                     dense[node] = [_run_node(interpreter, node, dense, i) for i in range(len(chunks))]
@@ -227,7 +252,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 started = time.perf_counter()
                 inputs = {n: pruned[n] for n in region.inputs}
                 per_block[region.name], outputs = recover_block(
-                    gm, region, state.layers, inputs, [dense[n] for n in region.outputs],
+                    gm, region, state.layers, inputs,
+                    [_at_kept_tokens(dense[n], pruned[n], kept_positions) for n in region.outputs],
                     steps=opts.recovery_steps, seconds=recovery_left / (len(region_ending) + 1),
                     lr=opts.recovery_lr, int8=int8)
                 pruned.update(zip(region.outputs, outputs))

@@ -1,5 +1,5 @@
 """Cascade token pruning (CP-ViT, arXiv 2203.04570): drop the least informative patch tokens block by block
-(pass 02, ``token_pruning="cascade"``).
+(pass 02, ``token_pruning="cascade"``), or merge them (ToMe, ``"merge"``).
 
 Input: the canonical GraphModule of a plain ViT — numbered blocks (``blocks.3``), each one contiguous region
 whose only input is the token stream x [B, N, C] (P prefix tokens — class, distillation, registers — then the
@@ -14,6 +14,9 @@ keys). Output: a graph in which
         and the image's top-n_l patches by S (n_l static; which patches, per image at run time), and S with them
 
 so every later op — linears, attention (quadratically), norms, GELU, residual adds — runs on fewer tokens.
+With ``token_pruning="merge"`` the same stages run tokens.TokenMerge instead (ToMe's bipartite merge of the
+most similar patches, size-weighted), no scores are computed, and every attention after the first merge adds
+log(size) to its keys' logits (proportional attention).
 ``LayerState.tokens`` (measured by the importance pass that runs next) then counts the pruned tokens, so the
 cost model, the solve and the reconstruction all see the pruned model.
 
@@ -46,7 +49,7 @@ from ..frontend.attention import UnsupportedModel, attention_site, expose_probab
 from ..frontend.regions import BlockRegion, block_regions
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, TokenStage
-from ..tokens import TokenSelect, patch_scores
+from ..tokens import TokenMerge, TokenSelect, add_key_bias, attention_probabilities, patch_scores
 
 LOCALITY_IMAGES = 16
 MAP_IMAGES = 4
@@ -138,17 +141,34 @@ def _insert_scores(gm: fx.GraphModule, probabilities: fx.Node, previous: fx.Node
     return total
 
 
-def _insert_selection(gm: fx.GraphModule, region: BlockRegion, stream: fx.Node, score: fx.Node, prefix: int,
-                      keep: int) -> tuple[fx.Node, str]:
-    name = f"{region.name}.token_select"
-    gm.add_submodule(name, TokenSelect(prefix, keep))
+def _insert_reducer(gm: fx.GraphModule, region: BlockRegion, stream: fx.Node, carried: fx.Node | None,
+                    reducer: nn.Module) -> tuple[fx.Node, str]:
+    """Call ``reducer`` (stream, carried) before the block; the block reads its tokens. Returns the carried
+    value it passes on (the score S for TokenSelect, the token sizes for TokenMerge) and its module name."""
+    name = f"{region.name}.{'token_select' if isinstance(reducer, TokenSelect) else 'token_merge'}"
+    gm.add_submodule(name, reducer)
     inside = set(region.nodes)
     with gm.graph.inserting_before(region.nodes[0]):
-        select = gm.graph.call_module(name, (stream, score))
-        kept = gm.graph.call_function(operator.getitem, (select, 0))
-        kept_score = gm.graph.call_function(operator.getitem, (select, 1))
+        call = gm.graph.call_module(name, (stream, carried))
+        kept = gm.graph.call_function(operator.getitem, (call, 0))
+        passed_on = gm.graph.call_function(operator.getitem, (call, 1))
     stream.replace_all_uses_with(kept, delete_user_cb=lambda user: user in inside)
-    return kept_score, name
+    return passed_on, name
+
+
+def _proportional_attention(gm: fx.GraphModule, probabilities: fx.Node, size: fx.Node) -> None:
+    """ToMe: add log(size) of every key to its logits, so a merged token counts as the patches it holds."""
+    with gm.graph.inserting_before(probabilities):
+        log_size = gm.graph.call_function(torch.log, (size,))
+        biased = None
+        if probabilities.target is attention_probabilities:
+            probabilities.args = (*probabilities.args[:3], log_size)
+        else:  # an explicit softmax over the keys: bias its input
+            biased = gm.graph.call_function(add_key_bias, (probabilities.args[0], log_size))
+            probabilities.replace_input_with(probabilities.args[0], biased)
+    for node in (log_size, biased):
+        if node is not None:
+            node.meta.update({k: probabilities.meta[k] for k in ("nn_module_stack",) if k in probabilities.meta})
 
 
 def _kept_maps(gm: fx.GraphModule, stages: list[TokenStage], images: torch.Tensor, prefix: int):
@@ -236,14 +256,24 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     patches = tokens - prefix
     stage_blocks = list(range(opts.first_token_stage, len(regions)))
     counts = keep_counts(patches, opts.patch_keep, locality[stage_blocks])
-    score, stages, tokens_in = None, [], tokens
+    merge = opts.token_pruning == "merge"
+    carried, stages, tokens_in = None, [], tokens  # S (cascade) or token sizes (merge)
     for i, (region, stream) in enumerate(zip(regions, streams)):
         if i in stage_blocks:
             keep = counts[stage_blocks.index(i)]
-            score, module = _insert_selection(gm, region, stream, score, prefix, keep)
+            remove = tokens_in - prefix - keep
+            if merge and remove > (tokens_in - prefix + 1) // 2:
+                raise ConfigError(f"token_pruning='merge' can merge at most half of a block's patches, but "
+                                  f"{region.name} would have to merge {remove} of {tokens_in - prefix}: raise "
+                                  "patch_keep or lower first_token_stage")
+            reducer = TokenMerge(prefix, remove) if merge else TokenSelect(prefix, keep)
+            carried, module = _insert_reducer(gm, region, stream, carried, reducer)
             stages.append(TokenStage(region.name, module, tokens_in, prefix + keep, keep, float(locality[i])))
             tokens_in = prefix + keep
-        score = _insert_scores(gm, probabilities[i], score)
+        if merge and carried is not None:
+            _proportional_attention(gm, probabilities[i], carried)
+        elif not merge:
+            carried = _insert_scores(gm, probabilities[i], carried)
     gm.graph.lint()
     gm.recompile()
     try:
@@ -260,5 +290,5 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
                  "stages": [vars(s) for s in stages],
                  "mean_token_fraction": float(np.mean([tokens] * stage_blocks[0] + [s.tokens_out for s in stages])
                                               / tokens)}
-    figures = {"kept_patches": _kept_maps(gm, stages, images[:MAP_IMAGES], prefix)}
+    figures = {} if merge else {"kept_patches": _kept_maps(gm, stages, images[:MAP_IMAGES], prefix)}
     return PassResult(gm, True, decisions, figures=figures)
