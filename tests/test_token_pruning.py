@@ -252,3 +252,16 @@ def test_merge_mode_matches_the_model_when_nothing_is_merged_and_runs_in_onnxrun
                               custom_ops=target == "lpvit")
         got = session.run(None, {"pixel_values": x.numpy()})[0]
         assert np.abs(got - together.numpy()).max() <= 1e-4 * np.abs(together.numpy()).max(), target
+
+
+def test_hugging_face_vit_is_refused_with_the_reason(calib):
+    """transformers 5 builds an all-true [B, 1, N, N] attention mask outside the layers and passes it to every
+    layer's SDPA: a per-position input the kept tokens would no longer match (not rewritten yet)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                       intermediate_size=128, num_labels=10)
+    model = ViTForImageClassification(config).eval()
+    with pytest.raises(ConfigError, match="reads 2 tensors besides its parameters"):
+        _compile(model, calib)

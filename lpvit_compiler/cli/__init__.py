@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"time budget of block recovery (default {CompileOptions.default('recovery_seconds'):g})")
     c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
                                                          "block-sparse kernel (default: float32)")
-    c.add_argument("--token-pruning", choices=("cascade", "auto"),
-                   help="also drop patch tokens block by block (CP-ViT); auto: only where the model allows it")
+    c.add_argument("--token-pruning", choices=("cascade", "merge", "auto"),
+                   help="also drop (cascade, CP-ViT) or merge (ToMe) patch tokens block by block; auto: cascade "
+                        "only where the model allows it")
     c.add_argument("--patch-keep", type=float, help="with --token-pruning: share of patch tokens left after the "
                                                     f"last stage (default {CompileOptions.default('patch_keep'):g})")
     c.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,

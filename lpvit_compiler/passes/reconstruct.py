@@ -55,13 +55,13 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
+from ..frontend.regions import block_regions
 from ..linalg import SOLVE_BYTES, block_row_systems, cholesky, damped
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
 from ..tokens import TokenMerge, TokenSelect
-from ..frontend.regions import block_regions
 from .block_recovery import recover_block
 
 
@@ -140,7 +140,8 @@ def _at_kept_tokens(dense: list, pruned: list, kept_positions: list) -> list:
     """The dense stream's values (every token) at the tokens the pruned stream kept: rows of dimension 1 where
     the two differ in token count, unchanged otherwise (no token pruning yet, or a value without tokens)."""
     def at(value, like, positions):
-        if positions is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape == like.shape:
+        if positions is None or not isinstance(value, torch.Tensor) or value.dim() != 3 \
+                or value.shape[1] == like.shape[1]:
             return value
         return value.gather(1, positions[..., None].expand(-1, -1, value.shape[-1]))
     return [at(v, p, k) for v, p, k in zip(dense, pruned, kept_positions)]
@@ -209,8 +210,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
                     xd = _at_kept_tokens(xd, xp, kept_positions)
-                    dense_energy = sum(float(torch.linalg.vector_norm(F.linear(x, weight, bias),
-                                                                      dtype=torch.float64)) ** 2 for x in xd)
+                    dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
+                                       for y in _at_kept_tokens(dense[node], xp, kept_positions))
                     h, g, s = _normal_equations(xp, xd, bias is not None)
                     target = _targets(weight, bias, g, s)
                     before = _relative_output_error(weight * mask, bias, h, target, dense_energy)

@@ -17,7 +17,7 @@ so every later op — linears, attention (quadratically), norms, GELU, residual 
 With ``token_pruning="merge"`` the same stages run tokens.TokenMerge instead (ToMe's bipartite merge of the
 most similar patches, size-weighted), no scores are computed, and every attention after the first merge adds
 log(size) to its keys' logits (proportional attention).
-``LayerState.tokens`` (measured by the importance pass that runs next) then counts the pruned tokens, so the
+``LayerState.tokens`` (measured later by the importance pass) then counts the pruned tokens, so the
 cost model, the solve and the reconstruction all see the pruned model.
 
 Schedule (layer-aware, after CP-ViT's attention range): on the calibration images, each block's locality is
@@ -45,6 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from ..errors import ConfigError, first_line
+from ..frontend.calibration import logits_of
 from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record, tensor_shape
 from ..frontend.regions import BlockRegion, block_regions
 from ..pass_manager import PassResult, compiler_pass
@@ -222,7 +223,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     if opts.token_pruning is None:
         return PassResult(gm, False, {"enabled": False})
     example = state.calibration[0][:2]
-    reference = gm(example)
+    reference = logits_of(gm(example))
     state.remember_unpruned(gm)
     try:
         ShapeProp(gm).propagate(example)
@@ -277,11 +278,11 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     try:
-        output = gm(example)
+        output = logits_of(gm(example))
     except Exception as e:  # a shape the blocks bake in (a token-count constant) breaks on fewer tokens
         raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model no longer runs on fewer tokens "
                           f"({first_line(e)}); use token_pruning=None or 'auto'") from None
-    if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
+    if output.shape != reference.shape:
         raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model's output changes shape on fewer tokens "
                           "(it pools over token positions); use token_pruning=None")
     state.token_stages = stages
