@@ -119,13 +119,13 @@ class LayerState:
 
 @dataclass(frozen=True)
 class TokenStage:
-    """One cascade token-pruning stage (token_pruning pass): the tokens entering a block and those it keeps."""
+    """One token-pruning stage (token_pruning pass): the tokens entering a block and those it keeps."""
 
     block: str  # e.g. "blocks.3"
-    module: str  # the TokenSelect module at its input
+    module: str  # the TokenSelect (cascade) or TokenMerge (merge) module at its input
     tokens_in: int  # per image, prefix tokens included
     tokens_out: int
-    patches_kept: int
+    patches_kept: int  # patch tokens after the stage (merged tokens count once)
     locality: float  # the block's 3x3 attention locality on the calibration images (the schedule's weight)
 
 

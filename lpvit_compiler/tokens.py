@@ -3,7 +3,7 @@ per-image top-k selection of tokens (``"cascade"``) and ToMe's bipartite merge (
 torch.fx, torch.export and the ONNX exporter trace them (Softmax, ReduceMax, TopK, Gather, GatherElements,
 ScatterElements in ONNX).
 
-Both reducers split their work in two: ``decide`` (which tokens go where) and ``reduce``, so the
+TokenMerge splits its work in two, ``decide`` (which patches merge where) and ``reduce``, so the
 reconstruction can merge its dense stream with the pruned stream's decision.
 
 Shapes: B images, H heads, N tokens (P prefix tokens — class, distillation, registers — then the patches),
@@ -54,17 +54,9 @@ class TokenSelect(nn.Module):
         return f"prefix={self.prefix}, keep={self.keep}"
 
     def forward(self, x: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.reduce(x, score, self.decide(x, score))
-
-    def decide(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """[B, prefix + keep]: the prefix positions, then the top-``keep`` patches of each image in input order."""
         top = score[:, self.prefix:].topk(self.keep, dim=1).indices.sort(dim=1).values + self.prefix
         prefix = torch.arange(self.prefix, device=score.device).expand(score.shape[0], self.prefix)
-        return torch.cat([prefix, top], dim=1)
-
-    @staticmethod
-    def reduce(x: torch.Tensor, score: torch.Tensor, index: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = torch.cat([prefix, top], dim=1)
         # whole rows of the flattened [B * N, C] tokens (ONNX Gather): no index expanded to [B, n, C]
         batch, tokens, channels = x.shape
         rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)

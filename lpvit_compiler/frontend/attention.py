@@ -15,7 +15,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from ..tokens import attention_probabilities
-from .regions import BlockRegion
+from .regions import BlockRegion, place_in_block_of
 
 SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
@@ -68,8 +68,7 @@ def expose_probabilities(gm: fx.GraphModule, site: fx.Node) -> fx.Node:
         with gm.graph.inserting_before(site):
             probabilities = gm.graph.call_function(attention_probabilities, (q, k, float(scale)))
             output = gm.graph.call_function(operator.matmul, (probabilities, v))
-        for node in (probabilities, output):
-            node.meta.update({key: site.meta[key] for key in ("nn_module_stack",) if key in site.meta})
+        place_in_block_of((probabilities, output), site)
         site.replace_all_uses_with(output)
         gm.graph.erase_node(site)
         return probabilities

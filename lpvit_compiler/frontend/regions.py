@@ -41,6 +41,13 @@ def block_of(node: fx.Node) -> str | None:
     return None
 
 
+def place_in_block_of(nodes, like: fx.Node) -> None:
+    """Record ``nodes`` (inserted by a pass) as traced in the same modules as ``like``, so they stay in its block."""
+    for node in nodes:
+        if node is not None and "nn_module_stack" in like.meta:
+            node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+
+
 def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[BlockRegion]:
     """The graph's numbered blocks that hold a prunable layer and are one contiguous run of nodes, in order."""
     nodes = list(gm.graph.nodes)

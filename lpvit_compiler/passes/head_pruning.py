@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..blocks import BlockGrid
@@ -30,6 +30,7 @@ from ..frontend.attention import UnsupportedModel, attention_site, expose_probab
 from ..frontend.patterns import is_inference_identity
 from ..frontend.regions import BlockRegion, block_regions
 from ..pass_manager import PassResult, compiler_pass
+from ..runtime.modules import linear_from
 from ..state import CompileState, LayerState
 
 SCORE_IMAGES = 32
@@ -84,17 +85,6 @@ def head_scores(probabilities: torch.Tensor) -> torch.Tensor:
     return probabilities.amax(dim=-2).sum(dim=-1).mean(dim=0)
 
 
-def _replace_linear(gm: fx.GraphModule, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    old = gm.get_submodule(name)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=old.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
-
-
 def remove_heads(gm: fx.GraphModule, layout: HeadLayout, kept: list[int], proj_inputs: torch.Tensor | None,
                  damping: float) -> None:
     """Rewrite one block to the ``kept`` heads; refit proj on ``proj_inputs`` [T, H D] (None: no refit)."""
@@ -102,7 +92,8 @@ def remove_heads(gm: fx.GraphModule, layout: HeadLayout, kept: list[int], proj_i
     columns = torch.cat([torch.arange(k * d, (k + 1) * d) for k in kept])
     rows = torch.cat([part * h * d + columns for part in range(3)])
     qkv, proj = gm.get_submodule(layout.qkv), gm.get_submodule(layout.proj)
-    _replace_linear(gm, layout.qkv, qkv.weight.detach()[rows], None if qkv.bias is None else qkv.bias.detach()[rows])
+    gm.set_submodule(layout.qkv, linear_from(qkv.weight.detach()[rows],
+                                              None if qkv.bias is None else qkv.bias.detach()[rows], True))
     weight = proj.weight.detach()
     bias = None if proj.bias is None else proj.bias.detach()
     new_weight, new_bias = weight[:, columns], bias
@@ -110,7 +101,7 @@ def remove_heads(gm: fx.GraphModule, layout: HeadLayout, kept: list[int], proj_i
         new_weight, new_bias = _refit(proj_inputs.double(), columns, weight.double(),
                                       None if bias is None else bias.double(), damping)
         new_weight, new_bias = new_weight.to(weight.dtype), None if new_bias is None else new_bias.to(weight.dtype)
-    _replace_linear(gm, layout.proj, new_weight, new_bias)
+    gm.set_submodule(layout.proj, linear_from(new_weight, new_bias, True))
     layout.split.args = (*layout.split.args[:-2], len(kept), d)
     layout.merge.args = (*layout.merge.args[:-1], len(kept) * d)
 

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError, first_line
 from ..frontend.calibration import logits_of
 from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record, tensor_shape
-from ..frontend.regions import BlockRegion, block_regions
+from ..frontend.regions import BlockRegion, block_regions, place_in_block_of
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, TokenStage
 from ..tokens import TokenMerge, TokenSelect, add_key_bias, attention_probabilities, patch_scores
@@ -136,8 +136,8 @@ def _insert_scores(gm: fx.GraphModule, probabilities: fx.Node, previous: fx.Node
     if previous is not None:
         with gm.graph.inserting_after(score):
             total = gm.graph.call_function(operator.add, (previous, score))
+    place_in_block_of({score, total}, probabilities)
     for node in {score, total}:
-        node.meta.update({key: probabilities.meta[key] for key in ("nn_module_stack",) if key in probabilities.meta})
         node.meta["token_score"] = True
     return total
 
@@ -167,31 +167,30 @@ def _proportional_attention(gm: fx.GraphModule, probabilities: fx.Node, size: fx
         else:  # an explicit softmax over the keys: bias its input
             biased = gm.graph.call_function(add_key_bias, (probabilities.args[0], log_size))
             probabilities.replace_input_with(probabilities.args[0], biased)
-    for node in (log_size, biased):
-        if node is not None:
-            node.meta.update({k: probabilities.meta[k] for k in ("nn_module_stack",) if k in probabilities.meta})
+    place_in_block_of((log_size, biased), probabilities)
 
 
 def _kept_maps(gm: fx.GraphModule, stages: list[TokenStage], images: torch.Tensor, prefix: int):
     """() -> Figure: for a few calibration images, the image and the patches kept after the first, middle and
     last stage (the rest darkened)."""
-    indices = {}
-    hooks = [gm.get_submodule(s.module).register_forward_hook(
-        lambda m, a, out, name=s.module: indices.__setitem__(name, out[2])) for s in stages]
-    try:
-        with torch.no_grad():
-            gm(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    positions, kept = torch.arange(stages[0].tokens_in).expand(len(images), -1), []
-    for s in stages:  # compose each stage's indices back to positions in the original token sequence
-        positions = positions.gather(1, indices[s.module])
-        kept.append(positions[:, prefix:] - prefix)
     shown = sorted({0, len(stages) // 2, len(stages) - 1})
 
-    def figure():
+    def figure():  # runs only when dumps are written, right after the pass (the graph is as it left it)
         import matplotlib.pyplot as plt
+
+        indices = {}
+        hooks = [gm.get_submodule(s.module).register_forward_hook(
+            lambda m, a, out, name=s.module: indices.__setitem__(name, out[2])) for s in stages]
+        try:
+            with torch.no_grad():
+                gm(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        positions, kept = torch.arange(stages[0].tokens_in).expand(len(images), -1), []
+        for s in stages:  # compose each stage's indices back to positions in the original token sequence
+            positions = positions.gather(1, indices[s.module])
+            kept.append(positions[:, prefix:] - prefix)
 
         patches = stages[0].tokens_in - prefix
         side = math.isqrt(patches)
@@ -223,10 +222,9 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     if opts.token_pruning is None:
         return PassResult(gm, False, {"enabled": False})
     example = state.calibration[0][:2]
-    reference = logits_of(gm(example))
+    reference = logits_of(ShapeProp(gm).propagate(example))
     state.remember_unpruned(gm)
     try:
-        ShapeProp(gm).propagate(example)
         tables = [name for name, _ in [*state.model.named_parameters(), *state.model.named_buffers()]
                   if "relative_position" in name or "rel_pos" in name]
         if tables:
