@@ -264,6 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", action="append", default=[], metavar="FLOPS_KEEP:PATCH_KEEP",
                         help="instead of the --flops-keep grid: compile at these (flops_keep, patch_keep) pairs, "
                              "token_pruning='cascade' where patch_keep < 1 (repeatable; e.g. 1:0.5 is tokens only)")
+    parser.add_argument("--target-speedup", nargs="+", type=float, default=[], metavar="S",
+                        help="instead of flops_keep budgets: compile at these predicted speedups (target_speedup); "
+                             "a variant with token_pruning and no patch_keep then chooses the token schedule jointly")
     parser.add_argument("--only-variants", action="store_true", help="compile only the --variant options (not the "
                                                                      "default float32 variant)")
     parser.add_argument("--no-speed", action="store_true", help="accuracy only: skip the onnxruntime timing")
@@ -312,27 +315,36 @@ def main(argv=None) -> int:
                    if args.int8 else {})}
     budgets = [(1.0, 16, 1.0)] if args.int8 else []  # int8 alone: every block kept
     pairs = [tuple(float(v) for v in b.split(":")) for b in args.budget] or [(k, 1.0) for k in args.flops_keep]
-    budgets += [(keep, block, patch_keep) for block in args.blocks for keep, patch_keep in pairs]
-    for flops_keep, block, patch_keep in budgets:
+    budgets += [({"flops_keep": keep}, block, patch_keep) for block in args.blocks for keep, patch_keep in pairs]
+    if args.target_speedup:
+        budgets = [({"target_speedup": speedup}, block, 1.0) for block in args.blocks for speedup in args.target_speedup]
+    for budget, block, patch_keep in budgets:
         tokens = {"token_pruning": "cascade", "patch_keep": patch_keep} if patch_keep < 1 else {}
         for variant, options in variants.items():
-            if flops_keep == 1.0 and not tokens and "quantize" not in options and "head_keep" not in options:
+            if budget.get("flops_keep") == 1.0 and not tokens and "quantize" not in options \
+                    and "head_keep" not in options:
                 continue
             started = time.perf_counter()
-            compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=block, progress=False,
-                                     **{**tokens, **options})
-            path = compiled.export(work / f"{variant.split()[0]}-{block}-{flops_keep}-{patch_keep}.onnx")
+            compiled = lpvit.compile(model, calib=calib, block_shape=block, progress=False,
+                                     **{**budget, **tokens, **options})
+            path = compiled.export(work / f"{variant.split()[0]}-{block}-{'-'.join(map(str, budget.values()))}-"
+                                          f"{patch_keep}.onnx")
             compile_seconds = round(time.perf_counter() - started, 1)
-            print(f"compiled {variant} {block}x{block} at {flops_keep} in {compile_seconds:.0f} s", flush=True)
+            print(f"compiled {variant} {block}x{block} at {budget} in {compile_seconds:.0f} s", flush=True)
             session = ort_session(str(path), args.threads, custom_ops=True)
             with torch.no_grad():
                 torch_logits = torch.cat([compiled(test_images[i:i + 64]) for i in range(0, len(test_images), 64)])
             speedup = None if args.no_speed else {
                 b: t["speedup"] for b, t in compare_sessions(dense_session, session, args.batches,
                                                              args.repeats)["batches"].items()}
-            row = {"variant": variant, "block": block, "flops_keep": flops_keep, "patch_keep": patch_keep,
+            summary, stages = compiled.report.summary, compiled.report.token_stages
+            row = {"variant": variant, "block": block, **budget,
+                   "flops_keep": budget.get("flops_keep", round(summary["flops_keep_achieved"], 3)),
+                   "patch_keep": patch_keep if patch_keep < 1 or not stages else round(  # a joint schedule's choice
+                       stages[-1]["patches_kept"] / (stages[0]["tokens_in"] - stages[0]["tokens_out"]
+                                                     + stages[0]["patches_kept"]), 3),
                    "head_keep": options.get("head_keep", 1.0),
-                   "model_flops_keep": compiled.report.summary["model_flops_keep"],
+                   "model_flops_keep": summary["model_flops_keep"],
                    "top1_torch": top1(torch_logits, test_labels),
                    "top1_onnx": top1(run_onnx(session, test_images), test_labels),
                    "compile_seconds": compile_seconds, "speedup": speedup}

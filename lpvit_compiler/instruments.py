@@ -6,8 +6,8 @@ a pass, and a pass never writes files or times itself.
 
     <dump_dir>/00-capture/graph.txt        the readable graph (GraphModule.print_readable) and its modules
     <dump_dir>/00-capture/decisions.json   what the pass saw and decided, with its wall time
-    <dump_dir>/06-block_mask_solve/masks/<layer>.png   kept blocks (white) of each layer, for mask passes
-    <dump_dir>/06-block_mask_solve/<figure>.png        figures a pass adds (e.g. distortion curves)
+    <dump_dir>/07-block_mask_solve/masks/<layer>.png   kept blocks (white) of each layer, for mask passes
+    <dump_dir>/07-block_mask_solve/<figure>.png        figures a pass adds (e.g. distortion curves)
     <dump_dir>/passes.json                 the pipeline: pass names, times, dump folders
 
 :class:`InvariantChecker`  with ``verify=True``: after every pass that declares an invariant, checks it on a

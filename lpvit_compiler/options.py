@@ -24,6 +24,7 @@ QUANTIZE_MODES = (None, "int8")
 TOKEN_PRUNING_MODES = (None, "cascade", "merge", "auto")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
+DEFAULT_PATCH_KEEP = 0.5
 # Named sets of tuning options; options given with a preset override it. "fast": DeiT-S on 256 images in about
 # half a minute on 2 cores (benchmarks/compile_time.py), for trying budgets before a full compile.
 PRESETS = {
@@ -41,6 +42,10 @@ def _number(low: float, high: float, low_open: bool = False, high_open: bool = F
             raise ConfigError(f"{name} must be in {interval}, got {value:g}")
         return value
     return check
+
+
+def _optional_fraction(name: str, value) -> float | None:
+    return None if value is None else _number(0.0, 1.0, low_open=True)(name, value)
 
 
 def _positive_int(name: str, value) -> int:
@@ -129,8 +134,10 @@ class CompileOptions:
                                         "block), 'merge' (ToMe: merge the most similar patches instead) or "
                                         "'auto' (cascade where the model allows it, else skipped with a report "
                                         "note)")
-    patch_keep: float = _option(0.5, _number(0.0, 1.0, low_open=True),
-                                "token_pruning: fraction of the patch tokens left after the last pruning stage")
+    patch_keep: float | None = _option(None, _optional_fraction,
+                                       "token_pruning: fraction of the patch tokens left after the last pruning "
+                                       f"stage (None: {DEFAULT_PATCH_KEEP:g} under flops_keep; under "
+                                       "target_speedup or power_keep chosen jointly with the block masks)")
     first_token_stage: int = _option(1, _positive_int, "token_pruning: the first block (0-based) whose input is "
                                                        "pruned; blocks before it only score")
     head_keep: float = _option(1.0, _number(0.0, 1.0, low_open=True),
@@ -153,6 +160,17 @@ class CompileOptions:
     recovery_steps: int = _option(200, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
+
+    @property
+    def joint_token_schedule(self) -> bool:
+        """Token pruning without patch_keep under a latency or power budget: the token_schedule pass chooses the
+        stages' keep counts together with the block masks."""
+        return self.token_pruning is not None and self.patch_keep is None and self.budget in ("latency", "power")
+
+    @property
+    def fixed_patch_keep(self) -> float:
+        """The patch_keep a fixed token schedule uses (the given one, else the default)."""
+        return DEFAULT_PATCH_KEEP if self.patch_keep is None else self.patch_keep
 
     @classmethod
     def tuning_names(cls) -> tuple[str, ...]:
@@ -185,8 +203,14 @@ class CompileOptions:
         budget, target = _budget(flops_keep, target_speedup, power_keep)
         checked = {f.name: f.metadata["check"](f.name, tuning.get(f.name, f.default))
                    for f in dataclasses.fields(cls) if "check" in f.metadata}
-        return cls(hw=profile, budget=budget, budget_target=target,
-                   block_shape=_block_shape(block_shape, profile), **checked)
+        options = cls(hw=profile, budget=budget, budget_target=target,
+                      block_shape=_block_shape(block_shape, profile), **checked)
+        if options.joint_token_schedule and options.importance != "obs":
+            raise ConfigError(f"token_pruning={options.token_pruning!r} without patch_keep under a "
+                              f"{'target_speedup' if budget == 'latency' else 'power_keep'} budget chooses the token "
+                              "schedule jointly with the blocks, which weighs token damage in the obs criterion's "
+                              f"units: use importance='obs' (not {options.importance!r}) or give patch_keep")
+        return options
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

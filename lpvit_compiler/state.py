@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .blocks import BlockGrid
 from .costmodel import LayerCosts, layer_costs
-from .costmodel.flops import model_flops_per_image
+from .costmodel.flops import tokens_and_flops
 from .options import CompileOptions
 
 
@@ -151,6 +151,7 @@ class ModelCosts:
     other_energy_j: float
     dense_latency_s: float  # whole dense model
     dense_energy_j: float
+    dense_linear_energy_j: float  # the prunable linears' share of dense_energy_j (what power_keep limits)
 
 
 @dataclass(frozen=True)
@@ -194,15 +195,7 @@ class CompileState:
         """Record the model's FLOPs and per-layer tokens before the first token or head rewrite (once)."""
         if self.unpruned is not None:
             return
-        tokens = {}
-        hooks = [gm.get_submodule(name).register_forward_pre_hook(
-            lambda m, args, name=name: tokens.__setitem__(name, args[0].numel() // args[0].shape[-1]))
-            for name in self.layers]
-        try:
-            flops = model_flops_per_image(gm, self.calibration[0][:1])
-        finally:
-            for hook in hooks:
-                hook.remove()
+        tokens, flops = tokens_and_flops(gm, self.layers, self.calibration[0][:1])
         shapes = {name: tuple(gm.get_submodule(name).weight.shape) for name in self.layers}
         self.unpruned = UnprunedModel(flops, tokens, shapes)
 

@@ -140,25 +140,25 @@ def test_dumps_one_numbered_folder_per_pass(model, calib, tmp_path):
     lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["00-capture", "01-fold_scales", "02-token_pruning", "03-head_pruning", "04-importance",
-                       "05-hardware", "06-block_mask_solve", "07-reconstruct", "08-dead_block_elimination",
-                       "09-bsr_layout", "10-fuse_epilogues"]
+                       "05-hardware", "06-token_schedule", "07-block_mask_solve", "08-reconstruct",
+                       "09-dead_block_elimination", "10-bsr_layout", "11-fuse_epilogues"]
     for folder in folders:
         assert (tmp_path / folder / "graph.txt").read_text().startswith("class ")
         assert json.loads((tmp_path / folder / "decisions.json").read_text())["pass"] == folder[3:]
-    solve = json.loads((tmp_path / "06-block_mask_solve" / "decisions.json").read_text())
+    solve = json.loads((tmp_path / "07-block_mask_solve" / "decisions.json").read_text())
     assert solve["budget_achieved"] == pytest.approx(0.5, rel=0.01)
     assert "why" in solve["layers"]["blocks.0.mlp.fc1"]
-    heatmap = tmp_path / "06-block_mask_solve" / "masks" / "blocks.0.mlp.fc1.png"
+    heatmap = tmp_path / "07-block_mask_solve" / "masks" / "blocks.0.mlp.fc1.png"
     assert heatmap.read_bytes().startswith(b"\x89PNG")
-    assert (tmp_path / "06-block_mask_solve" / "distortion_curves.png").exists()
-    assert "BlockSparseLinear" in (tmp_path / "09-bsr_layout" / "graph.txt").read_text()
+    assert (tmp_path / "07-block_mask_solve" / "distortion_curves.png").exists()
+    assert "BlockSparseLinear" in (tmp_path / "10-bsr_layout" / "graph.txt").read_text()
     assert [p["pass"] for p in json.loads((tmp_path / "passes.json").read_text())][0] == "capture"
 
 
 def test_dump_dir_from_environment(model, calib, tmp_path, monkeypatch):
     monkeypatch.setenv("LPVIT_DUMP_DIR", str(tmp_path / "env"))
     lpvit.compile(model, flops_keep=0.5, calib=calib, block_shape=16, importance="magnitude", progress=False)
-    assert (tmp_path / "env" / "09-bsr_layout" / "decisions.json").exists()
+    assert (tmp_path / "env" / "10-bsr_layout" / "decisions.json").exists()
 
 
 @pytest.mark.parametrize("importance", ["hessian", "magnitude"])

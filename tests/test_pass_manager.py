@@ -59,8 +59,9 @@ def test_reconstruct_leaves_zeros_outside_the_masks_and_the_pipeline_verifies(mo
     state = _state(model, calib, reconstruct=True)
     gm = PassManager(PIPELINE, [timer, InvariantChecker(calib[:2])]).run(state)
     assert [t["pass"] for t in timer.timings] == ["capture", "fold_scales", "token_pruning", "head_pruning",
-                                                   "importance", "hardware", "block_mask_solve", "reconstruct",
-                                                   "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
+                                                   "importance", "hardware", "token_schedule", "block_mask_solve",
+                                                   "reconstruct", "dead_block_elimination", "bsr_layout",
+                                                   "fuse_epilogues"]
     assert all(t["seconds"] >= 0 for t in timer.timings)
     assert isinstance(gm, torch.fx.GraphModule)
 

@@ -161,7 +161,7 @@ def test_reconstruction_fits_kept_tokens_to_the_model_before_token_pruning(calib
             "tokens + blocks": _compile(model, calib, flops_keep=0.5),
             "tokens + blocks, refitted": _compile(model, calib, flops_keep=0.5, reconstruct=True, recovery_steps=5,
                                                   dump_dir=tmp_path)}
-    decisions = json.loads((tmp_path / "07-reconstruct" / "decisions.json").read_text())
+    decisions = json.loads((tmp_path / "08-reconstruct" / "decisions.json").read_text())
     blocks = decisions["block_recovery"]["blocks"]
     assert sorted(blocks) == [f"blocks.{i}" for i in range(4)] and all(b["steps"] == 5 for b in blocks.values())
     x = calib[:8]  # calibration images: what the refit is guaranteed not to fit worse

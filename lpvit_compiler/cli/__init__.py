@@ -17,7 +17,7 @@ import sys
 
 from ..costmodel import known_profiles
 from ..errors import LpvitError
-from ..options import DEFAULT_FLOPS_KEEP, DEFAULT_HW, IMPORTANCE_CRITERIA, PRESETS, CompileOptions
+from ..options import DEFAULT_FLOPS_KEEP, DEFAULT_HW, DEFAULT_PATCH_KEEP, IMPORTANCE_CRITERIA, PRESETS, CompileOptions
 from .bench_cmd import cmd_bench
 from .compile_cmd import cmd_compile
 from .eval_cmd import cmd_eval
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also drop (cascade, CP-ViT) or merge (ToMe) patch tokens block by block; auto: cascade "
                         "only where the model allows it")
     c.add_argument("--patch-keep", type=float, help="with --token-pruning: share of patch tokens left after the "
-                                                    f"last stage (default {CompileOptions.default('patch_keep'):g})")
+                                                    f"last stage (default {DEFAULT_PATCH_KEEP:g}; with "
+                                                    "--target-speedup or --power-keep chosen with the blocks)")
     c.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="with --quantize: round weights to nearest instead of GPTQ's error compensation")
     c.add_argument("--calib", default="random:32", metavar="SPEC",

@@ -1,4 +1,5 @@
-"""Whole-model FLOPs of a graph, counted by ``torch.utils.flop_counter`` (attention included)."""
+"""Whole-model FLOPs of a graph, counted by ``torch.utils.flop_counter`` (attention included), and the tokens
+its layers see."""
 
 from __future__ import annotations
 
@@ -17,3 +18,18 @@ def model_flops_per_image(model: nn.Module, image: torch.Tensor) -> float:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(image)
     return float(counter.get_total_flops())
+
+
+def tokens_and_flops(model: nn.Module, layer_names, image: torch.Tensor) -> tuple[dict[str, int], float]:
+    """({layer: tokens per image}, forward FLOPs) of one image in one run: the tokens are the rows of each
+    named layer's input."""
+    tokens = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: tokens.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+        for name in layer_names]
+    try:
+        flops = model_flops_per_image(model, image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens, flops

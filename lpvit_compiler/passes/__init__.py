@@ -14,9 +14,10 @@ from .head_pruning import head_pruning
 from .importance import importance
 from .reconstruct import reconstruct
 from .token_pruning import token_pruning
+from .token_schedule import token_schedule
 
-PIPELINE = (capture, fold_scales, token_pruning, head_pruning, importance, hardware, block_mask_solve, reconstruct,
-            dead_block_elimination, bsr_layout, fuse_epilogues)
+PIPELINE = (capture, fold_scales, token_pruning, head_pruning, importance, hardware, token_schedule, block_mask_solve,
+            reconstruct, dead_block_elimination, bsr_layout, fuse_epilogues)
 
 __all__ = ["PIPELINE", "capture", "fold_scales", "token_pruning", "head_pruning", "importance", "hardware",
-           "block_mask_solve", "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
+           "token_schedule", "block_mask_solve", "reconstruct", "dead_block_elimination", "bsr_layout", "fuse_epilogues"]

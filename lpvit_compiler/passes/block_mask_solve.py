@@ -107,8 +107,34 @@ def _marginal_rates(cost: np.ndarray, resource: np.ndarray, k: int, k_max: int) 
     return forward, backward
 
 
-@compiler_pass(requires=("importance", "curves", "model_costs"), provides=("masks", "solve"), changes_costs=True)
-def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
+@dataclasses.dataclass
+class BudgetProblem:
+    """The solve's inputs: per layer C_l(k), R_l(k) and k_max,l; the resource's dense total; what the layers
+    outside the solve use of it (``offset``); and target = budget_target * dense_total."""
+
+    beta: float
+    costs: list[np.ndarray]
+    resources: list[np.ndarray]
+    max_pruned: list[int]
+    dense_total: float
+    offset: float
+    target: float
+
+    @property
+    def reachable(self) -> float:
+        """The least resource the solve can reach (every layer at k_max)."""
+        return self.offset + sum(r[m] for r, m in zip(self.resources, self.max_pruned))
+
+    def solve(self) -> tuple[np.ndarray, float]:
+        """(k per layer, lambda): :func:`equal_slope_solve` of this problem (call when reachable <= target)."""
+        return equal_slope_solve(self.costs, self.resources, self.max_pruned, self.target - self.offset)
+
+    def objective(self, ks) -> float:
+        return float(sum(c[k] for c, k in zip(self.costs, ks)))
+
+
+def budget_problem(state: CompileState) -> BudgetProblem:
+    """The budget problem of the layers' current distortion and cost curves (module docstring)."""
     opts = state.options
     layers = list(state.layers.values())
     curves = [l.curves for l in layers]
@@ -118,28 +144,31 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
         beta = float(opts.power_weight)
     costs = [l.distortion + beta * c.power for l, c in zip(layers, curves)]
     max_pruned = [l.num_blocks - max(1, math.ceil(opts.min_density * l.num_blocks)) for l in layers]
-
     if opts.budget == "flops":
-        resources = [c.flops for c in curves]
+        resources, offset = [c.flops for c in curves], 0.0
         dense_total = sum(c.flops[0] for c in curves)
-        offset = 0.0
     elif opts.budget == "latency":
-        resources = [c.latency for c in curves]
+        resources, offset = [c.latency for c in curves], state.model_costs.other_latency_s
         dense_total = state.model_costs.dense_latency_s
-        offset = state.model_costs.other_latency_s
-    else:
-        resources = [c.power for c in curves]
-        dense_total = sum(l.curves.dense.dense_energy_j if opts.power_model == "energy" else l.curves.power[0]
-                          for l in layers)
-        offset = 0.0
-    target = opts.budget_target * dense_total
-    reachable = offset + sum(r[m] for r, m in zip(resources, max_pruned))
-    if reachable > target:
-        raise ConfigError(_infeasible_message(opts, reachable / dense_total))
+    else:  # the power of the prunable linears, against the model before token and head pruning
+        resources, offset = [c.power for c in curves], 0.0
+        dense_total = (state.model_costs.dense_linear_energy_j if opts.power_model == "energy"
+                       else sum(c.power[0] for c in curves))
+    return BudgetProblem(beta, costs, resources, max_pruned, dense_total, offset, opts.budget_target * dense_total)
 
-    ks, slope = equal_slope_solve(costs, resources, max_pruned, target - offset)
-    achieved = (offset + _total(resources, ks)) / dense_total
-    if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target:
+
+@compiler_pass(requires=("importance", "curves", "model_costs"), provides=("masks", "solve"), changes_costs=True)
+def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    opts = state.options
+    layers = list(state.layers.values())
+    problem = budget_problem(state)
+    if problem.reachable > problem.target:
+        raise ConfigError(infeasible_message(opts, problem.reachable / problem.dense_total))
+    beta, costs, resources, max_pruned = problem.beta, problem.costs, problem.resources, problem.max_pruned
+    ks, slope = problem.solve()
+    achieved = (problem.offset + _total(resources, ks)) / problem.dense_total
+    undershoot_by_tokens = achieved < opts.budget_target and not ks.any()  # token pruning alone went further
+    if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target and not undershoot_by_tokens:
         warnings.warn(f"the {opts.budget} budget reached {achieved:.4f} of dense for a target of "
                       f"{opts.budget_target:.4f}: blocks are too coarse for this model; use a smaller block_shape")
 
@@ -206,7 +235,7 @@ def _outcome(state: CompileState, layers, ks, beta: float, slope: float, achieve
         predicted_energy_j=float(energy), predicted_energy_ratio=float(energy / model.dense_energy_j))
 
 
-def _infeasible_message(opts, reachable: float) -> str:
+def infeasible_message(opts, reachable: float) -> str:
     what = {"flops": f"flops_keep={opts.budget_target:g}",
             "latency": f"target_speedup={1 / opts.budget_target:g}",
             "power": f"power_keep={opts.budget_target:g}"}[opts.budget]

@@ -25,41 +25,33 @@ from ..blocks import BlockGrid
 from ..costmodel import layer_costs, lpvit_power_proxy
 from ..costmodel.flops import model_flops_per_image
 from ..pass_manager import PassResult, compiler_pass
-from ..state import CompileState, CostCurves, ModelCosts
+from ..state import CompileState, CostCurves, LayerState, ModelCosts
 from .importance import sample_at_ratios
 
 
-@compiler_pass(requires=("importance",), provides=("curves", "costs", "model_costs"), changes_costs=True)
-def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
+def cost_curves(state: CompileState, layer: LayerState) -> CostCurves:
+    """The layer's curves over k = blocks pruned at its current ``tokens`` (formulas in the module docstring)."""
+    hw, grid = state.options.hw, layer.grid
+    counts = grid.element_counts().flatten().numpy()[layer.prune_order]
+    kept_elements = counts.sum() - np.concatenate([[0], np.cumsum(counts)])
+    kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
+    dense = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features), grid.block_shape, layer.num_blocks)
+    int8 = state.options.quantize == "int8"  # int8 layers always run the int8 kernel (bsr_layout)
+    sparse_latency, sparse_energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
+                                                   layer.in_features, layer.out_features, sparse=True, int8=int8)
+    sparse_faster = sparse_latency < dense.dense_latency_s
+    use_sparse = sparse_faster if state.options.dense_fallback and not int8 else np.ones_like(sparse_faster)
+    latency = np.where(use_sparse, sparse_latency, dense.dense_latency_s)
+    energy = np.where(use_sparse, sparse_energy, dense.dense_energy_j)
+    power = lpvit_power_proxy(kept_blocks, layer.in_features) if state.options.power_model == "lpvit" else energy
+    return CostCurves(flops=2.0 * layer.tokens * kept_elements, latency=latency, energy=energy, power=power,
+                      sparse_faster=sparse_faster, dense=dense)
+
+
+def whole_model_costs(state: CompileState, model_flops: float) -> ModelCosts:
+    """The dense model's costs from the graph's ``model_flops`` per image and the layers' current curves; with
+    token or head pruning, "dense" is the model before them (``state.unpruned``)."""
     hw = state.options.hw
-    per_layer = {}
-    for name, layer in state.layers.items():
-        grid = layer.grid
-        counts = grid.element_counts().flatten().numpy()[layer.prune_order]
-        kept_elements = counts.sum() - np.concatenate([[0], np.cumsum(counts)])
-        kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
-        dense = layer_costs(hw, layer.tokens, (layer.out_features, layer.in_features), grid.block_shape,
-                            layer.num_blocks)
-        int8 = state.options.quantize == "int8"  # int8 layers always run the int8 kernel (bsr_layout)
-        sparse_latency, sparse_energy = hw.linear_cost(layer.tokens, kept_blocks, grid.block_shape,
-                                                       layer.in_features, layer.out_features, sparse=True, int8=int8)
-        sparse_faster = sparse_latency < dense.dense_latency_s
-        use_sparse = sparse_faster if state.options.dense_fallback and not int8 else np.ones_like(sparse_faster)
-        latency = np.where(use_sparse, sparse_latency, dense.dense_latency_s)
-        energy = np.where(use_sparse, sparse_energy, dense.dense_energy_j)
-        power = lpvit_power_proxy(kept_blocks, layer.in_features) if state.options.power_model == "lpvit" else energy
-        layer.curves = CostCurves(flops=2.0 * layer.tokens * kept_elements, latency=latency, energy=energy,
-                                  power=power, sparse_faster=sparse_faster, dense=dense)
-        per_layer[name] = {
-            "tokens": layer.tokens,
-            "dense_flops": layer.curves.flops[0],
-            "dense_latency_us": dense.dense_latency_s * 1e6,
-            "sparse_kernel_faster_below_density": float((kept_blocks[sparse_faster].max() if
-                                                         sparse_faster.any() else 0) / layer.num_blocks),
-            "sparse_latency_us_at_ratio_0_to_1_step_0.01": sample_at_ratios(latency) * 1e6,
-            "power_at_ratio_0_to_1_step_0.01": sample_at_ratios(power),
-        }
-    model_flops = model_flops_per_image(gm, state.calibration[0][:1])
     prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
     other_flops = max(0.0, model_flops - prunable_flops)
     other_latency, other_energy = hw.other_cost(other_flops)
@@ -73,13 +65,35 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
                  for name, layer in state.layers.items()]
         original_flops = original.model_flops
         original_other = hw.other_cost(max(0.0, original_flops - sum(d.flops_dense for d in dense)))
-    state.model_costs = ModelCosts(
+    return ModelCosts(
         hw_batch_size=hw.batch_size, model_flops=original_flops, other_flops=other_flops,
         other_latency_s=other_latency, other_energy_j=other_energy,
         dense_latency_s=original_other[0] + sum(d.dense_latency_s for d in dense),
-        dense_energy_j=original_other[1] + sum(d.dense_energy_j for d in dense))
+        dense_energy_j=original_other[1] + sum(d.dense_energy_j for d in dense),
+        dense_linear_energy_j=sum(d.dense_energy_j for d in dense))
+
+
+@compiler_pass(requires=("importance",), provides=("curves", "costs", "model_costs"), changes_costs=True)
+def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
+    per_layer = {}
+    for name, layer in state.layers.items():
+        layer.curves = curves = cost_curves(state, layer)
+        kept_blocks = layer.num_blocks - np.arange(layer.num_blocks + 1)
+        per_layer[name] = {
+            "tokens": layer.tokens,
+            "dense_flops": curves.flops[0],
+            "dense_latency_us": curves.dense.dense_latency_s * 1e6,
+            "sparse_kernel_faster_below_density": float((kept_blocks[curves.sparse_faster].max() if
+                                                         curves.sparse_faster.any() else 0) / layer.num_blocks),
+            "sparse_latency_us_at_ratio_0_to_1_step_0.01": sample_at_ratios(curves.latency) * 1e6,
+            "power_at_ratio_0_to_1_step_0.01": sample_at_ratios(curves.power),
+        }
+    model_flops = model_flops_per_image(gm, state.calibration[0][:1])
+    prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
+    state.model_costs = whole_model_costs(state, model_flops)
+    original = state.unpruned
     decisions = {
-        "profile": hw.to_dict(),
+        "profile": state.options.hw.to_dict(),
         "power_model": state.options.power_model,
         "model_flops_per_image": model_flops,
         "model_flops_per_image_before_token_and_head_pruning": None if original is None else original.model_flops,

@@ -60,6 +60,14 @@ class CalibrationStats:
     images: int = 0
 
 
+def statistics_batches(state: CompileState) -> list[torch.Tensor]:
+    """The calibration batches the statistics run on (``importance_images`` of them, or all); each batch's loss
+    is L = mean(logits^2) over its images."""
+    if state.options.importance_images is None:
+        return list(state.calibration)
+    return list(torch.cat(state.calibration)[: state.options.importance_images].split(state.options.calib_batch_size))
+
+
 def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients: bool, output_gradients: bool,
                        need_hessians: bool) -> CalibrationStats:
     """Run the calibration batches once, recording per-layer tokens and what the criterion needs.
@@ -86,13 +94,7 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
                 rows[name] += flat.shape[0]
         return hook
 
-    if not (backward or need_hessians):
-        batches = [state.calibration[0][:1]]
-    elif state.options.importance_images is not None:
-        batches = list(torch.cat(state.calibration)[: state.options.importance_images].split(
-            state.options.calib_batch_size))
-    else:
-        batches = state.calibration
+    batches = statistics_batches(state) if backward or need_hessians else [state.calibration[0][:1]]
     through_input = output_gradients and not weight_gradients and batches[0].is_floating_point()
 
     def make_output_hook(name):

@@ -28,6 +28,10 @@ of the R = patches - round(patch_keep * patches) patches removed in all, stage l
 
     r_l = R * w_l / sum_stages w      with w_l = locality_l          (largest-remainder rounding)
 
+With ``target_speedup`` or ``power_keep`` and no ``patch_keep``, R is not fixed here: the stages are left keeping
+every patch (the graph computes the model before token pruning) and pass 06, token_schedule, chooses R with the
+block masks once importance and hardware have run.
+
 Unsupported models (windows, spatial stages, rotary or relative position tables, convolutions inside the
 blocks, a block with another input) raise a ConfigError naming the reason; ``token_pruning="auto"`` skips the
 pass with a report note instead.
@@ -35,6 +39,7 @@ pass with a report note instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -127,6 +132,27 @@ def keep_counts(patches: int, patch_keep: float, weights: np.ndarray) -> list[in
     return [int(patches - r) for r in np.cumsum(removed)]
 
 
+def apply_counts(gm: fx.GraphModule, stages: list[TokenStage], counts: list[int]) -> list[TokenStage]:
+    """Set the stages' reducers to leave ``counts[i]`` patches after stage i (TokenSelect.keep,
+    TokenMerge.remove); returns the stages as they now are. A merge stage can merge at most half of the patches
+    it receives (each set-A patch joins one set-B patch): ValueError naming the stage otherwise."""
+    updated, tokens_in = [], stages[0].tokens_in
+    for stage, keep in zip(stages, counts):
+        reducer = gm.get_submodule(stage.module)
+        patches_in = tokens_in - reducer.prefix
+        if isinstance(reducer, TokenMerge):
+            if patches_in - keep > (patches_in + 1) // 2:
+                raise ValueError(f"token_pruning='merge' can merge at most half of a block's patches, but "
+                                 f"{stage.block} would have to merge {patches_in - keep} of {patches_in}")
+            reducer.remove = patches_in - keep
+        else:
+            reducer.keep = keep
+        updated.append(dataclasses.replace(stage, tokens_in=tokens_in, tokens_out=reducer.prefix + keep,
+                                           patches_kept=keep))
+        tokens_in = reducer.prefix + keep
+    return updated
+
+
 def _insert_scores(gm: fx.GraphModule, probabilities: fx.Node, previous: fx.Node | None) -> fx.Node:
     """S after this block: the previous S plus this attention's patch scores, inside the block (same module
     stack, so the block stays one region); marked so block recovery does not fit them."""
@@ -170,7 +196,7 @@ def _proportional_attention(gm: fx.GraphModule, probabilities: fx.Node, size: fx
     place_in_block_of((log_size, biased), probabilities)
 
 
-def _kept_maps(gm: fx.GraphModule, stages: list[TokenStage], images: torch.Tensor, prefix: int):
+def kept_maps(gm: fx.GraphModule, stages: list[TokenStage], images: torch.Tensor, prefix: int):
     """() -> Figure: for a few calibration images, the image and the patches kept after the first, middle and
     last stage (the rest darkened)."""
     shown = sorted({0, len(stages) // 2, len(stages) - 1})
@@ -254,25 +280,22 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     locality = _locality(gm, probabilities, images, prefix)
     patches = tokens - prefix
     stage_blocks = list(range(opts.first_token_stage, len(regions)))
-    counts = keep_counts(patches, opts.patch_keep, locality[stage_blocks])
     merge = opts.token_pruning == "merge"
-    carried, stages, tokens_in = None, [], tokens  # S (cascade) or token sizes (merge)
+    carried, stages = None, []  # S (cascade) or token sizes (merge)
     for i, (region, stream) in enumerate(zip(regions, streams)):
-        if i in stage_blocks:
-            keep = counts[stage_blocks.index(i)]
-            remove = tokens_in - prefix - keep
-            if merge and remove > (tokens_in - prefix + 1) // 2:
-                raise ConfigError(f"token_pruning='merge' can merge at most half of a block's patches, but "
-                                  f"{region.name} would have to merge {remove} of {tokens_in - prefix}: raise "
-                                  "patch_keep or lower first_token_stage")
-            reducer = TokenMerge(prefix, remove) if merge else TokenSelect(prefix, keep)
+        if i in stage_blocks:  # every patch kept for now: apply_counts sets the schedule
+            reducer = TokenMerge(prefix, 0) if merge else TokenSelect(prefix, patches)
             carried, module = _insert_reducer(gm, region, stream, carried, reducer)
-            stages.append(TokenStage(region.name, module, tokens_in, prefix + keep, keep, float(locality[i])))
-            tokens_in = prefix + keep
+            stages.append(TokenStage(region.name, module, tokens, tokens, patches, float(locality[i])))
         if merge and carried is not None:
             _proportional_attention(gm, probabilities[i], carried)
         elif not merge:
             carried = _insert_scores(gm, probabilities[i], carried)
+    try:  # the fixed schedule; with a joint schedule only to check below that the model runs on fewer tokens
+        stages = apply_counts(gm, stages, keep_counts(patches, opts.fixed_patch_keep, locality[stage_blocks]))
+    except ValueError as e:
+        if not opts.joint_token_schedule:
+            raise ConfigError(f"{e}: raise patch_keep or lower first_token_stage") from None
     gm.graph.lint()
     gm.recompile()
     try:
@@ -283,11 +306,15 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     if output.shape != reference.shape:
         raise ConfigError(f"token_pruning={opts.token_pruning!r}: the model's output changes shape on fewer tokens "
                           "(it pools over token positions); use token_pruning=None")
+    if opts.joint_token_schedule:  # importance and hardware see every patch; token_schedule sets the counts
+        stages = apply_counts(gm, stages, [patches] * len(stages))
     state.token_stages = stages
-    decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches, "patch_keep": opts.patch_keep,
+    decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches,
+                 "patch_keep": "chosen by token_schedule" if opts.joint_token_schedule else opts.fixed_patch_keep,
                  "locality_3x3": dict(zip((r.name for r in regions), locality.round(4).tolist())),
                  "stages": [vars(s) for s in stages],
                  "mean_token_fraction": float(np.mean([tokens] * stage_blocks[0] + [s.tokens_out for s in stages])
                                               / tokens)}
-    figures = {} if merge else {"kept_patches": _kept_maps(gm, stages, images[:MAP_IMAGES], prefix)}
+    figures = {} if merge or opts.joint_token_schedule else {
+        "kept_patches": kept_maps(gm, stages, images[:MAP_IMAGES], prefix)}
     return PassResult(gm, True, decisions, figures=figures)
