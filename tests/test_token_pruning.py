@@ -254,14 +254,75 @@ def test_merge_mode_matches_the_model_when_nothing_is_merged_and_runs_in_onnxrun
         assert np.abs(got - together.numpy()).max() <= 1e-4 * np.abs(together.numpy()).max(), target
 
 
-def test_hugging_face_vit_is_refused_with_the_reason(calib):
-    """transformers 5 builds an all-true [B, 1, N, N] attention mask outside the layers and passes it to every
-    layer's SDPA: a per-position input the kept tokens would no longer match (not rewritten yet)."""
+def _hf_reference(model, x: torch.Tensor, stages: list[dict]) -> torch.Tensor:
+    """The cascade written out on Hugging Face's ViT modules (class token only, patch scores as CP-ViT's)."""
+    kept_after = {s["block"]: s["patches_kept"] for s in stages}
+    h, score = model.vit.embeddings(x), None
+    for i, layer in enumerate(model.vit.layers):
+        if f"vit.layers.{i}" in kept_after:
+            top = score[:, 1:].topk(kept_after[f"vit.layers.{i}"], dim=1).indices + 1
+            index = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.long), top], dim=1)
+            h, score = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1])), score.gather(1, index)
+        attn, y = layer.attention, layer.layernorm_before(h)
+        b, n, _ = y.shape
+        q, k, v = (proj(y).view(b, n, -1, attn.head_dim).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        probabilities = (q @ k.transpose(-2, -1) * attn.scaling).softmax(-1)
+        contribution = probabilities.amax(dim=2).sum(dim=1)
+        score = contribution if score is None else score + contribution
+        h = h + attn.o_proj((probabilities @ v).transpose(1, 2).reshape(b, n, -1))
+        h = h + layer.mlp(layer.layernorm_after(h))
+    return model.classifier(model.vit.layernorm(h)[:, 0])
+
+
+def test_hugging_face_vit_is_pruned_like_the_direct_cascade(calib, tmp_path):
+    """transformers 5 passes every layer's SDPA an all-true [B, 1, N, N] mask built from shapes, and torch.export
+    bakes the token count into the layers' reshapes: the pass drops the mask (it masks nothing) and reads the
+    count from the kept tokens."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
                        intermediate_size=128, num_labels=10)
     model = ViTForImageClassification(config).eval()
-    with pytest.raises(ConfigError, match="reads 2 tensors besides its parameters"):
-        _compile(model, calib)
+    with torch.no_grad():  # peaked attention, as in trained models (see _model)
+        for layer in model.vit.layers:
+            layer.attention.q_proj.weight.mul_(4.0)
+            layer.attention.k_proj.weight.mul_(4.0)
+    compiled = _compile(model, calib, fold_scales=False)
+    stages = compiled.report.token_stages
+    assert [s["block"] for s in stages] == ["vit.layers.1", "vit.layers.2"] and stages[-1]["patches_kept"] == 32
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = compiled(x)
+        got = getattr(got, "logits", got)
+        torch.testing.assert_close(got, _hf_reference(model, x, stages), rtol=1e-4, atol=1e-5)
+    session = ort_session(str(compiled.export(tmp_path / "hf.onnx")), 2, custom_ops=True)
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(onnx_out - got.numpy()).max() <= 1e-4 * np.abs(got.numpy()).max()
+
+
+
+
+@pytest.mark.parametrize("family", ["deit-distilled", "deit3"])
+def test_distilled_deit_and_deit3(calib, family):
+    """DeiT's distillation token is a prefix token (kept, and both heads read it); DeiT-III adds position
+    embeddings to the patches only and scales its branches by LayerScale."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, num_classes=10)
+    model = (VisionTransformerDistilled(**kwargs) if family == "deit-distilled"
+             else tiny_vit(**kwargs, init_values=1e-1, no_embed_class=True)).eval()
+    prefix = 2 if family == "deit-distilled" else 1
+    unpruned = _compile(model, calib, patch_keep=1.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(unpruned(x), model(x), rtol=1e-4, atol=1e-5)
+        compiled = _compile(model, calib)
+        stages = compiled.report.token_stages
+        assert all(s["tokens_out"] - s["patches_kept"] == prefix for s in stages)
+        assert stages[-1]["patches_kept"] == 32
+        together = compiled(x)
+        torch.testing.assert_close(together, torch.cat([compiled(x[i:i + 1]) for i in range(3)]), rtol=1e-5,
+                                   atol=1e-6)

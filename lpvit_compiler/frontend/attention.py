@@ -3,6 +3,7 @@
 ``attention_site`` finds a block's one attention op — ``F.scaled_dot_product_attention``, an explicit softmax
 over the keys, or probabilities already exposed by an earlier pass — and ``expose_probabilities`` makes its
 probabilities A [B, H, N, N] a graph value (SDPA becomes softmax(q k^T * scale) @ v: the same function).
+``drop_constant_masks`` removes attention masks that mask nothing (Hugging Face's, under torch.export).
 ``record`` runs the graph on images and returns the values of given nodes.
 """
 
@@ -73,6 +74,41 @@ def expose_probabilities(gm: fx.GraphModule, site: fx.Node) -> fx.Node:
         gm.graph.erase_node(site)
         return probabilities
     return site
+
+
+def _from_shapes_only(node: fx.Node) -> bool:
+    """The value depends on no input's values: every path to a graph input passes through a size query."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op in ("placeholder", "call_module"):
+            return False
+        if current.op == "call_function" and current.target is torch.ops.aten.sym_size.int:
+            continue
+        todo.extend(current.all_input_nodes)
+    return True
+
+
+def drop_constant_masks(gm: fx.GraphModule, example: torch.Tensor) -> int:
+    """Remove SDPA masks that let every query see every key whatever the input — built from shapes only and
+    all true (or all zero, an additive mask) on ``example`` — as Hugging Face's ``create_bidirectional_mask``
+    builds under torch.export: an [B, 1, N, N] tensor that would no longer fit once tokens are dropped, and
+    that computes nothing. Returns how many attention calls lost their mask."""
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA and len(n.args) > 3
+             and isinstance(n.args[3], fx.Node)]
+    masks = list(dict.fromkeys(n.args[3] for n in sites if _from_shapes_only(n.args[3])))
+    trivial = {mask for mask, value in zip(masks, record(gm, masks, example) if masks else [])
+               if bool((value if value.dtype == torch.bool else value == 0).all())}
+    for site in sites:
+        if site.args[3] in trivial:
+            site.args = (*site.args[:3], None, *site.args[4:])
+    if trivial:
+        gm.graph.eliminate_dead_code()  # the masks and what only they used
+    gm.recompile()
+    return sum(site.args[3] is None for site in sites)
 
 
 def record(gm: fx.GraphModule, nodes: list[fx.Node], images: torch.Tensor) -> list[torch.Tensor]:

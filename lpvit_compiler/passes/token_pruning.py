@@ -51,7 +51,8 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError, first_line
 from ..frontend.calibration import logits_of
-from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record, tensor_shape
+from ..frontend.attention import (UnsupportedModel, attention_site, drop_constant_masks, expose_probabilities, record,
+                                  tensor_shape)
 from ..frontend.regions import BlockRegion, block_regions, place_in_block_of
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, TokenStage
@@ -59,6 +60,8 @@ from ..tokens import TokenMerge, TokenSelect, add_key_bias, attention_probabilit
 
 LOCALITY_IMAGES = 16
 MAP_IMAGES = 4
+_SHAPE_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.expand.default)
 _SPATIAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
@@ -180,7 +183,23 @@ def _insert_reducer(gm: fx.GraphModule, region: BlockRegion, stream: fx.Node, ca
         kept = gm.graph.call_function(operator.getitem, (call, 0))
         passed_on = gm.graph.call_function(operator.getitem, (call, 1))
     stream.replace_all_uses_with(kept, delete_user_cb=lambda user: user in inside)
+    _read_token_count(gm, region, kept, tensor_shape(stream)[1])
     return passed_on, name
+
+
+def _read_token_count(gm: fx.GraphModule, region: BlockRegion, kept: fx.Node, tokens: int) -> None:
+    """torch.export bakes the token count into a block's view/reshape shapes ([B, N, H, D] with N a constant):
+    read N from the kept stream there instead (shape lists that start with the batch size, a graph value)."""
+    users = [n for n in region.nodes if n.op == "call_function" and n.target in _SHAPE_OPS
+             and isinstance(n.args[1], (list, tuple)) and n.args[1] and isinstance(n.args[1][0], fx.Node)
+             and any(not isinstance(d, fx.Node) and d == tokens for d in n.args[1])]
+    if not users:
+        return
+    with gm.graph.inserting_after(kept):
+        count = gm.graph.call_function(torch.ops.aten.sym_size.int, (kept, 1))
+    for node in users:
+        shape = [count if not isinstance(d, fx.Node) and d == tokens else d for d in node.args[1]]
+        node.args = (node.args[0], shape, *node.args[2:])
 
 
 def _proportional_attention(gm: fx.GraphModule, probabilities: fx.Node, size: fx.Node) -> None:
@@ -255,6 +274,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
                   if "relative_position" in name or "rel_pos" in name]
         if tables:
             raise UnsupportedModel(f"it indexes relative position tables by token position ({tables[0]})")
+        drop_constant_masks(gm, example)  # Hugging Face's all-true [B, 1, N, N] mask would not fit fewer tokens
         regions = block_regions(gm, state.layers)
         if not regions:
             raise UnsupportedModel("no numbered transformer blocks with prunable linears were found")
