@@ -9,6 +9,7 @@ Who fills what (each pass's contract in ``passes/`` says the same to the pass ma
     head_pruning       -> CompileState.heads_kept; qkv and proj layers get their smaller grids
     importance         -> tokens, block_scores, prune_order, distortion
     hardware           -> curves (cost over pruned-block count k), CompileState.model_costs, then costs
+    token_schedule     -> (joint token schedule only) token_stages, tokens, curves, model_costs for the chosen one
     block_mask_solve   -> pruned_blocks, block_mask; CompileState.solve
     reconstruct        -> weight_scales (quantize="int8"; the weights themselves live in the graph)
     dead_block_elim.   -> kept_rows, kept_cols (the layer's shape shrinks); CompileState.hidden_units_removed

@@ -9,6 +9,7 @@ from conftest import tiny_vit
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.errors import ConfigError
+from lpvit_compiler.options import CompileOptions
 from lpvit_compiler.passes.token_schedule import PATCH_KEEP_GRID
 
 
@@ -34,15 +35,17 @@ def _blocks_pruned(compiled) -> int:
 
 def test_lossless_merging_carries_the_whole_budget(tmp_path):
     """Identical patches (no position embedding, a flat image) merge without changing anything: the schedule
-    must meet the speed budget with tokens alone and prune no weight block."""
+    must meet the power budget (the linears' energy, against the unpruned model) with tokens alone and prune
+    no weight block."""
     model = _model()
     with torch.no_grad():
         model.pos_embed.zero_()
-    calib = torch.full((16, 3, 32, 32), 0.3) + torch.randn(16, 3, 1, 1)  # one colour per image
-    compiled, decisions = _compile(model, calib, tmp_path, token_pruning="merge")
+    calib = torch.full((8, 3, 32, 32), 0.3) + torch.randn(8, 3, 1, 1)  # one colour per image
+    compiled, decisions = _compile(model, calib, tmp_path, token_pruning="merge", target_speedup=None,
+                                   power_keep=0.8)
     assert decisions["enabled"] and decisions["patch_keep"] < 1.0
     assert _blocks_pruned(compiled) == 0
-    assert compiled.report.summary["predicted_speedup"] >= 1.2 * 0.99
+    assert compiled.report.summary["budget_achieved"] <= 0.8 * 1.01
     feasible = [c for c in decisions["candidates"] if "total" in c]
     assert max(c["token_damage"] for c in feasible) < 1e-6 * min(c["block_damage"] for c in feasible
                                                                  if c["block_damage"] > 0)
@@ -60,7 +63,7 @@ def test_free_blocks_keep_every_patch(tmp_path):
                 out_blocks, in_blocks = module.out_features // 16, module.in_features // 16
                 zero = torch.rand(out_blocks, in_blocks) < 0.85
                 module.weight.mul_((~zero).repeat_interleave(16, 0).repeat_interleave(16, 1).float())
-    calib = torch.randn(16, 3, 32, 32)
+    calib = torch.randn(8, 3, 32, 32)
     compiled, decisions = _compile(model, calib, tmp_path, token_pruning="cascade")
     assert decisions["patch_keep"] == 1.0
     assert all(stage["patches_kept"] == 64 for stage in compiled.report.token_stages)
@@ -94,15 +97,14 @@ def test_chosen_schedule_is_the_one_compiled_and_costed(tmp_path):
     assert compiled.report.summary["predicted_speedup"] == pytest.approx(1.5, rel=0.02)
 
 
-def test_explicit_patch_keep_and_flops_budget_keep_a_fixed_schedule(tmp_path):
-    calib = torch.randn(16, 3, 32, 32)
+def test_explicit_patch_keep_or_a_flops_budget_keep_a_fixed_schedule(tmp_path):
+    calib = torch.randn(8, 3, 32, 32)
     compiled, decisions = _compile(_model(), calib, tmp_path, token_pruning="cascade", patch_keep=0.75)
     assert not decisions["enabled"]
     assert compiled.report.token_stages[-1]["patches_kept"] == 48
-    compiled, decisions = _compile(_model(), calib, tmp_path / "flops", token_pruning="cascade",
-                                   target_speedup=None, flops_keep=0.8)
-    assert not decisions["enabled"]
-    assert compiled.report.token_stages[-1]["patches_kept"] == 32  # the default patch_keep=0.5
+    flops = CompileOptions.build(flops_keep=0.8, token_pruning="cascade")
+    assert not flops.joint_token_schedule and flops.fixed_patch_keep == 0.5
+    assert CompileOptions.build(power_keep=0.8, token_pruning="merge").joint_token_schedule
 
 
 def test_joint_schedule_needs_the_obs_criterion():

@@ -167,8 +167,8 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
     beta, costs, resources, max_pruned = problem.beta, problem.costs, problem.resources, problem.max_pruned
     ks, slope = problem.solve()
     achieved = (problem.offset + _total(resources, ks)) / problem.dense_total
-    undershoot_by_tokens = achieved < opts.budget_target and not ks.any()  # token pruning alone went further
-    if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target and not undershoot_by_tokens:
+    met_without_blocks = achieved < opts.budget_target and not ks.any()  # token or head pruning went further
+    if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target and not met_without_blocks:
         warnings.warn(f"the {opts.budget} budget reached {achieved:.4f} of dense for a target of "
                       f"{opts.budget_target:.4f}: blocks are too coarse for this model; use a smaller block_shape")
 
