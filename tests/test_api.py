@@ -122,8 +122,9 @@ def test_report_prints_and_converts(compiled):
     assert data["summary"]["flops_keep_achieved"] == pytest.approx(0.5, rel=0.01)
     assert [row["name"] for row in data["layers"]] == list(compiled.masks)
     assert [p["pass"] for p in data["passes"]] == ["capture", "fold_scales", "token_pruning", "head_pruning",
-                                                    "importance", "hardware", "block_mask_solve", "reconstruct",
-                                                    "dead_block_elimination", "bsr_layout", "fuse_epilogues"]
+                                                    "importance", "hardware", "token_schedule", "block_mask_solve",
+                                                    "reconstruct", "dead_block_elimination", "bsr_layout",
+                                                    "fuse_epilogues"]
 
 
 def test_plan_is_json_and_reproducible(compiled, tmp_path, model, calib):
