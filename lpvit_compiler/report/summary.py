@@ -14,7 +14,7 @@ def summary_items(report) -> list[tuple[str, str]]:
         (f"budget ({budget})", f"target {report.budget_target:.3f}, achieved {s['budget_achieved']:.3f}"),
         ("prunable-linear FLOPs kept", f"{s['flops_keep_achieved']:.3f} (executed {s['flops_keep_executed']:.3f})"),
         ("model FLOPs kept", f"{s['model_flops_keep']:.3f}"),
-        *([("tokens per image (cascade)", _token_line(report.token_stages))] if report.token_stages else []),
+        *([("tokens per image (token pruning)", _token_line(report.token_stages))] if report.token_stages else []),
         *([("attention heads kept", ", ".join(f"{block} {len(kept)}" for block, kept in report.heads_kept.items()))]
           if report.heads_kept else []),
         (f"predicted on {report.hw} (batch {s['hw_batch_size']})",
