@@ -289,7 +289,9 @@ def test_hugging_face_vit_is_pruned_like_the_direct_cascade(calib, tmp_path):
         for layer in model.vit.layers:
             layer.attention.q_proj.weight.mul_(4.0)
             layer.attention.k_proj.weight.mul_(4.0)
-    compiled = _compile(model, calib, fold_scales=False)
+    compiled = _compile(model, calib, fold_scales=False, dump_dir=tmp_path / "dumps")
+    decisions = json.loads((tmp_path / "dumps" / "02-token_pruning" / "decisions.json").read_text())
+    assert decisions["attention_masks_dropped_as_constant"] == 3  # one per layer
     stages = compiled.report.token_stages
     assert [s["block"] for s in stages] == ["vit.layers.1", "vit.layers.2"] and stages[-1]["patches_kept"] == 32
     x = torch.randn(4, 3, 32, 32)

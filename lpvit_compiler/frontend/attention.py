@@ -107,7 +107,7 @@ def drop_constant_masks(gm: fx.GraphModule, example: torch.Tensor) -> int:
             site.args = (*site.args[:3], None, *site.args[4:])
     if trivial:
         gm.graph.eliminate_dead_code()  # the masks and what only they used
-    gm.recompile()
+        gm.recompile()
     return sum(site.args[3] is None for site in sites)
 
 

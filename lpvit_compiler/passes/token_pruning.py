@@ -274,7 +274,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
                   if "relative_position" in name or "rel_pos" in name]
         if tables:
             raise UnsupportedModel(f"it indexes relative position tables by token position ({tables[0]})")
-        drop_constant_masks(gm, example)  # Hugging Face's all-true [B, 1, N, N] mask would not fit fewer tokens
+        masks_dropped = drop_constant_masks(gm, example)  # Hugging Face's all-true [B, 1, N, N] mask would not fit fewer tokens
         regions = block_regions(gm, state.layers)
         if not regions:
             raise UnsupportedModel("no numbered transformer blocks with prunable linears were found")
@@ -330,6 +330,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
         stages = apply_counts(gm, stages, [patches] * len(stages))
     state.token_stages = stages
     decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches,
+                 "attention_masks_dropped_as_constant": masks_dropped,
                  "patch_keep": "chosen by token_schedule" if opts.joint_token_schedule else opts.fixed_patch_keep,
                  "locality_3x3": dict(zip((r.name for r in regions), locality.round(4).tolist())),
                  "stages": [vars(s) for s in stages],
