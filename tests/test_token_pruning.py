@@ -328,3 +328,9 @@ def test_distilled_deit_and_deit3(calib, family):
         together = compiled(x)
         torch.testing.assert_close(together, torch.cat([compiled(x[i:i + 1]) for i in range(3)]), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_merge_beyond_half_a_stage_is_a_clear_error(calib):
+    with pytest.raises(ConfigError, match=r"merge at most half of a block's patches, but blocks.3 would have to "
+                                          r"merge 58 of 64: raise patch_keep or lower first_token_stage"):
+        _compile(_model(), calib, token_pruning="merge", patch_keep=0.1, first_token_stage=3)
