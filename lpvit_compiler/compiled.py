@@ -7,6 +7,7 @@ model code and unpickles nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import platform
@@ -28,9 +29,9 @@ EXTRA_FILES = ("lpvit/plan.json", "lpvit/report.json", "lpvit/masks.json")
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for package in ("lpvit_compiler", "timm", "transformers", "torchvision"):
-        try:
-            found[package] = __import__(package).__version__
-        except (ImportError, AttributeError):
+        try:  # from the installed metadata: importing transformers only for its version takes most of a second
+            found[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
             pass
     return found
 

@@ -4,7 +4,7 @@ import torch
 
 from lpvit_compiler.blocks import BlockGrid
 from lpvit_compiler.state import LayerState
-from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor
+from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor, block_diagonal_moments
 
 
 def _layer(out_features=40, in_features=48, block=(16, 16)):
@@ -37,7 +37,11 @@ def test_hessian_score_is_expected_output_error_of_zeroing_the_block():
     layer, weight = _layer(), torch.randn(40, 48)
     x = torch.randn(500, 48) * torch.linspace(0.1, 3, 48)  # uneven input channels
     moment = (x.T @ x).double() / x.shape[0]
-    scores, order, distortion = _hessian(layer, weight, moment)
+    blocks = torch.zeros(3, 16, 16, dtype=torch.float64)
+    for c in range(3):
+        blocks[c] = moment[16 * c:16 * (c + 1), 16 * c:16 * (c + 1)]
+    energy = (x.double() @ weight.double().T).square().sum(1).mean()
+    scores, order, distortion = _hessian(layer, weight, blocks, float(energy))
     for block in range(layer.num_blocks):
         delta = _pruned_delta(layer, weight, torch.tensor([block]), 1)
         error = (x.double() @ delta.T).square().sum(1).mean()
@@ -45,6 +49,17 @@ def test_hessian_score_is_expected_output_error_of_zeroing_the_block():
     total = (x.double() @ weight.double().T).square().sum(1).mean()
     assert distortion[-1] == pytest.approx(scores.sum().item() / total.item(), rel=1e-6)
     assert np.all(np.diff(distortion.numpy()) >= 0)
+
+
+def test_block_diagonal_moments_are_the_diagonal_blocks_of_xtx():
+    x = torch.randn(300, 20, dtype=torch.float64)
+    full = x.T @ x
+    blocks = block_diagonal_moments(x, 8)  # 8, 8 and a last block of 4 columns, zero-padded
+    assert blocks.shape == (3, 8, 8)
+    for c, cols in enumerate([slice(0, 8), slice(8, 16), slice(16, 20)]):
+        width = cols.stop - cols.start
+        torch.testing.assert_close(blocks[c, :width, :width], full[cols, cols], rtol=1e-5, atol=1e-4)
+    assert torch.all(blocks[2, 4:] == 0) and torch.all(blocks[2, :, 4:] == 0)
 
 
 def test_magnitude_distortion_is_relative_energy_removed():

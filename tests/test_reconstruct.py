@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.passes.reconstruct import (_normal_equations, _relative_output_error, _targets,
+from lpvit_compiler.passes.reconstruct import (_normal_equations, _relative, _relative_output_error, _targets,
                                                reconstruct_weight)
 
 
@@ -20,8 +20,8 @@ def _layer(n=32, k=48, block=(8, 8), density=0.5, seed=0):
 
 def _refit(weight, bias, grid, mask, xp, xd, damping):
     h, g, s = _normal_equations([xp], [xd], bias is not None)
-    return reconstruct_weight(weight, bias, mask, grid.block_rows, grid.block_shape[0], h, _targets(weight, bias, g, s),
-                              damping)
+    return reconstruct_weight(weight, bias, mask, grid.block_shape[0], h, _targets(weight, bias, g, s),
+                              damping)[:2]
 
 
 def test_exact_recovery_when_the_pruned_inputs_are_redundant():
@@ -74,8 +74,16 @@ def test_recorded_errors_from_the_normal_equations_equal_running_the_layer(with_
     dense = [F.linear(x, weight, bias) for x in xd]
     energy = sum(float(y.double().square().sum()) for y in dense)
     direct = sum(float((F.linear(x, weight * mask, bias) - y).double().square().sum()) for x, y in zip(xp, dense))
-    recorded = _relative_output_error(weight * mask, bias, h, _targets(weight, bias, gram, s), energy)
+    target = _targets(weight, bias, gram, s)
+    recorded = _relative_output_error(weight * mask, bias, h, target, energy)
     assert recorded == pytest.approx(direct / energy, rel=1e-5)
+    # the errors the refit returns: of the masked layer, and of the refitted one it returns
+    new_weight, new_bias, masked_error, refit_error = reconstruct_weight(weight, bias, mask, grid.block_shape[0], h,
+                                                                         target, 0.01)
+    refitted = sum(float((F.linear(x, new_weight, new_bias) - y).double().square().sum()) for x, y in zip(xp, dense))
+    assert _relative(masked_error, energy) == pytest.approx(direct / energy, rel=1e-5)
+    assert _relative(refit_error, energy) == pytest.approx(refitted / energy, rel=1e-4)
+    assert refitted < direct
 
 
 def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):
@@ -101,3 +109,28 @@ def test_reconstruct_options_are_checked(model, calib):
         lpvit.compile(model, calib=calib, reconstruct_images=0)
     with pytest.raises(lpvit.ConfigError, match=r"hessian_damping must be in \(0, inf\]"):
         lpvit.compile(model, calib=calib, hessian_damping=-1.0)
+
+
+@pytest.mark.parametrize("n", [32, 29])  # 29: the last block row is short
+def test_refit_rows_equal_a_direct_ridge_least_squares_per_row(n):
+    # an independent reference: each output row solved alone by lstsq on its kept columns and the bias column,
+    # with the ridge term on the weights only; block rows keep different numbers of columns
+    weight, bias, grid, mask, g = _layer(n=n, density=0.6, seed=3)
+    x = torch.randn(400, 48, generator=g, dtype=torch.float64) * torch.rand(48, generator=g, dtype=torch.float64)
+    xd = x + 0.2 * torch.randn(400, 48, generator=g, dtype=torch.float64)
+    damping = 0.05
+    new_weight, new_bias = _refit(weight, bias, grid, mask, x.float(), xd.float(), damping)
+    a = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], dim=1)
+    lam = damping * float((x * x).sum(0).mean())
+    y = xd @ weight.double().T + bias.double()
+    for row in range(n):
+        kept = torch.cat([mask[row], torch.tensor([True])])
+        ridge = torch.zeros(int(kept.sum()), dtype=torch.float64)
+        ridge[:-1] = lam ** 0.5
+        design = torch.cat([a[:, kept], torch.diag(ridge)])
+        solution = torch.linalg.lstsq(design, torch.cat([y[:, row], torch.zeros(len(ridge), dtype=torch.float64)]))
+        expected = torch.zeros(49, dtype=torch.float64)
+        expected[kept] = solution.solution
+        got = torch.cat([new_weight[row], new_bias[row:row + 1]]).double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert len({int(mask[r].sum()) for r in range(0, n, grid.block_shape[0])}) > 1  # unequal kept counts

@@ -17,6 +17,8 @@ Pruning a block means dW = -W on it. Criteria (``importance=``):
                                                                          zeroing block b alone)
     d(k) = sum_{b pruned} s_b / tr(W H W^T)                            (relative output error; additive,
                                                                          ignoring cross-block terms of a row)
+    Only the diagonal blocks H[C, C] are accumulated (K * block width products per token instead of K^2), and
+    tr(W H W^T) = E ||W x||^2 comes from the layer's outputs.
 
 ``obs`` (default) — the damage left after reconstruction (passes/reconstruct.py), per unit of loss.
     Optimal Brain Surgeon for a group: zeroing block b (rows R, columns C) and refitting the rest of each row
@@ -56,6 +58,8 @@ class CalibrationStats:
     tokens: dict[str, int] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # mean dL/dW
     input_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x x^T], float64
+    block_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # [block cols, bw, bw]: E[x_C x_C^T]
+    output_energy: dict[str, float] = field(default_factory=dict)  # E ||W x||^2 per token (bias left out)
     output_gradient_energy: dict[str, torch.Tensor] = field(default_factory=dict)  # [out]: sum_t (dL/dy_t)^2
     images: int = 0
 
@@ -68,9 +72,19 @@ def statistics_batches(state: CompileState) -> list[torch.Tensor]:
     return list(torch.cat(state.calibration)[: state.options.importance_images].split(state.options.calib_batch_size))
 
 
+def block_diagonal_moments(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[ceil(K / width), width, width] float64: sum over rows of x [T, K] of x_C x_C^T for each column block C
+    (the last one zero-padded)."""
+    blocks = -(-x.shape[1] // width)
+    padded = torch.nn.functional.pad(x.float(), (0, blocks * width - x.shape[1]))
+    per_block = padded.reshape(x.shape[0], blocks, width).transpose(0, 1)  # [blocks, T, width]
+    return (per_block.transpose(1, 2) @ per_block).double()
+
+
 def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients: bool, output_gradients: bool,
-                       need_hessians: bool) -> CalibrationStats:
-    """Run the calibration batches once, recording per-layer tokens and what the criterion needs.
+                       moments: str | None) -> CalibrationStats:
+    """Run the calibration batches once, recording per-layer tokens and what the criterion needs: with
+    ``moments="full"`` each layer's E[x x^T]; with ``"block"`` its diagonal blocks and E ||W x||^2.
 
     Batches run in chunks of at most ``CHUNK_IMAGES`` images (autograd memory grows with the batch, and small
     chunks are faster on CPU); chunk losses are weighted so that gradients equal the whole batch's. Output
@@ -88,13 +102,17 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
         def hook(module, args):
             x = args[0].detach()
             stats.tokens[name] = x.numel() // x.shape[-1] // images_in_chunk[0]
-            if need_hessians:
+            if moments:
                 flat = x.reshape(-1, x.shape[-1]).float()
-                stats.input_moments[name] = stats.input_moments.get(name, 0) + (flat.T @ flat).double()
                 rows[name] += flat.shape[0]
+            if moments == "full":
+                stats.input_moments[name] = stats.input_moments.get(name, 0) + (flat.T @ flat).double()
+            elif moments == "block":
+                block = block_diagonal_moments(flat, state.layers[name].grid.block_shape[1])
+                stats.block_moments[name] = stats.block_moments.get(name, 0) + block
         return hook
 
-    batches = statistics_batches(state) if backward or need_hessians else [state.calibration[0][:1]]
+    batches = statistics_batches(state) if backward or moments else [state.calibration[0][:1]]
     through_input = output_gradients and not weight_gradients and batches[0].is_floating_point()
 
     def make_output_hook(name):
@@ -103,6 +121,10 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
             stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0) + energy
 
         def hook(module, args, output):
+            if moments == "block":
+                y = output.detach() if module.bias is None else output.detach() - module.bias.detach()
+                energy = float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
+                stats.output_energy[name] = stats.output_energy.get(name, 0.0) + energy
             if output_gradients and output.requires_grad:
                 output.register_hook(accumulate)
         return hook
@@ -138,6 +160,9 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
         stats.gradients[name] = stats.gradients[name] / len(batches)
     for name in stats.input_moments:
         stats.input_moments[name] = stats.input_moments[name] / rows[name]
+    for name in stats.block_moments:
+        stats.block_moments[name] = stats.block_moments[name] / rows[name]
+        stats.output_energy[name] = stats.output_energy[name] / rows[name]
     return stats
 
 
@@ -155,9 +180,10 @@ def _taylor(layer: LayerState, weight: torch.Tensor, grad: torch.Tensor, damping
     return saliency, order, distortion
 
 
-def _quadratic_scores(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, column_matrix):
-    """Per-block sum over its rows of w_{r,C} M_C w_{r,C}^T (M_C = ``column_matrix(cols)``), the prune order,
-    and the additive distortion curve normalised by the layer's output energy tr(W H W^T)."""
+def _quadratic_scores(layer: LayerState, weight: torch.Tensor, total: float, column_matrix):
+    """Per-block sum over its rows of w_{r,C} M_C w_{r,C}^T (M_C = ``column_matrix(c, cols)`` for block column c,
+    columns ``cols``), the prune order, and the additive distortion curve normalised by ``total``, the layer's
+    output energy tr(W H W^T)."""
     grid = layer.grid
     bw, bh = grid.block_shape[1], grid.block_shape[0]
     w = weight.double()
@@ -165,17 +191,19 @@ def _quadratic_scores(layer: LayerState, weight: torch.Tensor, moment: torch.Ten
     for c in range(grid.block_cols):
         cols = slice(c * bw, min((c + 1) * bw, grid.in_features))
         wc = w[:, cols]
-        per_row[:, c] = ((wc @ column_matrix(cols)) * wc).sum(1)
+        per_row[:, c] = ((wc @ column_matrix(c, cols)) * wc).sum(1)
     padded = torch.nn.functional.pad(per_row, (0, 0, 0, grid.block_rows * bh - grid.out_features))
     scores = padded.reshape(grid.block_rows, bh, grid.block_cols).sum(1)
-    total = ((w @ moment) * w).sum().clamp_min(1e-30)
+    total = max(float(total), 1e-30)
     order = torch.argsort(scores.flatten(), stable=True)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), scores.flatten()[order].cumsum(0)]) / total
     return scores, order, distortion
 
 
-def _hessian(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor):
-    return _quadratic_scores(layer, weight, moment, lambda cols: moment[cols, cols])
+def _hessian(layer: LayerState, weight: torch.Tensor, block_moments: torch.Tensor, output_energy: float):
+    """``block_moments`` [block cols, bw, bw] the diagonal blocks of H, ``output_energy`` tr(W H W^T)."""
+    return _quadratic_scores(layer, weight, output_energy,
+                             lambda c, cols: block_moments[c, : cols.stop - cols.start, : cols.stop - cols.start])
 
 
 def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient_energy: torch.Tensor,
@@ -190,7 +218,8 @@ def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
     weighted = weight.double() * gradient_energy.double().clamp_min(0).sqrt()[:, None]
-    scores, order, _ = _quadratic_scores(layer, weighted, moment, lambda cols: torch.linalg.inv(inverse[cols, cols]))
+    scores, order, _ = _quadratic_scores(layer, weighted, 1.0,  # its curve is not used: no total needed
+                                         lambda c, cols: torch.linalg.inv(inverse[cols, cols]))
     errors = _sequential_obs_errors(layer.grid, weighted, inverse, order, scores)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
     return scores, order, distortion
@@ -272,7 +301,7 @@ def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
 def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
     criterion = state.options.importance
     stats = collect_statistics(gm, state, weight_gradients=criterion == "taylor", output_gradients=criterion == "obs",
-                               need_hessians=criterion in ("hessian", "obs"))
+                               moments={"hessian": "block", "obs": "full"}.get(criterion))
     per_layer = {}
     for name, layer in state.layers.items():
         weight = gm.get_submodule(name).weight.detach()
@@ -280,7 +309,7 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
         if criterion == "taylor":
             scores, order, distortion = _taylor(layer, weight, stats.gradients[name], state.options.damping)
         elif criterion == "hessian":
-            scores, order, distortion = _hessian(layer, weight, stats.input_moments[name])
+            scores, order, distortion = _hessian(layer, weight, stats.block_moments[name], stats.output_energy[name])
         elif criterion == "obs":
             energy = stats.output_gradient_energy[name]
             if state.options.sensitivity == "layer":

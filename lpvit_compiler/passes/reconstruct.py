@@ -17,8 +17,8 @@ With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + 
     H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
 
 lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). Rows of one block row
-share S, so there is one Cholesky factorisation per block row, batched over block rows (columns outside S
-become identity rows with zero right-hand side, so their weights come out 0). A row whose refit would fit the
+share S, so there is one Cholesky factorisation of H[S, S] per block row, batched over block rows that keep
+equally many columns (weights outside S are 0). A row whose refit would fit the
 calibration tokens worse than the plainly masked row (possible only through the damping) keeps the masked row:
 reconstruction is never worse on the calibration data.
 
@@ -56,7 +56,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from ..frontend.regions import block_regions
-from ..linalg import SOLVE_BYTES, block_row_systems, cholesky, damped
+from ..linalg import damped, solve_kept_columns
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
@@ -94,46 +94,46 @@ def _targets(weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor, s
     return target + bias.double()[:, None] * s[None, :] if bias is not None else target
 
 
+def _row_errors(u: torch.Tensor, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[N]: ||A u_n - y_n||^2 - ||y_n||^2 for rows u [N, K'] = [W_n, b_n], from the (undamped) normal equations:
+    u^T H u - 2 u . target — the error on every calibration token, up to a row constant, without running the
+    layer."""
+    return ((u @ h) * u).sum(1) - 2 * (u * target).sum(1)
+
+
+def _relative(row_errors: float, dense_energy: float) -> float:
+    """sum_n ||A u_n - y_n||^2 / ||Y||^2 from the sum of ``_row_errors``."""
+    return max(row_errors + dense_energy, 0.0) / max(dense_energy, 1e-30)
+
+
 def _relative_output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, target: torch.Tensor,
                            dense_energy: float) -> float:
-    """sum_n ||A u_n - y_n||^2 / ||Y||^2 for u_n = [W_n, b_n], from the (undamped) normal equations:
-    u^T H u - 2 u . target + ||y_n||^2 — the error on every calibration token without running the layer."""
+    """sum_n ||A u_n - y_n||^2 / ||Y||^2 for u_n = [W_n, b_n]."""
     u = torch.cat([weight, bias[:, None]], dim=1).double() if bias is not None else weight.double()
-    residual = float(((u @ h) * u).sum() - 2 * (u * target).sum()) + dense_energy
-    return max(residual, 0.0) / max(dense_energy, 1e-30)
+    return _relative(float(_row_errors(u, h, target).sum()), dense_energy)
 
 
-def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor,
-                       block_rows: int, bh: int, h: torch.Tensor, target: torch.Tensor,
-                       damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The refitted (weight, bias) of one layer from its normal equations H and ``target`` = _targets(...)
-    (see the module docstring)."""
+def reconstruct_weight(weight: torch.Tensor, bias: torch.Tensor | None, element_mask: torch.Tensor, bh: int,
+                       h: torch.Tensor, target: torch.Tensor, damping: float):
+    """(weight, bias, masked error, refitted error): the refitted layer from its normal equations H (undamped)
+    and ``target`` = _targets(...) (see the module docstring), and the summed ``_row_errors`` of the masked and
+    of the returned layer."""
     n, k = weight.shape
     with_bias = bias is not None
     w64 = weight.double()
-    h, lam = damped(h, k, damping)
+    damped_h, lam = damped(h, k, damping)
     keep = element_mask.bool()
     if with_bias:
         keep = torch.cat([keep, keep.new_ones(n, 1)], dim=1)
     masked = torch.cat([w64, bias.double()[:, None]], dim=1) if with_bias else w64.clone()
     masked = masked * keep
-    solved = torch.empty_like(masked)
-    size = h.shape[0]
-    group = max(1, SOLVE_BYTES // (8 * size * size))
-    for first in range(0, block_rows, group):
-        rows = range(first, min(first + group, block_rows))
-        kept = torch.stack([keep[r * bh] for r in rows]).double()  # [R, K'] kept columns of each block row
-        factor = cholesky(block_row_systems(h, kept), lam)
-        for i, r in enumerate(rows):
-            lines = slice(r * bh, min((r + 1) * bh, n))
-            rhs = (target[lines] * kept[i]).T  # [K', rows of the block row]
-            solved[lines] = torch.cholesky_solve(rhs, factor[i]).T
-    # keep the masked row where the refit is worse on the calibration tokens (error up to a row constant)
-    def error(u):
-        return ((u @ h) * u).sum(1) - 2 * (u * target).sum(1) - lam * (u[:, :k] ** 2).sum(1)
-    better = error(solved) <= error(masked)
+    solved = solve_kept_columns(damped_h, target, keep[::bh], bh, lam)
+    # keep the masked row where the refit is worse on the calibration tokens
+    masked_errors, solved_errors = _row_errors(masked, h, target), _row_errors(solved, h, target)
+    better = solved_errors <= masked_errors
     result = torch.where(better[:, None], solved, masked).to(weight.dtype)
-    return (result[:, :k].contiguous(), result[:, k].contiguous()) if with_bias else (result, None)
+    errors = float(masked_errors.sum()), float(torch.where(better, solved_errors, masked_errors).sum())
+    return (result[:, :k].contiguous(), result[:, k].contiguous(), *errors) if with_bias else (result, None, *errors)
 
 
 def _at_kept_tokens(dense: list, pruned: list, kept_positions: list) -> list:
@@ -214,10 +214,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                                        for y in _at_kept_tokens(dense[node], xp, kept_positions))
                     h, g, s = _normal_equations(xp, xd, bias is not None)
                     target = _targets(weight, bias, g, s)
-                    before = _relative_output_error(weight * mask, bias, h, target, dense_energy)
-                    new_weight, new_bias = reconstruct_weight(weight, bias, mask, layer.grid.block_rows,
-                                                              layer.grid.block_shape[0], h, target,
-                                                              opts.hessian_damping)
+                    new_weight, new_bias, masked_error, refit_error = reconstruct_weight(
+                        weight, bias, mask, layer.grid.block_shape[0], h, target, opts.hessian_damping)
                     if int8 and opts.gptq:
                         new_weight, new_bias, layer.weight_scales = quantize_gptq(
                             new_weight, new_bias, mask, layer.grid.block_shape[0], h, opts.hessian_damping)
@@ -227,8 +225,10 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     if bias is not None:
                         linear.bias.copy_(new_bias)
                     pruned[node] = [linear(x) for x in xp]
-                    after = _relative_output_error(linear.weight, linear.bias, h, target, dense_energy)
-                per_layer[node.target] = {"relative_error_masked": before, "relative_error_reconstructed": after}
+                    after = (_relative_output_error(linear.weight, linear.bias, h, target, dense_energy) if int8
+                             else _relative(refit_error, dense_energy))
+                per_layer[node.target] = {"relative_error_masked": _relative(masked_error, dense_energy),
+                                          "relative_error_reconstructed": after}
                 progress.advance(task)
             elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenSelect):
                 with torch.no_grad():  # the dense stream keeps every token; kept_positions maps the pruned ones
