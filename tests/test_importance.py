@@ -77,7 +77,7 @@ def test_importance_pass_records_tokens_and_curves(compiled):
     assert all(row.distortion >= 0 for row in layers)
 
 
-@pytest.mark.parametrize("shape, block", [((40, 48), (16, 16)), ((24, 20), (8, 6))])
+@pytest.mark.parametrize("shape, block", [((40, 48), (16, 16)), ((24, 20), (8, 6)), ((8, 78), (4, 4))])
 def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
     # d(k) must equal, for the first k blocks of the order, the least-squares output error left when each row
     # keeps only its surviving columns and refits them: sum_rows w_P (H/H_SS) w_P^T (H damped as in _obs)
@@ -90,7 +90,7 @@ def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
     damping = 0.01
     _, order, distortion = _obs(layer, weight, moment, gradient_energy=torch.ones(shape[0]), damping=damping)
     damped = moment + damping * moment.diagonal().mean() * torch.eye(shape[1], dtype=torch.float64)
-    for k in (1, 3, layer.num_blocks // 2, layer.num_blocks - 1, layer.num_blocks):
+    for k in range(layer.num_blocks + 1):  # every prefix, with 20 block columns a row (a padded last one)
         flat = torch.ones(layer.num_blocks, dtype=torch.bool)
         flat[order[:k]] = False
         mask = layer.grid.expand(flat.reshape(layer.grid.block_rows, layer.grid.block_cols))

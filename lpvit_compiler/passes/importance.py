@@ -50,7 +50,6 @@ from ..pass_manager import PassResult, compiler_pass
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
 CHUNK_IMAGES = 8
 SEQUENTIAL_OBS_BYTES = 256 * 2**20  # float64 inverse Hessians of the block rows processed together
-OBS_STEPS = 16  # exact error-after-refit points per block row (cost grows with their number cubed)
 
 
 @dataclass
@@ -117,7 +116,7 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
 
     def make_output_hook(name):
         def accumulate(grad):
-            energy = grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
+            energy = grad.reshape(-1, grad.shape[-1]).square().sum(0, dtype=torch.float64)
             stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0) + energy
 
         def hook(module, args, output):
@@ -211,8 +210,9 @@ def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient
     """Optimal Brain Surgeon over blocks. Order: by the single-block cost of zeroing block b and refitting the
     rest of its rows, e_b = sum_{r in R} a_r w_{r,C} [(H^-1)_{CC}]^-1 w_{r,C}^T (H damped by ``damping`` * mean
     diag). Curve: the exact weighted output error per token after pruning the first k blocks and refitting —
-    within a block row, blocks are removed one after another with OBS's updates of the row's weights and
-    inverse Hessian; block rows are independent, so their errors add. Row r's error is quadratic in w_r, so
+    within a block row, blocks are removed one after another (one Cholesky factor of the inverse Hessian in the
+    row's removal order gives every step, ``_sequential_obs_errors``); block rows are independent, so their
+    errors add. Row r's error is quadratic in w_r, so
     weighting it by a_r (``gradient_energy`` [out]) is computing on the rows w_r * sqrt(a_r)."""
     k = moment.shape[0]
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
@@ -220,64 +220,40 @@ def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient
     weighted = weight.double() * gradient_energy.double().clamp_min(0).sqrt()[:, None]
     scores, order, _ = _quadratic_scores(layer, weighted, 1.0,  # its curve is not used: no total needed
                                          lambda c, cols: torch.linalg.inv(inverse[cols, cols]))
-    errors = _sequential_obs_errors(layer.grid, weighted, inverse, order, scores)
+    errors = _sequential_obs_errors(layer.grid, weighted, inverse, order)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
     return scores, order, distortion
 
 
-def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor,
-                           single: torch.Tensor) -> torch.Tensor:
+def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """[block_rows, block_cols]: the error each block adds when its block row's blocks are removed in ``order``.
 
-    Removing a set P of a row's inputs and refitting the rest leaves error w_P [(H^-1)_PP]^-1 w_P^T. P grows by
-    a group of g consecutive blocks of the row's order at a time (g = ceil(block_cols / OBS_STEPS)), and the
-    Cholesky factor L of A = (H^-1)_PP by one block row:
-        B = A_gP L^-T,  C = chol(A_gg - B B^T),  z_g = C^-1 (w_g - B z_P),
-    the group adding ||z_g||^2 (z = L^-1 w_P^T) — exact at every group boundary; inside a group the increment
-    is shared in proportion to the blocks' single-block costs ``single``. Batched over block rows; padded rows
-    and columns have zero weight."""
+    Removing a set P of a row's inputs and refitting the rest leaves error w_P [(H^-1)_PP]^-1 w_P^T. With
+    A = H^-1 permuted into the block row's removal order and A = L L^T, the leading principal block of L is the
+    Cholesky factor of A_PP for every prefix P, so with z = L^-1 w^T the error after the first p inputs is
+    ||z[:p]||^2: one Cholesky of A per block row gives the exact increment of every block. Batched over block
+    rows; padded rows and columns have zero weight (and identity in A)."""
     bh, bw = grid.block_shape
     rows, cols = grid.block_rows, grid.block_cols
-    per_step = -(-cols // OBS_STEPS)
-    steps = -(-cols // per_step)
-    width, size = per_step * bw, steps * per_step * bw
+    size = cols * bw
     padded_inverse = torch.eye(size, dtype=torch.float64)
     padded_inverse[: grid.in_features, : grid.in_features] = inverse
-    blocks = torch.nn.functional.pad(grid.pad(weight).reshape(rows, bh, cols * bw), (0, size - cols * bw))
+    blocks = grid.pad(weight).reshape(rows, bh, size)
     rank = torch.empty(rows * cols, dtype=torch.long)
     rank[order] = torch.arange(rows * cols)
-    sequence = torch.cat([rank.reshape(rows, cols).argsort(dim=1),  # column blocks of each row, in order,
-                          torch.arange(cols, steps * per_step).expand(rows, -1)], dim=1)  # then padding blocks
-    group_errors = torch.zeros(rows, steps, dtype=torch.float64)
+    sequence = rank.reshape(rows, cols).argsort(dim=1)  # column blocks of each row, in removal order
+    ordered = torch.empty(rows, cols, dtype=torch.float64)
     offsets = torch.arange(bw)
     group = max(1, SEQUENTIAL_OBS_BYTES // (8 * size * size))
     for first in range(0, rows, group):
         part = slice(first, min(first + group, rows))
         columns = (sequence[part, :, None] * bw + offsets).reshape(part.stop - first, size)  # removal order
-        a = padded_inverse[columns[:, :, None], columns[:, None, :]]  # A in removal order, [R, size, size]
-        w = torch.gather(blocks[part], 2, columns[:, None, :].expand(-1, bh, -1))  # [R, bh, size]
-        factor = torch.zeros_like(a)
-        z = torch.zeros(part.stop - first, size, bh, dtype=torch.float64)
-        for step in range(steps):
-            now, done = slice(step * width, (step + 1) * width), slice(0, step * width)
-            a_gg, w_g = a[:, now, now], w[:, :, now].transpose(1, 2)
-            if step:
-                b = torch.linalg.solve_triangular(factor[:, done, done], a[:, done, now], upper=False).transpose(1, 2)
-                a_gg = a_gg - b @ b.transpose(1, 2)
-                w_g = w_g - b @ z[:, done]
-                factor[:, now, done] = b
-            c = torch.linalg.cholesky(a_gg)
-            factor[:, now, now] = c
-            z[:, now] = torch.linalg.solve_triangular(c, w_g, upper=False)
-            group_errors[part, step] = z[:, now].square().sum((1, 2))
-    # share each group's error among its blocks by their single-block costs
-    ordered_single = torch.nn.functional.pad(torch.gather(single.double(), 1, sequence[:, :cols]),
-                                             (0, steps * per_step - cols)).reshape(rows, steps, per_step)
-    totals = ordered_single.sum(2, keepdim=True)
-    shares = torch.where(totals > 0, ordered_single / totals.clamp_min(1e-300), 1.0 / per_step)
-    ordered = (shares * group_errors[:, :, None]).reshape(rows, -1)[:, :cols]
+        factor = torch.linalg.cholesky(padded_inverse[columns[:, :, None], columns[:, None, :]])  # [R, size, size]
+        w = torch.gather(blocks[part], 2, columns[:, None, :].expand(-1, bh, -1)).transpose(1, 2)  # [R, size, bh]
+        z = torch.linalg.solve_triangular(factor, w, upper=False)
+        ordered[part] = z.square().reshape(part.stop - first, cols, bw * bh).sum(2)
     errors = torch.zeros(rows, cols, dtype=torch.float64)
-    errors.scatter_(1, sequence[:, :cols], ordered)
+    errors.scatter_(1, sequence, ordered)
     return errors
 
 
