@@ -155,8 +155,12 @@ class CompileOptions:
     reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
     block_recovery: bool = _option(True, _flag, "after the per-layer refit, fit each transformer block's output "
                                                 "to the dense block's by Adam (masks frozen; needs reconstruct)")
-    recovery_seconds: float = _option(60.0, _number(0.0, float("inf")), "time budget of block recovery, shared "
-                                                                         "over the blocks")
+    recovery_tflops: float = _option(4.0, _number(0.0, float("inf")), "compute budget of block recovery in "
+                                     "10^12 FLOPs of its Adam steps (counted, so the same on every machine), "
+                                     "shared over the blocks")
+    recovery_seconds: float = _option(float("inf"), _number(0.0, float("inf")), "wall-clock cap of block "
+                                      "recovery, shared over the blocks (when it binds, the result depends on "
+                                      "the machine's speed and load)")
     recovery_steps: int = _option(200, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")

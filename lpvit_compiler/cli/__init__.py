@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the surviving weights as trained (default: refit them to the dense outputs)")
     c.add_argument("--no-block-recovery", dest="block_recovery", action="store_false", default=None,
                    help="skip fitting each transformer block to the dense block's output (faster compile)")
+    c.add_argument("--recovery-tflops", type=float,
+                   help="compute budget of block recovery in 10^12 FLOPs (default "
+                        f"{CompileOptions.default('recovery_tflops'):g}; counted, so a compile is reproducible)")
     c.add_argument("--recovery-seconds", type=float,
-                   help=f"time budget of block recovery (default {CompileOptions.default('recovery_seconds'):g})")
+                   help="wall-clock cap of block recovery (default none; when it binds, the result depends on "
+                        "the machine's load)")
     c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
                                                          "block-sparse kernel (default: float32)")
     c.add_argument("--token-pruning", choices=("cascade", "merge", "auto"),

@@ -15,12 +15,19 @@ in it — after Adam steps on
                                                                          token-pruning scores it passes on)
 
 over mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
-batch size baked in, as torch.export graphs can). No labels. Each linear's Adam steps are scaled per weight by
-its row's and column's magnitude (``_step_scales``), so rows and columns that scale folding multiplied by a
-LayerScale or LayerNorm gamma move at the same relative rate as the rest. The new parameters are kept only if L over
-all calibration images went down; otherwise the per-layer refit's are restored, so recovery is never worse on
-the calibration data. Where the pruned part is redundant (X_p = X_d and the block already reproduces Y_d), L is
-0, every gradient is 0 and nothing moves.
+batch size baked in, as torch.export graphs can). No labels.
+
+A block runs min(``steps``, floor(F / f)) steps, at least one when F > 0: f is the FLOPs of one step's forward
+and backward, counted on the first step by ``torch.utils.flop_counter``, and F the block's share of the compute
+budget. The count depends only on the model and the calibration data, so a compile gives the same model on a
+fast machine and on a loaded one (a wall-clock budget would not); the optional ``seconds`` cap gives that up
+for a bounded time.
+
+Each linear's Adam steps are scaled per weight by its row's and column's magnitude (``_step_scales``), so rows
+and columns that scale folding multiplied by a LayerScale or LayerNorm gamma move at the same relative rate as
+the rest. The new parameters are kept only if L over all calibration images went down; otherwise the
+per-layer refit's are restored, so recovery is never worse on the calibration data. Where the pruned part is
+redundant (X_p = X_d and the block already reproduces Y_d), L is 0, every gradient is 0 and nothing moves.
 
 With ``quantize="int8"`` the block runs as it will be executed: each pruned linear's input quantized per token
 (``ops.fake_quantize_rows``) and its weight on the int8 grid of its fixed per-channel scales, both with
@@ -29,17 +36,36 @@ straight-through gradients; the weights are rounded back onto the grid at the en
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 
 import torch
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..frontend.regions import BlockRegion
 from ..quantization import codes
 from ..runtime.ops import fake_quantize_rows
 from ..state import LayerState
 
-STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the time budget
+STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the budget
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, taught the flash-attention kernel SDPA runs on CPU (it has no formula for it)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops})
 class _RegionRunner:
     """Evaluates a region's nodes on given inputs with autograd (parameters are the graph module's own)."""
 
@@ -160,12 +186,13 @@ def _step_scales(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Laye
 
 
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
-                  inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, seconds: float,
-                  lr: float, int8: bool, seed: int = 0) -> tuple[dict, list[list[torch.Tensor]]]:
+                  inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, flops: float,
+                  lr: float, int8: bool, seconds: float = math.inf, seed: int = 0) -> tuple[dict, list]:
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
-    values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk.
-    Returns what it did (steps run, relative loss before and after, whether the result was kept) and the
-    region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
+    values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk;
+    at most ``steps`` steps, ``flops`` FLOPs of them and ``seconds`` of wall time.
+    Returns what it did (steps run, their FLOPs, relative loss before and after, whether the result was kept)
+    and the region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
     before_outputs = run_region(gm, region, layers, inputs, int8)
     fit = region.fitted()
 
@@ -185,13 +212,19 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     step_images = STEP_IMAGES if _runs_on_part_of_a_chunk(runner, inputs, targets) else None
     batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed), step_images)
     deadline = time.perf_counter() + seconds
-    done = 0
+    done, step_flops = 0, 0
+    allowed = steps if flops > 0 else 0
     with torch.enable_grad():
-        while done < steps and time.perf_counter() < deadline:
+        while done < allowed and time.perf_counter() < deadline:
             batch_inputs, batch_targets = next(batches)
-            num, den = _loss(fitted(runner(batch_inputs)), batch_targets)
-            optimizer.zero_grad(set_to_none=False)
-            (num / den.clamp_min(1e-30)).backward()
+            with flop_counter() if done == 0 else nullcontext() as counter:
+                num, den = _loss(fitted(runner(batch_inputs)), batch_targets)
+                optimizer.zero_grad(set_to_none=False)
+                (num / den.clamp_min(1e-30)).backward()
+            if done == 0:  # steps cost alike: the first one's count says how many fit
+                step_flops = counter.get_total_flops()
+                affordable = flops / max(step_flops, 1)
+                allowed = steps if affordable >= steps else max(1, math.floor(affordable))
             for p in params:
                 if id(p) in masks:
                     p.grad.mul_(masks[id(p)])
@@ -214,8 +247,8 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
         if not kept:
             for p, original in zip(params, start):
                 p.copy_(original)
-    decisions = {"steps": done, "images_per_step": step_images or "chunk", "loss_before": before,
-                 "loss_after": after, "kept": kept}
+    decisions = {"steps": done, "images_per_step": step_images or "chunk", "flops": done * step_flops,
+                 "loss_before": before, "loss_after": after, "kept": kept}
     return decisions, after_outputs if kept else before_outputs
 
 

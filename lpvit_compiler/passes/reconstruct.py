@@ -42,8 +42,9 @@ no dense counterpart).
 
 With ``block_recovery=True``, when the streams reach the end of a transformer block (a numbered module such as
 ``blocks.3``), the block as a whole is then fitted to the dense block's output by Adam steps, masks frozen
-(block_recovery.py states the loss), before the pruned stream goes on into the next block. The time budget
-``recovery_seconds`` is shared out over the blocks still to come; ``recovery_steps`` caps each block.
+(block_recovery.py states the loss), before the pruned stream goes on into the next block. The compute budget
+``recovery_tflops`` (and the optional wall-clock cap ``recovery_seconds``) is shared out evenly over the blocks
+still to come, so what a block leaves unused goes to the later ones; ``recovery_steps`` caps each block.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 last_use[used] = region.nodes[-1]
     dense, pruned, per_layer, per_block = {}, {}, {}, {}
     kept_positions = [None] * len(chunks)  # cascade token pruning: the pruned stream's tokens in the dense one
-    recovery_left = opts.recovery_seconds
+    flops_left, seconds_left = opts.recovery_tflops * 1e12, opts.recovery_seconds
     placeholders = 0
     with Progress(disable=not state.progress, transient=True) as progress:
         task = progress.add_task("reconstruct", total=len(state.layers))
@@ -255,10 +256,11 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 per_block[region.name], outputs = recover_block(
                     gm, region, state.layers, inputs,
                     [_at_kept_tokens(dense[n], pruned[n], kept_positions) for n in region.outputs],
-                    steps=opts.recovery_steps, seconds=recovery_left / (len(region_ending) + 1),
-                    lr=opts.recovery_lr, int8=int8)
+                    steps=opts.recovery_steps, flops=flops_left / (len(region_ending) + 1),
+                    seconds=seconds_left / (len(region_ending) + 1), lr=opts.recovery_lr, int8=int8)
                 pruned.update(zip(region.outputs, outputs))
-                recovery_left = max(0.0, recovery_left - (time.perf_counter() - started))
+                flops_left = max(0.0, flops_left - per_block[region.name].get("flops", 0))
+                seconds_left = max(0.0, seconds_left - (time.perf_counter() - started))
             for used in node.all_input_nodes:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
