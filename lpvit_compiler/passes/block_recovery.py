@@ -66,6 +66,8 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops})
+
+
 class _RegionRunner:
     """Evaluates a region's nodes on given inputs with autograd (parameters are the graph module's own)."""
 
