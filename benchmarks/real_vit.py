@@ -36,6 +36,7 @@ import argparse
 import copy
 import gzip
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", type=_parse_variant,
                         help='another float32 variant with these compile options, e.g. '
                              '\'no block recovery={"block_recovery": false}\' (repeatable)')
     parser.add_argument("--budget", action="append", default=[], metavar="FLOPS_KEEP:PATCH_KEEP",
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
                      "top1_onnx": top1(run_onnx(session, test_images), test_labels),
                      "speedup": {b: t["speedup"] for b, t in timing["batches"].items()}})
         print(json.dumps(rows[-1]), flush=True)
-    variants = {**({} if args.only_variants else {"float32": {}}), **dict(_parse_variant(v) for v in args.variant),
+    variants = {**({} if args.only_variants else {"float32": {}}), **dict(args.variant),
                 **({"int8 (GPTQ)": {"quantize": "int8"}, "int8 (round to nearest)": {"quantize": "int8", "gptq": False}}
                    if args.int8 else {})}
     budgets = [(1.0, 16, 1.0)] if args.int8 else []  # int8 alone: every block kept
@@ -327,8 +328,8 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             compiled = lpvit.compile(model, calib=calib, block_shape=block, progress=False,
                                      **{**budget, **tokens, **options})
-            path = compiled.export(work / f"{variant.split()[0]}-{block}-{'-'.join(map(str, budget.values()))}-"
-                                          f"{patch_keep}.onnx")
+            file_stem = f"{variant}-{block}-{'-'.join(map(str, budget.values()))}-{patch_keep}"
+            path = compiled.export(work / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', file_stem)}.onnx")
             compile_seconds = round(time.perf_counter() - started, 1)
             print(f"compiled {variant} {block}x{block} at {budget} in {compile_seconds:.0f} s", flush=True)
             session = ort_session(str(path), args.threads, custom_ops=True)
@@ -364,8 +365,16 @@ def main(argv=None) -> int:
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
-    name, _, options = text.partition("=")
-    return name.strip(), json.loads(options)
+    """'NAME={json}' -> (NAME, options); the name may itself hold '=' since the options start at '={'."""
+    name, separator, options = text.partition("={")
+    try:
+        parsed = json.loads("{" + options) if separator and name.strip() else None
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: the options after the name are not valid JSON ({error})")
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME={{JSON object of compile options}}, e.g. "
+                                         '\'no block recovery={"block_recovery": false}\'')
+    return name.strip(), parsed
 
 
 def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:

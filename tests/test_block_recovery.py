@@ -220,14 +220,20 @@ def test_compile_records_recovery_and_it_lowers_calibration_error(calib, tmp_pat
     assert errors[1] < errors[0]
 
 
-def test_a_compile_with_block_recovery_is_reproducible(calib):
+def test_a_compile_with_block_recovery_is_reproducible(calib, tmp_path):
     # the compute budget, not the wall clock, decides the steps: a second compile (here while the first one's
-    # model still holds memory, in practice on another machine or under load) gives the same weights
+    # model still holds memory, in practice on another machine or under load) gives the same weights. The budget
+    # is small enough that it, not the recovery_steps cap, is what ends each block's steps.
     model = tiny_vit()
-    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False, recovery_lr=1e-3)
-    first, second = (lpvit.compile(model, **common).state_dict() for _ in range(2))
+    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False, recovery_lr=1e-3,
+                  recovery_tflops=0.002, recovery_steps=200)
+    first, second = (lpvit.compile(model, dump_dir=tmp_path / str(i), **common).state_dict() for i in range(2))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+    for i in range(2):
+        decisions = json.loads(next((tmp_path / str(i)).glob("*-reconstruct/decisions.json")).read_text())
+        steps = [b["steps"] for b in decisions["block_recovery"]["blocks"].values()]
+        assert all(0 < s < 200 for s in steps), steps
 
 
 def test_recovery_options_are_validated(model, calib):
