@@ -23,7 +23,7 @@ set. ``--data fashion-mnist``: 4,000 training images as above and the test split
 and timed against the dense model in onnxruntime (interleaved, median of --repeats, 2 threads). For int8 (GPTQ)
 rows, the top-1 with static activation quantization instead (one scale per layer from the calibration images'
 max |x|, simulated in torch) is reported next to the per-token dynamic one the kernel runs.
-Writes <out>.md, <out>.json and <out>.png.
+Writes <out>.md, <out>.json and (unless --no-speed) <out>.png.
 """
 
 from __future__ import annotations
@@ -359,7 +359,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(rows, meta, args.batches))
-    plot(rows, args.out.with_suffix(".png"), max(args.batches))
+    if not args.no_speed:  # the plot is accuracy against speedup
+        plot(rows, args.out.with_suffix(".png"), max(args.batches))
     print(markdown(rows, meta, args.batches))
     return 0
 
