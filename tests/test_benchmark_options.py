@@ -27,3 +27,16 @@ def test_a_malformed_variant_is_a_clear_error(text, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_accuracy_only_table_claims_no_speed():
+    meta = {"data": "fashion-mnist", "image": 112, "calib_images": 256, "test_images": 5000,
+            "conversion_max_abs_error": 2e-5, "speed_measured": False}
+    rows = [{"variant": "dense", "block": None, "flops_keep": 1.0, "top1_torch": 0.84, "top1_onnx": 0.84,
+             "speedup": None},
+            {"variant": "float32", "block": 16, "flops_keep": 0.5, "top1_torch": 0.76, "top1_onnx": 0.76,
+             "model_flops_keep": 0.6, "compile_seconds": 200.0, "speedup": None}]
+    table = real_vit.markdown(rows, meta, [1, 8])
+    assert "Speed not measured" in table and "onnxruntime 1." not in table and "x |" not in table
+    body = [line.strip("|").split("|") for line in table.splitlines() if line.startswith(("| dense", "| float32"))]
+    assert [[cell.strip() for cell in cells[-3:-1]] for cells in body] == [["—", "—"]] * 2  # speedup b1, b8
