@@ -22,6 +22,7 @@ SENSITIVITIES = ("channel", "layer")
 POWER_MODELS = ("energy", "lpvit")
 QUANTIZE_MODES = (None, "int8")
 TOKEN_PRUNING_MODES = (None, "cascade", "merge", "auto")
+ALLOCATIONS = ("auto", "sequential", "dense")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 DEFAULT_PATCH_KEEP = 0.5
@@ -114,6 +115,11 @@ class CompileOptions:
                                "(channel), or by the layer's mean sensitivity (layer)")
     importance_images: int | None = _option(None, _optional_positive_int, "calibration images the importance "
                                                                           "statistics run on (None: all)")
+    allocation: str = _option("auto", _choice(ALLOCATIONS),
+                              "where the solve's distortion curves come from: each layer's measured again just "
+                              "before its refit, on the inputs it sees in the model pruned so far, with the budget "
+                              "left re-solved (sequential; needs importance='obs' and reconstruct), or the dense "
+                              "model's, once (dense); auto: sequential where it applies, else dense")
     min_density: float = _option(0.05, _number(0.0, 1.0, low_open=True), "share of blocks every layer keeps")
     power_weight: float | str = _option(0.0, _power_weight, "beta of the solve's power term, or 'auto' (LPViT)")
     power_model: str = _option("energy", _choice(POWER_MODELS), "power term: the profile's energy, or LPViT's proxy")
@@ -172,6 +178,12 @@ class CompileOptions:
         return self.token_pruning is not None and self.patch_keep is None and self.budget in ("latency", "power")
 
     @property
+    def sequential_allocation(self) -> bool:
+        """Whether reconstruct re-scores and re-solves each layer (allocation "sequential", or "auto" where the obs
+        criterion and reconstruction are on)."""
+        return self.allocation != "dense" and self.importance == "obs" and self.reconstruct
+
+    @property
     def fixed_patch_keep(self) -> float:
         """The patch_keep a fixed token schedule uses (the given one, else the default)."""
         return DEFAULT_PATCH_KEEP if self.patch_keep is None else self.patch_keep
@@ -214,6 +226,10 @@ class CompileOptions:
                               f"{'target_speedup' if budget == 'latency' else 'power_keep'} budget chooses the token "
                               "schedule jointly with the blocks, which weighs token damage in the obs criterion's "
                               f"units: use importance='obs' (not {options.importance!r}) or give patch_keep")
+        if options.allocation == "sequential" and not options.sequential_allocation:
+            raise ConfigError("allocation='sequential' re-scores each layer with the obs criterion on the "
+                              "reconstruction's inputs: use importance='obs' and reconstruct=True, or "
+                              "allocation='dense'")
         return options
 
     def to_dict(self) -> dict:

@@ -59,6 +59,7 @@ class LayerState:
     block_scores: torch.Tensor | None = None  # [block_rows, block_cols], higher = more important
     prune_order: np.ndarray | None = None  # flat block indices, least important first
     distortion: np.ndarray | None = None  # [num_blocks + 1]: estimated damage after pruning the first k blocks
+    loss_weights: torch.Tensor | None = None  # importance="obs": [out] the weight a_r of each output row's error
     # hardware
     curves: CostCurves | None = None
     costs: LayerCosts | None = None  # of the layer as it is now (refresh_costs)

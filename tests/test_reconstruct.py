@@ -89,7 +89,9 @@ def test_recorded_errors_from_the_normal_equations_equal_running_the_layer(with_
 def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):
     import json
 
-    compiled = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False)
+    # the dense model's curves: the same masks as without reconstruction (sequential allocation re-solves them)
+    compiled = lpvit.compile(model, flops_keep=0.4, calib=calib, block_shape=16, dump_dir=tmp_path, progress=False,
+                             allocation="dense")
     decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
     assert decisions["enabled"] and decisions["images"] == len(calib)
     assert set(decisions["layers"]) == {row.name for row in compiled.report.layers}

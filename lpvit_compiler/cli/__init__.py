@@ -17,7 +17,8 @@ import sys
 
 from ..costmodel import known_profiles
 from ..errors import LpvitError
-from ..options import DEFAULT_FLOPS_KEEP, DEFAULT_HW, DEFAULT_PATCH_KEEP, IMPORTANCE_CRITERIA, PRESETS, CompileOptions
+from ..options import (ALLOCATIONS, DEFAULT_FLOPS_KEEP, DEFAULT_HW, DEFAULT_PATCH_KEEP, IMPORTANCE_CRITERIA, PRESETS,
+                       CompileOptions)
 from .bench_cmd import cmd_bench
 from .compile_cmd import cmd_compile
 from .eval_cmd import cmd_eval
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--importance", choices=IMPORTANCE_CRITERIA,
                    help=f"block criterion (default {CompileOptions.default('importance')}): obs, taylor (LPViT's), "
                    "hessian or magnitude")
+    c.add_argument("--allocation", choices=ALLOCATIONS,
+                   help="sequential: re-score each layer on the pruned model's inputs at its refit and re-solve the "
+                        "budget left; dense: the dense model's curves; auto (default): sequential with the obs "
+                        "criterion and reconstruction, else dense")
     c.add_argument("--prune-heads", action="store_true", help="also prune classifier heads")
     c.add_argument("--verify", action="store_true", help="check every pass's invariant while compiling (slower)")
     c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=None,

@@ -15,8 +15,8 @@ from .ui import Ui
 def compile_options(args) -> dict:
     """The keyword options of ``lpvit.compile`` the flags set (the rest keep the preset's or CompileOptions'
     defaults)."""
-    tuning = dict(importance=args.importance, reconstruct=args.reconstruct, gptq=args.gptq,
-                  block_recovery=args.block_recovery, recovery_tflops=args.recovery_tflops,
+    tuning = dict(importance=args.importance, allocation=args.allocation, reconstruct=args.reconstruct,
+                  gptq=args.gptq, block_recovery=args.block_recovery, recovery_tflops=args.recovery_tflops,
                   recovery_seconds=args.recovery_seconds,
                   token_pruning=args.token_pruning, patch_keep=args.patch_keep)
     return dict(flops_keep=args.flops_keep, target_speedup=args.target_speedup, power_keep=args.power_keep,

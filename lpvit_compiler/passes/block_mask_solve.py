@@ -20,7 +20,8 @@ different cost compare fairly). lambda is found by bisection (over lambda = s*si
 when a power term alone would prune past the budget); the discrete gap between the two
 bracketing allocations is closed by single-block steps of least dC/dR until the budget is met, so the
 achieved budget ends within one step of the target. k_max,l keeps at least ``min_density`` of every layer.
-Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid).
+Curves are evaluated at every block count (a superset of LPViT's 101-ratio grid). Under sequential allocation
+reconstruct re-solves what the layers it has refitted leave of the budget (``solve_unfixed``), one layer at a time.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import fx
 
 from ..errors import ConfigError
 from ..pass_manager import PassResult, compiler_pass
-from ..state import CompileState, SolveOutcome
+from ..state import CompileState, LayerState, SolveOutcome
 from .importance import RATIO_GRID, sample_at_ratios
 
 BUDGET_TOLERANCE = 0.01  # relative: the achieved budget must be within 1% of the target
@@ -133,15 +134,15 @@ class BudgetProblem:
         return float(sum(c[k] for c, k in zip(self.costs, ks)))
 
 
-def budget_problem(state: CompileState) -> BudgetProblem:
-    """The budget problem of the layers' current distortion and cost curves (module docstring)."""
+def budget_problem(state: CompileState, beta: float | None = None) -> BudgetProblem:
+    """The budget problem of the layers' current distortion and cost curves (module docstring); ``beta`` given
+    keeps an earlier solve's power weight."""
     opts = state.options
     layers = list(state.layers.values())
     curves = [l.curves for l in layers]
-    if opts.power_weight == "auto":
-        beta = lpvit_beta([l.distortion for l in layers], [c.power for c in curves])
-    else:
-        beta = float(opts.power_weight)
+    if beta is None:
+        beta = (lpvit_beta([l.distortion for l in layers], [c.power for c in curves]) if opts.power_weight == "auto"
+                else float(opts.power_weight))
     costs = [l.distortion + beta * c.power for l, c in zip(layers, curves)]
     max_pruned = [l.num_blocks - max(1, math.ceil(opts.min_density * l.num_blocks)) for l in layers]
     if opts.budget == "flops":
@@ -174,11 +175,7 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
 
     per_layer, masks = {}, {}
     for layer, k, cost, resource, k_max in zip(layers, ks, costs, resources, max_pruned):
-        layer.pruned_blocks = int(k)
-        flat = torch.ones(layer.num_blocks, dtype=torch.bool)
-        flat[torch.from_numpy(layer.prune_order[:k])] = False
-        layer.block_mask = flat.reshape(layer.grid.block_rows, layer.grid.block_cols)
-        masks[layer.name] = layer.block_mask
+        masks[layer.name] = prune_first_blocks(layer, int(k))
         forward, backward = _marginal_rates(cost, resource, int(k), k_max)
         per_layer[layer.name] = {
             "blocks": layer.num_blocks,
@@ -192,7 +189,7 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "at_min_density": bool(k == k_max),
             "why": _why(int(k), k_max, forward, backward, slope),
         }
-    state.solve = _outcome(state, layers, ks, beta, slope, achieved)
+    state.solve = solve_outcome(state, ks, beta, slope)
     decisions = {
         "budget": opts.budget,
         "budget_target": opts.budget_target,
@@ -221,7 +218,33 @@ def _why(k: int, k_max: int, forward, backward, slope: float) -> str:
             if forward is not None else "stopped at the last block")
 
 
-def _outcome(state: CompileState, layers, ks, beta: float, slope: float, achieved: float) -> SolveOutcome:
+def prune_first_blocks(layer: LayerState, k: int) -> torch.Tensor:
+    """Set the layer's ``block_mask`` to all blocks but the first k of its ``prune_order``; returns the mask."""
+    layer.pruned_blocks = k
+    flat = torch.ones(layer.num_blocks, dtype=torch.bool)
+    flat[torch.from_numpy(layer.prune_order[:k])] = False
+    layer.block_mask = flat.reshape(layer.grid.block_rows, layer.grid.block_cols)
+    return layer.block_mask
+
+
+def solve_unfixed(state: CompileState, fixed: dict[str, int]) -> dict[str, int]:
+    """Pruned-block counts of the layers not in ``fixed`` (name -> its k): the equal-slope solve of the budget
+    the fixed layers leave, on every layer's current curves, with the first solve's beta."""
+    problem = budget_problem(state, beta=state.solve.beta)
+    names = list(state.layers)
+    free = [i for i, name in enumerate(names) if name not in fixed]
+    used = sum(problem.resources[i][fixed[name]] for i, name in enumerate(names) if name in fixed)
+    ks, _ = BudgetProblem(problem.beta, [problem.costs[i] for i in free], [problem.resources[i] for i in free],
+                          [problem.max_pruned[i] for i in free], problem.dense_total, problem.offset + used,
+                          problem.target).solve()
+    return {names[i]: int(k) for i, k in zip(free, ks)}
+
+
+def solve_outcome(state: CompileState, ks, beta: float, slope: float) -> SolveOutcome:
+    """The budget reached and the predicted FLOPs, latency and energy of pruning ks[l] blocks of each layer."""
+    layers = list(state.layers.values())
+    problem = budget_problem(state, beta=beta)
+    achieved = (problem.offset + _total(problem.resources, ks)) / problem.dense_total
     model = state.model_costs
     flops_kept = sum(l.curves.flops[k] for l, k in zip(layers, ks))
     flops_dense = sum(l.curves.flops[0] for l in layers)

@@ -44,12 +44,13 @@ from rich.progress import track
 from torch import fx
 
 from ..frontend.calibration import logits_of
+from ..linalg import cholesky, damped
 from ..state import CompileState, LayerState
 from ..pass_manager import PassResult, compiler_pass
 
 RATIO_GRID = np.linspace(0.0, 1.0, 101)  # LPViT's pruning ratios, used to sample curves for dumps
 CHUNK_IMAGES = 8
-SEQUENTIAL_OBS_BYTES = 256 * 2**20  # float64 inverse Hessians of the block rows processed together
+SEQUENTIAL_OBS_BYTES = 64 * 2**20  # float64 inverse Hessians of the block rows processed together
 
 
 @dataclass
@@ -216,13 +217,34 @@ def _obs(layer: LayerState, weight: torch.Tensor, moment: torch.Tensor, gradient
     weighting it by a_r (``gradient_energy`` [out]) is computing on the rows w_r * sqrt(a_r)."""
     k = moment.shape[0]
     damped = moment + damping * moment.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=moment.dtype)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
-    weighted = weight.double() * gradient_energy.double().clamp_min(0).sqrt()[:, None]
+    return obs_curve(layer, weight, torch.cholesky_inverse(torch.linalg.cholesky(damped)), gradient_energy)
+
+
+def obs_curve(layer: LayerState, weight: torch.Tensor, inverse: torch.Tensor, loss_weights: torch.Tensor):
+    """(scores, order, distortion) of OBS over blocks for rows ``weight`` [N, K], the inverse of the (damped,
+    per-token) input Hessian ``inverse`` [K, K] and the loss's weights a_r of the rows ``loss_weights`` [N]."""
+    weighted = weight.double() * loss_weights.double().clamp_min(0).sqrt()[:, None]
     scores, order, _ = _quadratic_scores(layer, weighted, 1.0,  # its curve is not used: no total needed
                                          lambda c, cols: torch.linalg.inv(inverse[cols, cols]))
     errors = _sequential_obs_errors(layer.grid, weighted, inverse, order)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), errors.flatten()[order].cumsum(0)])
     return scores, order, distortion
+
+
+def refit_obs_curve(layer: LayerState, h: torch.Tensor, target: torch.Tensor, tokens: int, damping: float):
+    """(scores, order, distortion) of OBS for the layer as reconstruction refits it (allocation="sequential").
+
+    ``h`` = A^T A [K', K'] and ``target`` = A^T Y [N, K'] are reconstruct's normal equations over ``tokens``
+    tokens of the inputs X_p the layer sees in the model pruned so far (A = [X_p, 1] when it has a bias), with
+    dense targets Y. The refit with every weight kept is U = (H + lambda I)^-1 A^T Y; removing columns P of a row
+    and refitting the rest (bias included) raises the row's error by u_P [((H + lambda I)^-1)_PP]^-1 u_P^T — the
+    dense-model formula of ``_obs`` with U for W and the weight block of T (H + lambda I)^-1 for E[x x^T]^-1."""
+    k = layer.in_features
+    damped_h, lam = damped(h, k, damping)
+    factor = cholesky(damped_h, lam)
+    rows = torch.cholesky_solve(target.T, factor).T[:, :k]
+    inverse = torch.cholesky_inverse(factor)[:k, :k] * tokens
+    return obs_curve(layer, rows, inverse, layer.loss_weights)
 
 
 def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -290,6 +312,7 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
             energy = stats.output_gradient_energy[name]
             if state.options.sensitivity == "layer":
                 energy = energy.mean().expand_as(energy)
+            layer.loss_weights = energy
             scores, order, distortion = _obs(layer, weight, stats.input_moments[name], energy,
                                              state.options.hessian_damping)
         else:

@@ -2,7 +2,8 @@
 with ``quantize="int8"``, quantize them given the mask).
 
 Input: the graph with nn.Linear modules and every layer's ``block_mask`` (from the solve).
-Output: the same graph; every prunable layer's weight is zero outside its mask (from here on the graph is the
+Output: the same graph; with sequential allocation (below) new masks; every prunable layer's weight is zero
+outside its mask (from here on the graph is the
 masked model) and, with ``reconstruct=True``, its kept weights (and bias) refitted; ``decisions`` give each
 layer's relative output error on the calibration tokens without and with reconstruction.
 
@@ -40,6 +41,16 @@ time), so the refit and block recovery also make up for the tokens dropped — w
 where every layer is refitted without a mask. With ``"merge"`` both streams merge alike (a merged token has
 no dense counterpart).
 
+Sequential allocation (``allocation="sequential"``, and the default ``"auto"`` with the obs criterion): the
+solve's curves come from the dense model, which stops describing a layer once the layers before it are pruned.
+So when the streams reach a layer, its OBS curve is measured again from these normal equations
+(``importance.refit_obs_curve``: the error the refit leaves, on the inputs X_p it really sees) and the budget left
+by the layers already refitted is re-solved over this layer's new curve and the later layers' first-solve curves
+(``block_mask_solve.solve_unfixed``, same beta); the layer takes its new count of its new order's blocks, is
+refitted with that mask, and stays fixed. The budget is met as in the first solve; ``decisions`` give each layer's
+first-solve and final pruned blocks, and ``state.solve`` is recomputed for the final masks (K-prune's re-scoring
+on the model as it is being pruned, per layer).
+
 With ``block_recovery=True``, when the streams reach the end of a transformer block (a numbered module such as
 ``blocks.3``), the block as a whole is then fitted to the dense block's output by Adam steps, masks frozen
 (block_recovery.py states the loss), before the pruned stream goes on into the next block. The compute budget
@@ -49,6 +60,7 @@ still to come, so what a block leaves unused goes to the later ones; ``recovery_
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -63,7 +75,9 @@ from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
 from ..tokens import TokenMerge, TokenSelect
+from .block_mask_solve import prune_first_blocks, solve_outcome, solve_unfixed
 from .block_recovery import recover_block
+from .importance import refit_obs_curve
 
 
 def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
@@ -158,7 +172,7 @@ def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: i
     return getattr(interpreter, node.op)(node.target, args, kwargs)
 
 
-@compiler_pass(requires=("masks",), provides=("masked_weights",), invariant="zero_outside_masks")
+@compiler_pass(requires=("masks",), provides=("masked_weights",), changes_costs=True, invariant="zero_outside_masks")
 def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     opts = state.options
     int8 = opts.quantize == "int8"
@@ -187,6 +201,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
             if position[last_use[used]] < position[region.nodes[-1]]:
                 last_use[used] = region.nodes[-1]
     dense, pruned, per_layer, per_block = {}, {}, {}, {}
+    fixed, planned = {}, {}  # allocation="sequential": pruned blocks per layer refitted so far / first solve's
     kept_positions = [None] * len(chunks)  # cascade token pruning: the pruned stream's tokens in the dense one
     flops_left, seconds_left = opts.recovery_tflops * 1e12, opts.recovery_seconds
     placeholders = 0
@@ -207,7 +222,6 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     xp = [fake_quantize_rows(x) for x in xp]
                 weight = linear.weight.detach().clone()
                 bias = None if linear.bias is None else linear.bias.detach().clone()
-                mask = layer.element_mask()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
                     xd = _at_kept_tokens(xd, xp, kept_positions)
@@ -215,6 +229,14 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                                        for y in _at_kept_tokens(dense[node], xp, kept_positions))
                     h, g, s = _normal_equations(xp, xd, bias is not None)
                     target = _targets(weight, bias, g, s)
+                    if opts.sequential_allocation:
+                        planned[node.target] = layer.pruned_blocks
+                        layer.block_scores, order, distortion = refit_obs_curve(
+                            layer, h, target, sum(x.numel() // x.shape[-1] for x in xp), opts.hessian_damping)
+                        layer.prune_order, layer.distortion = order.numpy(), distortion.numpy()
+                        fixed[node.target] = solve_unfixed(state, fixed)[node.target]
+                        prune_first_blocks(layer, fixed[node.target])
+                    mask = layer.element_mask()
                     new_weight, new_bias, masked_error, refit_error = reconstruct_weight(
                         weight, bias, mask, layer.grid.block_shape[0], h, target, opts.hessian_damping)
                     if int8 and opts.gptq:
@@ -229,7 +251,9 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     after = (_relative_output_error(linear.weight, linear.bias, h, target, dense_energy) if int8
                              else _relative(refit_error, dense_energy))
                 per_layer[node.target] = {"relative_error_masked": _relative(masked_error, dense_energy),
-                                          "relative_error_reconstructed": after}
+                                          "relative_error_reconstructed": after,
+                                          **({"pruned_blocks_first_solve": planned[node.target],
+                                              "pruned_blocks": layer.pruned_blocks} if planned else {})}
                 progress.advance(task)
             elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenSelect):
                 with torch.no_grad():  # the dense stream keeps every token; kept_positions maps the pruned ones
@@ -265,7 +289,12 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
                     pruned.pop(used, None)
+    if fixed:
+        state.solve = solve_outcome(state, [layer.pruned_blocks for layer in state.layers.values()], state.solve.beta,
+                                    state.solve.slope)
     decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping,
+                 "allocation": "sequential" if opts.sequential_allocation else "dense",
+                 **({"solve_outcome": dataclasses.asdict(state.solve)} if fixed else {}),
                  "quantize": opts.quantize and f"{opts.quantize} ({'gptq' if opts.gptq else 'round to nearest'})",
                  "layers": per_layer,
                  "block_recovery": {"enabled": opts.block_recovery, "blocks": per_block,
