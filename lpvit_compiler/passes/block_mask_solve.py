@@ -130,6 +130,10 @@ class BudgetProblem:
         """(k per layer, lambda): :func:`equal_slope_solve` of this problem (call when reachable <= target)."""
         return equal_slope_solve(self.costs, self.resources, self.max_pruned, self.target - self.offset)
 
+    def achieved(self, ks) -> float:
+        """The resource used at k_l pruned blocks per layer, as a fraction of the dense total."""
+        return (self.offset + _total(self.resources, ks)) / self.dense_total
+
     def objective(self, ks) -> float:
         return float(sum(c[k] for c, k in zip(self.costs, ks)))
 
@@ -167,7 +171,7 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
         raise ConfigError(infeasible_message(opts, problem.reachable / problem.dense_total))
     beta, costs, resources, max_pruned = problem.beta, problem.costs, problem.resources, problem.max_pruned
     ks, slope = problem.solve()
-    achieved = (problem.offset + _total(resources, ks)) / problem.dense_total
+    achieved = problem.achieved(ks)
     met_without_blocks = achieved < opts.budget_target and not ks.any()  # token or head pruning went further
     if abs(achieved - opts.budget_target) > BUDGET_TOLERANCE * opts.budget_target and not met_without_blocks:
         warnings.warn(f"the {opts.budget} budget reached {achieved:.4f} of dense for a target of "
@@ -189,7 +193,7 @@ def block_mask_solve(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "at_min_density": bool(k == k_max),
             "why": _why(int(k), k_max, forward, backward, slope),
         }
-    state.solve = solve_outcome(state, ks, beta, slope)
+    state.solve = solve_outcome(state, problem, ks, slope)
     decisions = {
         "budget": opts.budget,
         "budget_target": opts.budget_target,
@@ -240,18 +244,16 @@ def solve_unfixed(state: CompileState, fixed: dict[str, int]) -> dict[str, int]:
     return {names[i]: int(k) for i, k in zip(free, ks)}
 
 
-def solve_outcome(state: CompileState, ks, beta: float, slope: float) -> SolveOutcome:
+def solve_outcome(state: CompileState, problem: BudgetProblem, ks, slope: float) -> SolveOutcome:
     """The budget reached and the predicted FLOPs, latency and energy of pruning ks[l] blocks of each layer."""
     layers = list(state.layers.values())
-    problem = budget_problem(state, beta=beta)
-    achieved = (problem.offset + _total(problem.resources, ks)) / problem.dense_total
     model = state.model_costs
     flops_kept = sum(l.curves.flops[k] for l, k in zip(layers, ks))
     flops_dense = sum(l.curves.flops[0] for l in layers)
     latency = model.other_latency_s + sum(l.curves.latency[k] for l, k in zip(layers, ks))
     energy = model.other_energy_j + sum(l.curves.energy[k] for l, k in zip(layers, ks))
     return SolveOutcome(
-        beta=float(beta), slope=float(slope), budget_achieved=float(achieved),
+        beta=float(problem.beta), slope=float(slope), budget_achieved=float(problem.achieved(ks)),
         flops_keep_achieved=float(flops_kept / flops_dense),
         model_flops_keep=float((model.other_flops + flops_kept) / model.model_flops) if model.model_flops else None,
         predicted_latency_s=float(latency), predicted_speedup=float(model.dense_latency_s / latency),

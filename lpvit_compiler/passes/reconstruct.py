@@ -75,7 +75,7 @@ from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
 from ..state import CompileState
 from ..tokens import TokenMerge, TokenSelect
-from .block_mask_solve import prune_first_blocks, solve_outcome, solve_unfixed
+from .block_mask_solve import budget_problem, prune_first_blocks, solve_outcome, solve_unfixed
 from .block_recovery import recover_block
 from .importance import refit_obs_curve
 
@@ -290,8 +290,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     dense.pop(used, None)
                     pruned.pop(used, None)
     if fixed:
-        state.solve = solve_outcome(state, [layer.pruned_blocks for layer in state.layers.values()], state.solve.beta,
-                                    state.solve.slope)
+        state.solve = solve_outcome(state, budget_problem(state, beta=state.solve.beta),
+                                    [layer.pruned_blocks for layer in state.layers.values()], state.solve.slope)
     decisions = {"enabled": True, "images": len(images), "damping": opts.hessian_damping,
                  "allocation": "sequential" if opts.sequential_allocation else "dense",
                  **({"solve_outcome": dataclasses.asdict(state.solve)} if fixed else {}),
