@@ -5,7 +5,10 @@ onnxruntime, onnxruntime's dense MatMul+Add on the same (masked) weights, torch 
 CPU BSR linear. Speedups are ratios against onnxruntime dense.
 
     python benchmarks/kernel_bench.py [--models deit_s deit_b] [--threads 2] [--repeats 7]
-                                      [--int8] [--out benchmarks/results/kernel_bench]
+                                      [--int8] [--baseline-library OLD.so] [--out benchmarks/results/kernel_bench]
+
+``--baseline-library``: another build of liblpvit_kernels.so (say, of the commit before a kernel change) timed in
+the same interleaved runs; the table then also gives our speed relative to it.
 
 ``--int8``: our int8 op (ai.lpvit::BlockSparseLinearInt8, random int8 weights) against onnxruntime's own dynamic
 int8 of the dense layer (quantize_dynamic -> DynamicQuantizeMatMul, MLAS's int8 GEMM) and the float dense layer;
@@ -49,7 +52,8 @@ SHAPES = {  # name: (out_features, in_features) of the block linears
 TOKENS = 197
 
 
-def measure(out_features, in_features, block, density, batch, threads, repeats, torch_bsr: bool) -> dict:
+def measure(out_features, in_features, block, density, batch, threads, repeats, torch_bsr: bool,
+            baseline: Path | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     grid = BlockGrid(out_features, in_features, (block, block))
     block_mask = torch.rand(grid.block_rows, grid.block_cols, generator=g) < density
@@ -67,6 +71,10 @@ def measure(out_features, in_features, block, density, batch, threads, repeats, 
         "ort_dense": lambda: dense.run(None, feed),
         "torch_dense": lambda: F.linear(x, dense_weight, bias),
     }
+    if baseline is not None:
+        old = ort_session(single_layer_model(layer).SerializeToString(), threads, custom_ops=str(baseline))
+        np.testing.assert_allclose(old.run(None, feed)[0], candidates["ort_lpvit"]()[0], rtol=1e-4, atol=1e-4)
+        candidates["ort_lpvit_baseline"] = lambda: old.run(None, feed)
     times = interleaved(candidates, repeats)
     if torch_bsr:
         bsr_weight = dense_weight.to_sparse_bsr((block, block)) if out_features % block == 0 and \
@@ -78,6 +86,7 @@ def measure(out_features, in_features, block, density, batch, threads, repeats, 
         "actual_density": layer.nnz_blocks / grid.num_blocks, "batch": batch, "rows": batch * TOKENS,
         "threads": threads, "ms": {k: v * 1e3 for k, v in times.items()},
         "speedup_vs_ort_dense": times["ort_dense"] / times["ort_lpvit"],
+        **({"speedup_vs_baseline": times["ort_lpvit_baseline"] / times["ort_lpvit"]} if baseline else {}),
     }
 
 
@@ -116,20 +125,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's (slow) CPU BSR linear")
     parser.add_argument("--int8", action="store_true", help="the int8 op against onnxruntime's dynamic int8")
+    parser.add_argument("--baseline-library", type=Path, help="another build of the kernel library, timed beside ours")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernel_bench", help="results stem (.md, .json, .png)")
     args = parser.parse_args()
     if args.int8:
         return main_int8(args)
+    if args.baseline_library is not None and not args.baseline_library.is_file():
+        parser.error(f"--baseline-library {args.baseline_library}: no such file (give a built liblpvit_kernels.so)")
 
     rows = []
     for model, layer_name, (n, k), block, density, batch in _cells(args):
         row = {"model": model, "layer": layer_name,
-               **measure(n, k, block, density, batch, args.threads, args.repeats, not args.no_torch_bsr)}
+               **measure(n, k, block, density, batch, args.threads, args.repeats, not args.no_torch_bsr,
+                         args.baseline_library)}
         rows.append(row)
         print(f"{model} {layer_name} {n}x{k} block {block} density {density} batch {batch}: "
               f"{row['speedup_vs_ort_dense']:.2f}x vs ORT dense", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
+    meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS,
+            "baseline_library": None if args.baseline_library is None else str(args.baseline_library)}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(rows, meta))
     _plot(rows, args.out.with_suffix(".png"))
@@ -187,25 +201,32 @@ def _geomean(values):
 def _markdown(rows, meta) -> str:
     lines = [f"Kernel ISA {meta['isa']}, {meta['threads']} threads, {meta['tokens']} tokens per image, median of "
              f"{meta['repeats']} interleaved runs. Speedup = ORT dense MatMul+Add time / our op's time "
-             "(geometric mean over the four block linears of the model).", "",
-             "| model | block | batch | " + " | ".join(f"density {d:g}" for d in sorted({r['density'] for r in rows},
-                                                                                  reverse=True)) + " |",
-             "|---|---|---|" + "---|" * len({r["density"] for r in rows})]
-    densities = sorted({r["density"] for r in rows}, reverse=True)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for block in sorted({r["block"] for r in rows}):
-            for batch in sorted({r["batch"] for r in rows}):
-                cells = []
-                for d in densities:
-                    sel = [r["speedup_vs_ort_dense"] for r in rows if (r["model"], r["block"], r["batch"],
-                                                                       r["density"]) == (model, block, batch, d)]
-                    cells.append(f"{_geomean(sel):.2f}x" if sel else "")
-                lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
+             "(geometric mean over the four block linears of the model).", "", *_table(rows, "speedup_vs_ort_dense")]
+    if meta.get("baseline_library"):
+        lines += ["", f"Against the baseline build `{meta['baseline_library']}` in the same runs (its time / ours):", "",
+                  *_table(rows, "speedup_vs_baseline")]
     bsr = [r["ms"]["ort_dense"] / r["ms"]["torch_bsr"] for r in rows if "torch_bsr" in r["ms"]]
     if bsr:
         lines += ["", f"torch's own CPU BSR linear, same shapes: median {statistics.median(bsr):.2f}x the speed of "
                       "ORT dense (below 1 = slower)."]
     return "\n".join(lines) + "\n"
+
+
+def _table(rows, key: str) -> list[str]:
+    """Markdown rows: model, block, batch, then the geometric mean of ``key`` over the layers at each density."""
+    densities = sorted({r["density"] for r in rows}, reverse=True)
+    lines = ["| model | block | batch | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+             "|---|---|---|" + "---|" * len(densities)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for block in sorted({r["block"] for r in rows}):
+            for batch in sorted({r["batch"] for r in rows}):
+                cells = []
+                for d in densities:
+                    sel = [r[key] for r in rows if (r["model"], r["block"], r["batch"], r["density"]) ==
+                           (model, block, batch, d)]
+                    cells.append(f"{_geomean(sel):.2f}x" if sel else "")
+                lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(rows, path) -> None:

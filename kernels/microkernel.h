@@ -25,19 +25,24 @@ template <class V, int ROWS, int PANEL>
 inline void panel_tile(const TileJob& job, const float* x, const int64_t* cols, int64_t blocks,
                        const float* packed, float out[][PANEL]) {
   constexpr int kVecs = PANEL / V::kWidth;
+  // Sizes as locals and the X rows as row offsets from one walking pointer: read through `job` inside the loop,
+  // the compiler reloaded job's fields and kept a pointer per row, more scalar work than FMAs per column.
+  const int64_t k = job.k, bw = job.bw, ldw = job.bh_padded, stride = job.block_stride;
+  int64_t row_offset[ROWS];
+  for (int r = 0; r < ROWS; ++r) row_offset[r] = r * k;
   typename V::Reg acc[ROWS][kVecs];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = V::zero();
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t col0 = cols[b] * job.bw;
-    const int64_t width = min2(job.bw, job.k - col0);  // edge block: never read X past column k
-    const float* w = packed + b * job.block_stride;
-    const float* xb = x + col0;
-    for (int64_t j = 0; j < width; ++j) {
+    const int64_t col0 = cols[b] * bw;
+    const int64_t width = min2(bw, k - col0);  // edge block: never read X past column k
+    const float* w = packed + b * stride;
+    const float* xj = x + col0;
+    for (int64_t j = 0; j < width; ++j, w += ldw, ++xj) {
       typename V::Reg wv[kVecs];
-      for (int v = 0; v < kVecs; ++v) wv[v] = V::load(w + j * job.bh_padded + v * V::kWidth);
+      for (int v = 0; v < kVecs; ++v) wv[v] = V::load(w + v * V::kWidth);
       for (int r = 0; r < ROWS; ++r) {
-        const typename V::Reg xv = V::broadcast(xb + r * job.k + j);
+        const typename V::Reg xv = V::broadcast(xj + row_offset[r]);
         for (int v = 0; v < kVecs; ++v) acc[r][v] = V::fma(xv, wv[v], acc[r][v]);
       }
     }

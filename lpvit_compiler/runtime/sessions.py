@@ -13,9 +13,10 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def session_options(custom_ops: bool = True, **settings):
+def session_options(custom_ops: bool | str = True, **settings):
     """``onnxruntime.SessionOptions`` with ``settings`` set on it (e.g. ``intra_op_num_threads``,
-    ``enable_profiling``) and, with ``custom_ops``, the lpvit op library registered."""
+    ``enable_profiling``) and, with ``custom_ops``, the lpvit op library registered (a path: that build of it,
+    e.g. a baseline to compare a kernel change with)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -24,11 +25,11 @@ def session_options(custom_ops: bool = True, **settings):
             raise LpvitError(f"onnxruntime.SessionOptions has no option {name!r}")
         setattr(options, name, value)
     if custom_ops:
-        options.register_custom_ops_library(kernels_library_path())
+        options.register_custom_ops_library(kernels_library_path() if custom_ops is True else str(custom_ops))
     return options
 
 
-def ort_session(model, threads: int | None = None, custom_ops: bool = True, **settings):
+def ort_session(model, threads: int | None = None, custom_ops: bool | str = True, **settings):
     """An onnxruntime CPU session on a path or serialized model, with ``threads`` intra-op threads (one
     inter-op thread), further ``SessionOptions`` ``settings`` and, with ``custom_ops``, the lpvit op library —
     for timing sessions side by side in one process (benchmarks, ``--bench``, the native profile) and eval.
