@@ -86,6 +86,20 @@ def test_recorded_errors_from_the_normal_equations_equal_running_the_layer(with_
     assert refitted < direct
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_targets_from_the_dense_outputs_equal_those_from_the_dense_inputs(with_bias):
+    # reconstruct takes A^T Y straight from the dense outputs where a layer has fewer outputs than inputs
+    weight, bias, _, _, g = _layer(n=16, k=48)
+    bias = bias if with_bias else None
+    xd = [torch.randn(400, 48, generator=g) * 2 + 1 for _ in range(3)]
+    xp = [x + 0.3 * torch.randn(x.shape, generator=g) for x in xd]
+    h, gram, s = _normal_equations(xp, xd, with_bias)
+    h_from_outputs, from_outputs, _ = _normal_equations(xp, [F.linear(x, weight, bias) for x in xd], with_bias)
+    assert torch.equal(h, h_from_outputs)
+    from_inputs = _targets(weight, bias, gram, s)
+    assert float((from_outputs.T - from_inputs).abs().max()) <= 1e-5 * float(from_inputs.abs().max())  # float32 sums
+
+
 def test_pass_lowers_every_layers_calibration_error(model, calib, tmp_path):
     import json
 

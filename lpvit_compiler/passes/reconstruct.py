@@ -17,11 +17,12 @@ With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + 
 
     H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
 
-lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). Rows of one block row
-share S, so there is one Cholesky factorisation of H[S, S] per block row, batched over block rows that keep
-equally many columns (weights outside S are 0). A row whose refit would fit the
-calibration tokens worse than the plainly masked row (possible only through the damping) keeps the masked row:
-reconstruction is never worse on the calibration data.
+lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). The right-hand side A^T y_n (y_n
+the dense output n) comes from G as written or, where the layer has fewer outputs than inputs, straight from the
+dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation of H[S, S] per
+block row, batched over block rows that keep equally many columns (weights outside S are 0). A row whose refit
+would fit the calibration tokens worse than the plainly masked row (possible only through the damping) keeps the
+masked row: reconstruction is never worse on the calibration data.
 
 With ``quantize="int8"`` the layer is fitted as it will run: X_p is quantized per token the way the int8 kernel
 quantizes it (``ops.fake_quantize_rows``), and after the refit the kept weights are quantized to int8 with one
@@ -80,17 +81,18 @@ from .block_recovery import recover_block
 from .importance import refit_obs_curve
 
 
-def _normal_equations(xp: list[torch.Tensor], xd: list[torch.Tensor], with_bias: bool):
-    """H = A^T A [K', K'], G = A^T X_d [K', K], s = A^T 1 [K'] (float64), over all chunks' tokens.
+def _normal_equations(xp: list[torch.Tensor], rhs: list[torch.Tensor], with_bias: bool):
+    """H = A^T A [K', K'], G = A^T R [K', M], s = A^T 1 [K'] (float64), over all chunks' tokens, for right-hand
+    sides R [T, M]: the dense inputs X_d (then ``_targets`` gives A^T Y) or the dense outputs Y (then G^T is it).
 
     The bias column of A = [X_p, 1] is never materialised: its products are column sums and the token count."""
-    k = xp[0].shape[-1]
+    k, m = xp[0].shape[-1], rhs[0].shape[-1]
     size = k + int(with_bias)
     h = torch.zeros(size, size, dtype=torch.float64)
-    g = torch.zeros(size, k, dtype=torch.float64)
+    g = torch.zeros(size, m, dtype=torch.float64)
     s = torch.zeros(size, dtype=torch.float64)
-    for p, d in zip(xp, xd):
-        p, d = p.reshape(-1, k), d.reshape(-1, k)
+    for p, d in zip(xp, rhs):
+        p, d = p.reshape(-1, k), d.reshape(-1, m)
         h[:k, :k] += (p.T @ p).double()
         g[:k] += (p.T @ d).double()
         s[:k] += p.sum(0).double()
@@ -225,10 +227,15 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
                     xd = _at_kept_tokens(xd, xp, kept_positions)
-                    dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
-                                       for y in _at_kept_tokens(dense[node], xp, kept_positions))
-                    h, g, s = _normal_equations(xp, xd, bias is not None)
-                    target = _targets(weight, bias, g, s)
+                    yd = _at_kept_tokens(dense[node], xp, kept_positions)
+                    dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in yd)
+                    # A^T Y directly costs T K N; through A^T X_d and W, T K^2 + N K^2: the first where N < K (fc2)
+                    if layer.out_features < layer.in_features:
+                        h, g, _ = _normal_equations(xp, yd, bias is not None)
+                        target = g.T.contiguous()
+                    else:
+                        h, g, s = _normal_equations(xp, xd, bias is not None)
+                        target = _targets(weight, bias, g, s)
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
                         layer.block_scores, order, distortion = refit_obs_curve(
