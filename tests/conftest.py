@@ -9,6 +9,8 @@ import lpvit_compiler as lpvit
 
 # every compile in the tests (CLI subprocesses included) checks each pass's invariant as it runs
 os.environ.setdefault("LPVIT_VERIFY", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: two torch threads each would oversubscribe
+    torch.set_num_threads(1)
 
 
 def tiny_vit(**overrides) -> torch.nn.Module:
