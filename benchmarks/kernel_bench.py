@@ -203,8 +203,8 @@ def _markdown(rows, meta) -> str:
              f"{meta['repeats']} interleaved runs. Speedup = ORT dense MatMul+Add time / our op's time "
              "(geometric mean over the four block linears of the model).", "", *_table(rows, "speedup_vs_ort_dense")]
     if meta.get("baseline_library"):
-        lines += ["", f"Against the baseline build `{meta['baseline_library']}` in the same runs (its time / ours):", "",
-                  *_table(rows, "speedup_vs_baseline")]
+        lines += ["", f"Against the baseline build `{meta['baseline_library']}` in the same runs (its time / ours):",
+                  "", *_table(rows, "speedup_vs_baseline")]
     bsr = [r["ms"]["ort_dense"] / r["ms"]["torch_bsr"] for r in rows if "torch_bsr" in r["ms"]]
     if bsr:
         lines += ["", f"torch's own CPU BSR linear, same shapes: median {statistics.median(bsr):.2f}x the speed of "
