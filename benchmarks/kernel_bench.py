@@ -128,10 +128,12 @@ def main() -> None:
     parser.add_argument("--baseline-library", type=Path, help="another build of the kernel library, timed beside ours")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernel_bench", help="results stem (.md, .json, .png)")
     args = parser.parse_args()
-    if args.int8:
-        return main_int8(args)
+    if args.baseline_library is not None and args.int8:
+        parser.error("--baseline-library times the float32 op; leave it out with --int8")
     if args.baseline_library is not None and not args.baseline_library.is_file():
         parser.error(f"--baseline-library {args.baseline_library}: no such file (give a built liblpvit_kernels.so)")
+    if args.int8:
+        return main_int8(args)
 
     rows = []
     for model, layer_name, (n, k), block, density, batch in _cells(args):

@@ -226,7 +226,6 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 bias = None if linear.bias is None else linear.bias.detach().clone()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    xd = _at_kept_tokens(xd, xp, kept_positions)
                     yd = _at_kept_tokens(dense[node], xp, kept_positions)
                     dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in yd)
                     # A^T Y directly costs T K N; through A^T X_d and W, T K^2 + N K^2: the first where N < K (fc2)
@@ -234,7 +233,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                         h, g, _ = _normal_equations(xp, yd, bias is not None)
                         target = g.T.contiguous()
                     else:
-                        h, g, s = _normal_equations(xp, xd, bias is not None)
+                        h, g, s = _normal_equations(xp, _at_kept_tokens(xd, xp, kept_positions), bias is not None)
                         target = _targets(weight, bias, g, s)
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
