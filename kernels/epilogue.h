@@ -56,7 +56,14 @@ inline float gelu_erf(float v) {
                             -0.0742210393f, 0.0580405789f,  -0.0423749541f, 0.0308199922f,  -0.0228462374f,
                             0.0124062537f,  -0.0035915326f, 0.0033466473f,  -0.0043327297f, 0.0016582222f};
   const float p = horner(x, kErf);
-  const float gelu = 0.5f * v + 0.5f * v * (z * p);  // v * (1 + erf(z)) / 2
+  const float half = 0.5f * v;
+  // v * (1 + erf(z)) / 2 = half + half * erf(z): left of about -3 the two terms cancel to a thousandth of their
+  // size, so round once where the ISA has FMA rather than leave it to the compiler's contraction choices
+#if defined(__FMA__) || defined(__AVX512F__)
+  const float gelu = __builtin_fmaf(half, z * p, half);
+#else
+  const float gelu = half + half * (z * p);
+#endif
   // Past the clamp on the left GELU is below 1e-7 in size: exactly 0 (times v, so -inf gives NaN as in torch),
   // not the rounding error of 1 + erf(z) times a possibly huge v.
   return z > -kZMax ? gelu : v * 0.0f;
