@@ -174,24 +174,11 @@ def main_int8(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"isa": lpvit.kernel_int8_isa(), "threads": args.threads, "repeats": args.repeats, "tokens": TOKENS}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    densities = sorted({r["density"] for r in rows}, reverse=True)
     lines = [f"int8 kernel ISA {meta['isa']}, {meta['threads']} threads, {TOKENS} tokens per image, median of "
              f"{meta['repeats']} interleaved runs; geometric mean over the model's four block linears. Cells: "
              "speedup over onnxruntime's dynamic int8 of the dense layer / our throughput per kept MAC relative to "
              "MLAS int8 (density x its time / ours) / speedup over float32 dense.", "",
-             "| model | block | batch | " + " | ".join(f"density {d:g}" for d in densities) + " |",
-             "|---|---|---|" + "---|" * len(densities)]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for block in sorted({r["block"] for r in rows}):
-            for batch in sorted({r["batch"] for r in rows}):
-                cells = []
-                for d in densities:
-                    sel = [r for r in rows if (r["model"], r["block"], r["batch"], r["density"]) ==
-                           (model, block, batch, d)]
-                    cells.append(" / ".join(f"{_geomean([r[key] for r in sel]):.2f}" for key in
-                                            ("speedup_vs_ort_int8", "per_kept_mac_vs_mlas_int8",
-                                             "speedup_vs_ort_dense")) if sel else "")
-                lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
+             *_table(rows, ("speedup_vs_ort_int8", "per_kept_mac_vs_mlas_int8", "speedup_vs_ort_dense"), suffix="")]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -203,10 +190,10 @@ def _geomean(values):
 def _markdown(rows, meta) -> str:
     lines = [f"Kernel ISA {meta['isa']}, {meta['threads']} threads, {meta['tokens']} tokens per image, median of "
              f"{meta['repeats']} interleaved runs. Speedup = ORT dense MatMul+Add time / our op's time "
-             "(geometric mean over the four block linears of the model).", "", *_table(rows, "speedup_vs_ort_dense")]
+             "(geometric mean over the four block linears of the model).", "", *_table(rows, ("speedup_vs_ort_dense",))]
     if meta.get("baseline_library"):
         lines += ["", f"Against the baseline build `{meta['baseline_library']}` in the same runs (its time / ours):",
-                  "", *_table(rows, "speedup_vs_baseline")]
+                  "", *_table(rows, ("speedup_vs_baseline",))]
     bsr = [r["ms"]["ort_dense"] / r["ms"]["torch_bsr"] for r in rows if "torch_bsr" in r["ms"]]
     if bsr:
         lines += ["", f"torch's own CPU BSR linear, same shapes: median {statistics.median(bsr):.2f}x the speed of "
@@ -214,8 +201,9 @@ def _markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(rows, key: str) -> list[str]:
-    """Markdown rows: model, block, batch, then the geometric mean of ``key`` over the layers at each density."""
+def _table(rows, keys: tuple[str, ...], suffix: str = "x") -> list[str]:
+    """Markdown rows: model, block, batch, then at each density the geometric means of ``keys`` over the layers,
+    joined by " / "."""
     densities = sorted({r["density"] for r in rows}, reverse=True)
     lines = ["| model | block | batch | " + " | ".join(f"density {d:g}" for d in densities) + " |",
              "|---|---|---|" + "---|" * len(densities)]
@@ -224,9 +212,10 @@ def _table(rows, key: str) -> list[str]:
             for batch in sorted({r["batch"] for r in rows}):
                 cells = []
                 for d in densities:
-                    sel = [r[key] for r in rows if (r["model"], r["block"], r["batch"], r["density"]) ==
+                    sel = [r for r in rows if (r["model"], r["block"], r["batch"], r["density"]) ==
                            (model, block, batch, d)]
-                    cells.append(f"{_geomean(sel):.2f}x" if sel else "")
+                    cells.append(" / ".join(f"{_geomean([r[key] for r in sel]):.2f}{suffix}" for key in keys)
+                                 if sel else "")
                 lines.append(f"| {model} | {block}x{block} | {batch} | " + " | ".join(cells) + " |")
     return lines
 

@@ -4,9 +4,18 @@ from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("real_vit", Path(__file__).parents[1] / "benchmarks" / "real_vit.py")
-real_vit = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(real_vit)
+_BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+real_vit = _benchmark("real_vit")
 
 
 def test_a_variant_name_may_contain_an_equals_sign():
@@ -42,9 +51,6 @@ def test_an_accuracy_only_table_claims_no_speed():
     assert [[cell.strip() for cell in cells[-3:-1]] for cells in body] == [["—", "—"]] * 2  # speedup b1, b8
 
 
-_KERNEL_BENCH = Path(__file__).parents[1] / "benchmarks" / "kernel_bench.py"
-
-
 @pytest.mark.parametrize("arguments, message", [
     (["--baseline-library", "no/such/lib.so"], "--baseline-library no/such/lib.so: no such file"),
     (["--baseline-library", __file__, "--int8"], "--baseline-library times the float32 op"),
@@ -53,7 +59,8 @@ def test_kernel_bench_baseline_library_mistakes_are_clear_errors(arguments, mess
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, str(_KERNEL_BENCH), *arguments], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, str(_BENCHMARKS / "kernel_bench.py"), *arguments], capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
 
@@ -63,9 +70,7 @@ def test_kernel_bench_times_a_baseline_build_beside_ours():
     # inside measure), so the row carries a speedup against it
     import lpvit_compiler as lpvit
 
-    spec = importlib.util.spec_from_file_location("kernel_bench", _KERNEL_BENCH)
-    kernel_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_bench)
+    kernel_bench = _benchmark("kernel_bench")
     row = kernel_bench.measure(48, 40, 16, 0.5, 1, 1, 1, False, baseline=Path(lpvit.kernels_library_path()))
     assert set(row["ms"]) == {"ort_lpvit", "ort_dense", "torch_dense", "ort_lpvit_baseline"}
     assert row["speedup_vs_baseline"] > 0
