@@ -1,5 +1,9 @@
-"""The ``lpvit`` command through its real entry point (a subprocess of the installed console script)."""
+"""The ``lpvit`` command: through its real entry point (a subprocess of the installed console script) for runs
+that compile, measure or need a fresh process's environment, and in-process through ``cli.main`` (the function
+the script calls) for the many refusals of bad input, where a subprocess would spend its time importing torch."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +16,7 @@ import torch
 from PIL import Image
 
 import lpvit_compiler as lpvit
+from lpvit_compiler import cli
 from lpvit_compiler.tools.data import image_folder
 
 TESTS = Path(__file__).parent
@@ -26,6 +31,21 @@ def lpvit_cli(*args, cwd, env=None, check=True):
     if check:
         assert done.returncode == 0, done.stderr
     return done
+
+
+def lpvit_main(*args, cwd) -> subprocess.CompletedProcess:
+    """``lpvit ARGS`` run in this process from ``cwd``: exit status and printed output, as from a subprocess."""
+    stdout, stderr, before = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                returncode = cli.main(list(map(str, args)))
+            except SystemExit as e:  # argparse's usage errors
+                returncode = e.code
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_user_error(done, *expected):
@@ -165,25 +185,27 @@ def test_quiet_prints_nothing(tmp_path):
 ])
 def test_user_mistakes_get_one_clear_line(tmp_path, args, expected):
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
-    assert_user_error(lpvit_cli(*args, cwd=tmp_path, check=False), *expected)
+    # --pretrained would try the hub: only a fresh process honours HF_HUB_OFFLINE (read when the hub is imported)
+    done = lpvit_cli(*args, cwd=tmp_path, check=False) if "--pretrained" in args else lpvit_main(*args, cwd=tmp_path)
+    assert_user_error(done, *expected)
 
 
 def test_bad_checkpoint_and_unreadable_images(tmp_path, image_dir):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
-    done = lpvit_cli("compile", MODEL, "--checkpoint", "other.pth", "--out", "x.onnx", cwd=tmp_path, check=False)
+    done = lpvit_main("compile", MODEL, "--checkpoint", "other.pth", "--out", "x.onnx", cwd=tmp_path)
     assert_user_error(done, "checkpoint other.pth is a state dict, but not of cli_models:tiny_vit",
                       "it holds 1 the model does not have (first: unrelated.weight)")
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 20)
-    done = lpvit_cli("compile", MODEL, "--checkpoint", "noise.pth", "--out", "x.onnx", cwd=tmp_path, check=False)
+    done = lpvit_main("compile", MODEL, "--checkpoint", "noise.pth", "--out", "x.onnx", cwd=tmp_path)
     assert_user_error(done, "checkpoint noise.pth is not a state dict torch.load (weights only) or safetensors "
                             "can read")
     broken = tmp_path / "broken"
     shutil.copytree(image_dir, broken)
     (broken / "a" / "0.png").write_bytes(b"not a png")
-    done = lpvit_cli("compile", MODEL, "--calib", broken, "--out", "x.onnx", cwd=tmp_path, check=False)
+    done = lpvit_main("compile", MODEL, "--calib", broken, "--out", "x.onnx", cwd=tmp_path)
     assert_user_error(done, "cannot read image", "0.png")
     (tmp_path / "empty").mkdir()
-    done = lpvit_cli("compile", MODEL, "--calib", tmp_path / "empty", "--out", "x.onnx", cwd=tmp_path, check=False)
+    done = lpvit_main("compile", MODEL, "--calib", tmp_path / "empty", "--out", "x.onnx", cwd=tmp_path)
     assert_user_error(done, "cannot read images from", "one sub-directory per class")
 
 
@@ -208,7 +230,7 @@ def test_onnx_without_the_op_library(compiled_run, tmp_path):
 def test_out_may_not_overwrite_the_input(compiled_run):
     work, _ = compiled_run
     before = (work / "model.pt2").read_bytes()
-    done = lpvit_cli("compile", "model.pt2", "--out", "model.pt2", cwd=work, check=False)
+    done = lpvit_main("compile", "model.pt2", "--out", "model.pt2", cwd=work)
     assert_user_error(done, "--out model.pt2 is the input model")
     assert (work / "model.pt2").read_bytes() == before
 
@@ -221,7 +243,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_compiling(tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     for out in ("/proc/x.onnx", "file/x.onnx"):
-        done = lpvit_cli("compile", MODEL, "--out", out, cwd=tmp_path, check=False)
+        done = lpvit_main("compile", MODEL, "--out", out, cwd=tmp_path)
         assert_user_error(done, f"cannot write {out}", "choose an output path in a folder you can write")
         assert "compiling" not in done.stderr  # refused before the compile started
 
@@ -295,7 +317,7 @@ def test_every_command_refuses_a_bad_input_file_in_one_line(tmp_path, template, 
     args = template.format(*([name] * template.count("{}"))).split()
     if template.startswith("bench {} --dense"):  # only the dense file is bad: the compared model is fine
         args[1] = str(_tiny_onnx(tmp_path))
-    done = lpvit_cli(*args, cwd=tmp_path, check=False)
+    done = lpvit_main(*args, cwd=tmp_path)
     assert_user_error(done, name)
     assert not (tmp_path / "o.onnx").exists()
 
