@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from lpvit_compiler import linalg
 from lpvit_compiler.blocks import BlockGrid
 from lpvit_compiler.state import LayerState
 from lpvit_compiler.passes.importance import _hessian, _magnitude, _taylor, block_diagonal_moments
@@ -60,6 +61,14 @@ def test_block_diagonal_moments_are_the_diagonal_blocks_of_xtx():
         width = cols.stop - cols.start
         torch.testing.assert_close(blocks[c, :width, :width], full[cols, cols], rtol=1e-5, atol=1e-4)
     assert torch.all(blocks[2, 4:] == 0) and torch.all(blocks[2, :, 4:] == 0)
+
+
+@pytest.mark.parametrize("columns", [5, 8, 16, 21])  # one tile, two exactly, two with a partial last, three
+def test_gram_is_xtx(monkeypatch, columns):
+    monkeypatch.setattr(linalg, "GRAM_TILE", 8)
+    x = torch.randn(50, columns)
+    got = linalg.gram(x)
+    np.testing.assert_allclose(got.numpy(), x.double().numpy().T @ x.double().numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_magnitude_distortion_is_relative_energy_removed():

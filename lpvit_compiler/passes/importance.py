@@ -44,7 +44,7 @@ from rich.progress import track
 from torch import fx
 
 from ..frontend.calibration import logits_of
-from ..linalg import cholesky, damped
+from ..linalg import cholesky, damped, gram
 from ..state import CompileState, LayerState
 from ..pass_manager import PassResult, compiler_pass
 
@@ -106,7 +106,7 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
                 flat = x.reshape(-1, x.shape[-1]).float()
                 rows[name] += flat.shape[0]
             if moments == "full":
-                stats.input_moments[name] = stats.input_moments.get(name, 0) + (flat.T @ flat).double()
+                stats.input_moments[name] = stats.input_moments.get(name, 0) + gram(flat).double()
             elif moments == "block":
                 block = block_diagonal_moments(flat, state.layers[name].grid.block_shape[1])
                 stats.block_moments[name] = stats.block_moments.get(name, 0) + block

@@ -70,7 +70,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from ..frontend.regions import block_regions
-from ..linalg import damped, solve_kept_columns
+from ..linalg import damped, gram, solve_kept_columns
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
@@ -93,7 +93,7 @@ def _normal_equations(xp: list[torch.Tensor], rhs: list[torch.Tensor], with_bias
     s = torch.zeros(size, dtype=torch.float64)
     for p, d in zip(xp, rhs):
         p, d = p.reshape(-1, k), d.reshape(-1, m)
-        h[:k, :k] += (p.T @ p).double()
+        h[:k, :k] += gram(p).double()
         g[:k] += (p.T @ d).double()
         s[:k] += p.sum(0).double()
         if with_bias:
