@@ -1,5 +1,6 @@
 """The ridge normal equations that reconstruction and GPTQ share: H = A^T A + lambda I restricted, per block
-row, to the columns the row keeps (rows of one block row share their kept columns)."""
+row, to the columns the row keeps (rows of one block row share their kept columns); and the Gram product x^T x
+that importance (input moments) and reconstruction (A^T A) accumulate over calibration tokens."""
 
 from __future__ import annotations
 
