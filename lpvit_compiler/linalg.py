@@ -17,7 +17,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     k = x.shape[1]
     if k <= GRAM_TILE:
         return x.T @ x
-    result = torch.empty(k, k, dtype=x.dtype)
+    result = x.new_empty(k, k)
     for first in range(0, k, GRAM_TILE):
         tile = slice(first, min(first + GRAM_TILE, k))
         upper = x[:, tile].T @ x[:, first:]  # [tile, K - first]
