@@ -77,3 +77,23 @@ def test_kernel_bench_times_a_baseline_build_beside_ours():
     table = kernel_bench._markdown([{"model": "m", "layer": "l", **row}], {"isa": "x", "threads": 1, "repeats": 1,
                                                                          "tokens": 197, "baseline_library": "old.so"})
     assert "Against the baseline build `old.so`" in table
+
+
+def test_the_outlier_measure_finds_a_planted_massive_channel():
+    """benchmarks/outliers.py reports "no outliers" for DINOv2-S: it must see one where there is one."""
+    import timm
+    import torch
+
+    outliers = _benchmark("outliers")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=10).eval()
+    images = torch.randn(4, 3, 32, 32)
+    plain = outliers.measure(model, images)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias[7] = 1e4  # a massive channel written into the residual stream by block 1
+    planted = outliers.measure(model, images)
+    assert max(r["stream_ratio"] for r in plain) < 100
+    assert plain[0] == planted[0]  # before block 1 nothing changes
+    for row in planted[1:]:
+        assert row["stream_top_channel"] == 7 and row["stream_ratio"] > 1000
+        assert row["token_norm_ratio"] < 1.1  # every token carries it: no single high-norm token
