@@ -1,11 +1,15 @@
 """Accuracy without fine-tuning, on real data: the Fashion-MNIST ViT compiled at several budgets.
 
     python benchmarks/accuracy.py [--flops-keep 0.7 0.5 0.3] [--blocks 16 32] [--calib-images 256]
+                                  [--patch-keep 0.5 0.25]
 
 Trains (or loads the cached) ViT of ``benchmarks/fashion_mnist.py``, then compiles it with every importance
 criterion, without and with weight reconstruction, at every budget and block size, and measures top-1 on the
 10k test images for the compiled torch model and for its ONNX export in onnxruntime (they must agree). Per
-(budget, block) it also times the exported model against the dense one in onnxruntime (batch 64).
+(budget, block) it also times the exported model against the dense one in onnxruntime (batch 64). With
+``--patch-keep``, tokens alone too: the default compile at ``flops_keep=1.0`` with ``token_pruning="merge"`` (the
+model averages its 16 patch tokens, which merging keeps as a size-weighted mean; dropping them would change it),
+with its whole-model FLOPs kept.
 Writes benchmarks/results/accuracy.{md,json,png}.
 """
 
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--distill-flops-keep", nargs="*", type=float, default=[0.5])
     parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--patch-keep", nargs="*", type=float, default=[],
+                        help="also tokens alone: token_pruning='merge' leaving these shares of the patches")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy")
     args = parser.parse_args(argv)
 
@@ -102,6 +108,21 @@ def main(argv=None) -> int:
                     row["drop_points"] = 100 * (dense_top1 - row["top1_torch"])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    merged = []
+    for patch_keep in args.patch_keep:
+        start = time.perf_counter()
+        compiled = lpvit.compile(model, hw="cpu", flops_keep=1.0, calib=calib, token_pruning="merge",
+                                 patch_keep=patch_keep, progress=False)
+        seconds = time.perf_counter() - start
+        session = ort_session(compiled.export(work / "merged.onnx"), args.threads, True)
+        timing = compare_sessions(dense_session, session, [64], repeats=7)
+        row = {"patch_keep": patch_keep, "model_flops_keep": compiled.report.summary["model_flops_keep"],
+               "tokens_per_block": [s["tokens_out"] for s in compiled.report.token_stages],
+               "top1_torch": lpvit.evaluate(compiled, test), "top1_onnxruntime": lpvit.evaluate(session, test),
+               "compile_s": seconds, "speedup": timing["batches"]["64"]["speedup"]}
+        row["drop_points"] = 100 * (dense_top1 - row["top1_torch"])
+        merged.append(row)
+        print(json.dumps(row), flush=True)
     distilled = []
     train = DataLoader(fashion_mnist_data("train"), batch_size=128, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
@@ -120,7 +141,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dense_top1": dense_top1, "test_images": len(test.dataset), "calib_images": len(calib),
             "threads": args.threads, "versions": lpvit.compiled.versions()}
-    results = {"meta": meta, "rows": rows, "distilled": distilled}
+    results = {"meta": meta, "rows": rows, "merged": merged, "distilled": distilled}
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (("reconstruct" in v), v))
     lines = [f"Fashion-MNIST ViT (`benchmarks/fashion_mnist.py`), dense test top-1 {dense_top1:.4f} on "
@@ -141,6 +162,14 @@ def main(argv=None) -> int:
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['block']}x{r['block']} | {r['flops_keep']} | {r['top1_before']:.4f} | {r['top1_after']:.4f} | "
               f"{r['top1_after_onnxruntime']:.4f} | {r['seconds']:.0f} |" for r in distilled]
+    if merged:
+        lines += ["", "Tokens alone (`token_pruning=\"merge\"`, `flops_keep=1.0`, default compile otherwise; patch tokens "
+                  "after each merge stage, blocks 1-3):", "",
+                  "| patch_keep | patches after each stage | model FLOPs kept | top-1 torch | top-1 onnxruntime | "
+                  "drop (points) | speedup |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['patch_keep']} | {' / '.join(map(str, r['tokens_per_block']))} | {r['model_flops_keep']:.3f} | "
+                  f"{r['top1_torch']:.4f} | {r['top1_onnxruntime']:.4f} | {r['drop_points']:.2f} | "
+                  f"{r['speedup']:.2f}x |" for r in merged]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if rows:
         plot(rows, dense_top1, args.out.with_suffix(".png"))

@@ -158,7 +158,8 @@ class CompileOptions:
     gptq: bool = _option(True, _flag, "with quantize='int8': quantize the kept weights column by column with "
                                       "second-order error compensation (GPTQ) on the reconstruction's Hessian; "
                                       "False rounds each weight to nearest")
-    reconstruct_images: int = _option(128, _positive_int, "calibration images the reconstruction fits on")
+    reconstruct_images: int | None = _option(None, _optional_positive_int, "calibration images the reconstruction "
+                                             "fits on (None: enough for 25,216 tokens per layer, at least 128)")
     block_recovery: bool = _option(True, _flag, "after the per-layer refit, fit each transformer block's output "
                                                 "to the dense block's by Adam (masks frozen; needs reconstruct)")
     recovery_tflops: float = _option(4.0, _number(0.0, float("inf")), "compute budget of block recovery in "
@@ -167,7 +168,7 @@ class CompileOptions:
     recovery_seconds: float = _option(float("inf"), _number(0.0, float("inf")), "wall-clock cap of block "
                                       "recovery, shared over the blocks (when it binds, the result depends on "
                                       "the machine's speed and load)")
-    recovery_steps: int = _option(200, _count, "most Adam steps per block in block recovery")
+    recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
 

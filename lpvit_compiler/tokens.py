@@ -1,7 +1,7 @@
 """Ops the token-pruning pass puts into the graph: explicit attention probabilities, CP-ViT's patch score, the
-per-image top-k selection of tokens (``"cascade"``) and ToMe's bipartite merge (``"merge"``). Plain torch, so
-torch.fx, torch.export and the ONNX exporter trace them (Softmax, ReduceMax, TopK, Gather, GatherElements,
-ScatterElements in ONNX).
+per-image top-k selection of tokens (``"cascade"``), ToMe's bipartite merge (``"merge"``) and the size-weighted
+mean that replaces a model's average over its tokens once they merge. Plain torch, so torch.fx, torch.export and
+the ONNX exporter trace them (Softmax, ReduceMax, TopK, Gather, GatherElements, ScatterElements in ONNX).
 
 TokenMerge splits its work in two, ``decide`` (which patches merge where) and ``reduce``, so the
 reconstruction can merge its dense stream with the pruned stream's decision.
@@ -35,6 +35,16 @@ def patch_scores(probabilities: torch.Tensor) -> torch.Tensor:
     [B, H, N, N] -> [B, N]. A token scores high when some query attends to it strongly in some head.
     """
     return probabilities.amax(dim=-2).sum(dim=1)
+
+
+def weighted_token_mean(x: torch.Tensor, size: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The mean over tokens of a model that averages its tokens, after merging: each token weighted by the patches
+    it stands for. x [B, n, C] holds the last n tokens of the stream that ``size`` [B, N] describes (the patches,
+    where the model pools only those) -> [B, C] ([B, 1, C] with ``keepdim``). With every size 1 it is x.mean(1);
+    right after a merge it equals the mean over the patches before it, since a merged token is their
+    size-weighted average."""
+    weights = size[:, size.shape[1] - x.shape[1]:, None].to(x.dtype)
+    return (x * weights).sum(dim=1, keepdim=keepdim) / weights.sum(dim=1, keepdim=keepdim)
 
 
 class TokenSelect(nn.Module):

@@ -23,7 +23,7 @@ def _model(**overrides):
     """4 blocks, 8x8 patches of 4 px, a class token and two registers. Queries and keys are scaled up so that
     attention is peaked, as in trained models: with the near-uniform attention of a random init, patch scores
     tie to within float rounding, and torch and onnxruntime may then keep different (equally scored) patches."""
-    model = tiny_vit(patch_size=4, depth=4, reg_tokens=2, **overrides)
+    model = tiny_vit(**{"patch_size": 4, "depth": 4, "reg_tokens": 2, **overrides})
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight[: 2 * block.attn.qkv.in_features].mul_(4.0)
@@ -334,3 +334,57 @@ def test_merge_beyond_half_a_stage_is_a_clear_error(calib):
     with pytest.raises(ConfigError, match=r"merge at most half of a block's patches, but blocks.3 would have to "
                                           r"merge 58 of 64: raise patch_keep or lower first_token_stage"):
         _compile(_model(), calib, token_pruning="merge", patch_keep=0.1, first_token_stage=3)
+
+
+def _average_pooled(**overrides):
+    """_model without class token or registers, averaging its 64 patches before the head (global_pool="avg")."""
+    return _model(reg_tokens=0, class_token=False, global_pool="avg", **overrides)
+
+
+def test_merge_keeps_an_average_pooled_models_mean_exactly_where_the_later_blocks_pass_tokens_through(calib):
+    """Blocks 1-3 write nothing to the residual stream, so the dense model averages block 0's tokens. Merged
+    tokens are size-weighted averages of the patches they stand for, so the size-weighted mean of any merge is
+    that same average; the plain mean of the merged tokens is not."""
+    model = _average_pooled()
+    with torch.no_grad():
+        for block in model.blocks[1:]:
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    compiled = _compile(model, calib, token_pruning="merge", patch_keep=0.25, prefix_tokens=0)
+    assert compiled.report.token_stages[-1]["tokens_out"] == 16
+    assert "weighted_token_mean" in compiled.graph_module.code
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_average_pooled_model_merges_in_onnxruntime_and_refuses_dropping(calib, tmp_path):
+    model = _average_pooled()
+    merged = _compile(model, calib, token_pruning="merge", patch_keep=0.5, flops_keep=0.5, prefix_tokens=0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        together = merged(x)
+        alone = torch.cat([merged(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    session = ort_session(str(merged.export(tmp_path / "merged.onnx")), 2, custom_ops=True)
+    got = session.run(None, {"pixel_values": x.numpy()})[0]
+    assert np.abs(got - together.numpy()).max() <= 1e-4 * np.abs(together.numpy()).max()
+    with pytest.raises(ConfigError, match="averages its tokens.*token_pruning='merge' keeps it"):
+        _compile(model, calib, prefix_tokens=0)
+    skipped = _compile(model, calib, token_pruning="auto", prefix_tokens=0)
+    assert any("averages its tokens" in note for note in skipped.report.notes)
+
+
+def test_other_token_reductions_after_the_last_block_are_refused(calib):
+    class MaxPooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = _average_pooled()
+            self.num_prefix_tokens = 0
+
+        def forward(self, x):
+            return self.vit.head(self.vit.forward_features(x).amax(dim=1))
+
+    with pytest.raises(ConfigError, match="reduces its tokens with amax"):
+        _compile(MaxPooled().eval(), calib, token_pruning="merge")

@@ -80,6 +80,20 @@ from .block_mask_solve import budget_problem, prune_first_blocks, solve_outcome,
 from .block_recovery import recover_block
 from .importance import refit_obs_curve
 
+# The reconstruction's sample by default: DeiT-S's 128 images of 197 tokens, and never fewer than 128 images
+RECONSTRUCT_TOKENS = 128 * 197
+MIN_RECONSTRUCT_IMAGES = 128
+
+
+def reconstruction_images(state: CompileState) -> int:
+    """``reconstruct_images``, or by default as many calibration images as give ``RECONSTRUCT_TOKENS`` tokens at
+    the layers' inputs, at least ``MIN_RECONSTRUCT_IMAGES``: a model with few tokens per image needs more images for
+    its K x K normal equations and for block recovery's loss to describe it."""
+    if state.options.reconstruct_images is not None:
+        return state.options.reconstruct_images
+    tokens = max(layer.tokens for layer in state.layers.values())
+    return max(MIN_RECONSTRUCT_IMAGES, RECONSTRUCT_TOKENS // max(tokens, 1))
+
 
 def _normal_equations(xp: list[torch.Tensor], rhs: list[torch.Tensor], with_bias: bool):
     """H = A^T A [K', K'], G = A^T R [K', M], s = A^T 1 [K'] (float64), over all chunks' tokens, for right-hand
@@ -188,7 +202,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     weight.copy_(quantized)
         note = "weights masked" + (" and rounded to int8" if int8 else "") + ", not refitted"
         return PassResult(gm, True, {"enabled": False, "note": note})
-    images = torch.cat(state.calibration)[: opts.reconstruct_images]
+    images = torch.cat(state.calibration)[: reconstruction_images(state)]
     chunks = list(torch.split(images, opts.calib_batch_size))
     interpreter = fx.Interpreter(gm)
     regions = block_regions(gm, state.layers) if opts.block_recovery else []

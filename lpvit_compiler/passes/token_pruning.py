@@ -32,9 +32,16 @@ With ``target_speedup`` or ``power_keep`` and no ``patch_keep``, R is not fixed 
 every patch (the graph computes the model before token pruning) and pass 06, token_schedule, chooses R with the
 block masks once importance and hardware have run.
 
+A model that averages its tokens after the last block (timm's ``global_pool="avg"``) keeps that average under
+``"merge"``: the mean becomes tokens.weighted_token_mean, each token weighted by the patches it stands for,
+    pooled = sum_j size_j x_j / sum_j size_j
+which right after a merge is exactly the mean over the patches before it. Dropping tokens (``"cascade"``) would
+change what is averaged, so such a model is unsupported there, as is any other reduction over the tokens (sum,
+max) after the last block.
+
 Unsupported models (windows, spatial stages, rotary or relative position tables, convolutions inside the
-blocks, a block with another input) raise a ConfigError naming the reason; ``token_pruning="auto"`` skips the
-pass with a report note instead.
+blocks, a block with another input, token pooling the mode cannot keep) raise a ConfigError naming the reason;
+``token_pruning="auto"`` skips the pass with a report note instead.
 """
 
 from __future__ import annotations
@@ -56,13 +63,18 @@ from ..frontend.attention import (UnsupportedModel, attention_site, drop_constan
 from ..frontend.regions import BlockRegion, block_regions, place_in_block_of
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, TokenStage
-from ..tokens import TokenMerge, TokenSelect, add_key_bias, attention_probabilities, patch_scores
+from ..tokens import (TokenMerge, TokenSelect, add_key_bias, attention_probabilities, patch_scores,
+                      weighted_token_mean)
 
 LOCALITY_IMAGES = 16
 MAP_IMAGES = 4
 _SHAPE_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
               torch.ops.aten.expand.default)
 _SPATIAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_MEANS = {"mean", torch.mean, torch.ops.aten.mean.dim}
+_REDUCTIONS = _MEANS | {"sum", "amax", "amin", "max", "min", "logsumexp", "nansum", "nanmean", torch.sum, torch.amax,
+                        torch.amin, torch.max, torch.min, torch.logsumexp, torch.ops.aten.sum.dim_IntList,
+                        torch.ops.aten.amax.default, torch.ops.aten.amin.default, torch.ops.aten.max.dim}
 
 
 def _prefix_tokens(state: CompileState) -> int:
@@ -105,6 +117,50 @@ def _check_block(gm: fx.GraphModule, region: BlockRegion, tokens: int, prefix: i
     if outside:
         raise UnsupportedModel(f"the input of block {region.name} is also read after it ({outside[0].name})")
     return stream
+
+
+def _reduced_dims(node: fx.Node) -> list[int] | None:
+    """The dims a reduction node reduces (None: all of them)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return None if dim is None else [dim] if isinstance(dim, int) else list(dim)
+
+
+def _token_pools(gm: fx.GraphModule, last: BlockRegion, tokens: int, prefix: int, merge: bool) -> list[fx.Node]:
+    """The means over the token axis after the last block (the model's pooling), which ``merge`` keeps by
+    weighting; raises UnsupportedModel for one that cannot be kept (any mean under cascade, any other
+    reduction)."""
+    after = False
+    pools = []
+    for node in gm.graph.nodes:
+        if node is last.nodes[-1]:
+            after = True
+        if not after or node.op not in ("call_method", "call_function") or node.target not in _REDUCTIONS:
+            continue
+        shape = tensor_shape(node.args[0]) if node.args else None
+        dims = _reduced_dims(node)
+        if shape is None or len(shape) != 3 or shape[1] not in (tokens, tokens - prefix) or (
+                dims is not None and not {1, -2} & set(dims)):
+            continue
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        if node.target not in _MEANS or (dims is not None and len(dims) > 1):
+            raise UnsupportedModel(f"it reduces its tokens with {name} after the last block ({node.name}), "
+                                   "which would change on fewer tokens")
+        if not merge:
+            raise UnsupportedModel(f"it averages its tokens after the last block ({node.name}), and dropping tokens "
+                                   "changes that average; token_pruning='merge' keeps it (a size-weighted mean)")
+        pools.append(node)
+    return pools
+
+
+def _weight_pools_by_size(gm: fx.GraphModule, pools: list[fx.Node], size: fx.Node) -> None:
+    """Each token mean after the last block becomes the size-weighted mean of the merged tokens."""
+    for pool in pools:
+        keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
+        with gm.graph.inserting_before(pool):
+            weighted = gm.graph.call_function(weighted_token_mean, (pool.args[0], size), {"keepdim": keepdim})
+        weighted.meta = dict(pool.meta)
+        pool.replace_all_uses_with(weighted)
+        gm.graph.erase_node(pool)
 
 
 def _locality(gm: fx.GraphModule, probabilities: list[fx.Node], images: torch.Tensor, prefix: int) -> np.ndarray:
@@ -282,6 +338,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
         tokens = first[0][1] if first and len(first[0]) == 3 else -1
         prefix = _prefix_tokens(state)
         streams = [_check_block(gm, region, tokens, prefix) for region in regions]
+        pools = _token_pools(gm, regions[-1], tokens, prefix, merge=opts.token_pruning == "merge")
         sites = [attention_site(region) for region in regions]
         if tokens - prefix < 2 or opts.first_token_stage >= len(regions):
             raise UnsupportedModel(f"{len(regions)} blocks of {tokens} tokens ({prefix} prefix) leave nothing to "
@@ -311,6 +368,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
             _proportional_attention(gm, probabilities[i], carried)
         elif not merge:
             carried = _insert_scores(gm, probabilities[i], carried)
+    _weight_pools_by_size(gm, pools, carried)
     try:  # the fixed schedule; with a joint schedule only to check below that the model runs on fewer tokens
         stages = apply_counts(gm, stages, keep_counts(patches, opts.fixed_patch_keep, locality[stage_blocks]))
     except ValueError as e:
@@ -331,6 +389,7 @@ def token_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     state.token_stages = stages
     decisions = {"enabled": True, "prefix_tokens": prefix, "patches": patches,
                  "attention_masks_dropped_as_constant": masks_dropped,
+                 "token_means_weighted_by_size": [pool.name for pool in pools],
                  "patch_keep": "chosen by token_schedule" if opts.joint_token_schedule else opts.fixed_patch_keep,
                  "locality_3x3": dict(zip((r.name for r in regions), locality.round(4).tolist())),
                  "stages": [vars(s) for s in stages],
