@@ -150,3 +150,20 @@ def test_refit_rows_equal_a_direct_ridge_least_squares_per_row(n):
         got = torch.cat([new_weight[row], new_bias[row:row + 1]]).double()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert len({int(mask[r].sum()) for r in range(0, n, grid.block_shape[0])}) > 1  # unequal kept counts
+
+
+@pytest.mark.parametrize("tokens, given, expected", [
+    (197, None, 128),  # DeiT-S at 224 px: 128 images of 197 tokens are the reference sample
+    (16, None, 1576),  # few tokens per image: as many images as give the same tokens
+    (65, None, 387),
+    (577, None, 128),  # many tokens per image: never fewer than 128 images
+    (16, 32, 32),  # an explicit reconstruct_images wins
+])
+def test_reconstruction_images_give_enough_tokens(tokens, given, expected):
+    from types import SimpleNamespace
+
+    from lpvit_compiler.passes.reconstruct import reconstruction_images
+
+    state = SimpleNamespace(options=SimpleNamespace(reconstruct_images=given),
+                            layers={"a": SimpleNamespace(tokens=tokens), "b": SimpleNamespace(tokens=tokens // 2)})
+    assert reconstruction_images(state) == expected
