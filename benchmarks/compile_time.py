@@ -5,7 +5,7 @@ calibration images at 224 px in <= 60 s with peak RSS <= 4 GB on 2 CPU cores.
 
     python benchmarks/compile_time.py [--models deit_small_patch16_224 deit_base_patch16_224] [--images 256]
                                       [--importance taylor hessian magnitude | --preset fast] [--repeats 3]
-                                      [--allocation dense sequential]
+                                      [--allocation dense sequential] [--options '{"recovery_tflops": 8}']
 
 The machine is shared and noisy: each configuration runs ``--repeats`` times and the table gives the median
 wall time with the range. Writes benchmarks/results/compile_time_<models>.{md,json}.
@@ -26,8 +26,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(model_name: str, images: int, importance: str, preset: str | None = None, allocation: str = "auto"
-            ) -> dict:
+def run_one(model_name: str, images: int, importance: str, preset: str | None = None, allocation: str = "auto",
+            extra_options: dict | None = None) -> dict:
     import timm
     import torch
 
@@ -39,12 +39,14 @@ def run_one(model_name: str, images: int, importance: str, preset: str | None = 
     start = time.perf_counter()
     options = {"preset": preset} if preset else {"importance": importance}
     options["allocation"] = allocation
+    options.update(extra_options or {})
     compiled = lpvit.compile(model, hw="cpu", flops_keep=0.5, calib=calib, progress=False, **options)
     seconds = time.perf_counter() - start
     return {
         "model": model_name,
         "importance": f"preset {preset}" if preset else importance,
         "allocation": allocation,
+        "options": extra_options or {},
         "calibration_images": images,
         "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),
@@ -63,11 +65,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--preset", help="compile with this preset (lpvit_compiler.options.PRESETS) instead of "
                                           "--importance")
+    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                        help="further lpvit.compile options for every compile, e.g. '{\"recovery_tflops\": 8}'")
     parser.add_argument("--stem", help="results file name (default compile_time_<models>)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "IMPORTANCE", "ALLOCATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.images, args.one[1], args.preset, args.one[2])))
+        print(json.dumps(run_one(args.one[0], args.images, args.one[1], args.preset, args.one[2], args.options)))
         return
     rows = []
     for model in args.models:
@@ -75,7 +79,7 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):
                 command = [sys.executable, __file__, "--one", model, str(importance), allocation,
-                           "--images", str(args.images)]
+                           "--images", str(args.images), "--options", json.dumps(args.options)]
                 out = subprocess.run(command + (["--preset", args.preset] if args.preset else []), check=True,
                                      capture_output=True, text=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -87,11 +91,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or "compile_time_" + "_".join(args.models)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | importance | allocation | calib images | threads | wall s (median) | runs (s) | peak RSS GB "
-             "| slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | importance | allocation | options | calib images | threads | wall s (median) | runs (s) | peak RSS GB "
+             "| slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slowest = max(r["passes"], key=r["passes"].get)
-        lines.append(f"| {r['model']} | {r['importance']} | {r['allocation']} | {r['calibration_images']} | "
+        lines.append(f"| {r['model']} | {r['importance']} | {r['allocation']} | {json.dumps(r['options'])} | "
+                     f"{r['calibration_images']} | "
                      f"{r['threads']} | "
                      f"{r['seconds']:.1f} | {', '.join(f'{t:.1f}' for t in r['seconds_runs'])} | {r['peak_rss_gb']} | "
                      f"{slowest} {r['passes'][slowest]:.1f} s | {r['passes'].get('reconstruct', 0):.1f} |")
