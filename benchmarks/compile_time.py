@@ -91,13 +91,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or "compile_time_" + "_".join(args.models)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | importance | allocation | options | calib images | threads | wall s (median) | runs (s) | peak RSS GB "
-             "| slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | importance | allocation | options | calib images | threads | wall s (median) | runs (s) "
+             "| peak RSS GB | slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slowest = max(r["passes"], key=r["passes"].get)
         lines.append(f"| {r['model']} | {r['importance']} | {r['allocation']} | {json.dumps(r['options'])} | "
-                     f"{r['calibration_images']} | "
-                     f"{r['threads']} | "
+                     f"{r['calibration_images']} | {r['threads']} | "
                      f"{r['seconds']:.1f} | {', '.join(f'{t:.1f}' for t in r['seconds_runs'])} | {r['peak_rss_gb']} | "
                      f"{slowest} {r['passes'][slowest]:.1f} s | {r['passes'].get('reconstruct', 0):.1f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
