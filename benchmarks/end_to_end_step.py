@@ -58,10 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = real_vit.dinov2_small(onnx.load_from_string(real_vit.dinov2_onnx()))
     images, labels = real_vit.fashion_mnist(5000)  # the last 5,000 are the test split's, as in real_vit.py
-    probe = real_vit.train_probe(real_vit.features(model, images[:4000]), labels[:4000])
-    model.reset_classifier(10)
-    model.head.load_state_dict(probe.state_dict())
-    model.eval()
+    model = real_vit.with_probe(model, images[:4000], labels[:4000])
     calib, test_images, test_labels = images[:256], images[-5000:], labels[-5000:]
     started = time.perf_counter()
     compiled = lpvit.compile(model, calib=calib, block_shape=16, flops_keep=args.flops_keep, progress=False)

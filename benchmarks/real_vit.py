@@ -200,6 +200,14 @@ def train_probe(train_features: torch.Tensor, labels: torch.Tensor, weight_decay
     return probe.requires_grad_(False)
 
 
+def with_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor) -> torch.nn.Module:
+    """``model`` with a linear probe on its dense CLS features, trained on these images, as its head; eval mode."""
+    probe = train_probe(features(model, train_images), train_labels)
+    model.reset_classifier(10)
+    model.head.load_state_dict(probe.state_dict())
+    return model.eval()
+
+
 def top1(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
     logits = torch.as_tensor(np.asarray(logits))
     return float((logits.argmax(1) == labels).float().mean())
@@ -288,11 +296,7 @@ def main(argv=None) -> int:
     train, test = order[:4000], order[len(images) - args.test_images:]
     error = conversion_error(backbone, proto, images[:2])
     print(f"conversion: max |timm - ONNX graph| of the final LayerNorm output at {IMAGE} px = {error:.2e}")
-    probe = train_probe(features(backbone, images[train]), labels[train])
-    model = backbone
-    model.reset_classifier(10)
-    model.head.load_state_dict(probe.state_dict())
-    model.eval()
+    model = with_probe(backbone, images[train], labels[train])
     calib, test_images, test_labels = images[train[: args.calib_images]], images[test], labels[test]
     work = Path(tempfile.mkdtemp(prefix="lpvit-real-vit-"))
     dense_path = export_onnx(model, test_images[:2], work / "dense.onnx")

@@ -52,10 +52,7 @@ def main(argv=None) -> int:
     model = real_vit.dinov2_small(proto)
     images, labels = real_vit.fashion_mnist(args.test_images)
     train, test = torch.arange(4000), torch.arange(len(images) - args.test_images, len(images))
-    probe = real_vit.train_probe(real_vit.features(model, images[train]), labels[train])
-    model.reset_classifier(10)
-    model.head.load_state_dict(probe.state_dict())
-    model.eval()
+    model = real_vit.with_probe(model, images[train], labels[train])
     calib, test_images, test_labels = images[train[: args.calib_images]], images[test], labels[test]
     work = Path(tempfile.mkdtemp(prefix="lpvit-token-sweep-"))
     dense_session = ort_session(str(export_onnx(model, test_images[:2], work / "dense.onnx")), args.threads,
