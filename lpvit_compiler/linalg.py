@@ -1,6 +1,7 @@
 """The ridge normal equations that reconstruction and GPTQ share: H = A^T A + lambda I restricted, per block
 row, to the columns the row keeps (rows of one block row share their kept columns); and the Gram product x^T x
-that importance (input moments) and reconstruction (A^T A) accumulate over calibration tokens."""
+that importance (input moments) and reconstruction (A^T A) accumulate over calibration tokens; and the
+Cholesky factorisation they (and the OBS curves) run on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
 GRAM_TILE = 256  # column tile of gram(): best overall of 192, 256, 384, 512 (benchmarks/gram_bench.py, AVX2)
+ALIASED_COLUMNS = 512  # float64 rows a multiple of 4 KiB apart: unaliased_width() widens those systems
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -39,12 +41,37 @@ def block_row_systems(h: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept[:, :, None] * h * kept[:, None, :] + torch.diag_embed(1 - kept)
 
 
+def unaliased_width(n: int) -> int:
+    """n, or n + 1 where rows of n float64 are a multiple of 4 KiB (``ALIASED_COLUMNS`` values) apart.
+
+    Why: at such widths MKL's potrf hits cache-set conflicts: a 1536-wide system (fc2's inverse Hessian in the OBS
+    curves) takes 45 ms, a 1537-wide one 23 ms (benchmarks/cholesky_bench.py). Narrower widths that are merely
+    multiples of 64 (384, 768) factor slower widened than as they are, counting the copy. A system widened by an
+    identity row and column, diag(A, 1), has the factor diag(L_A, 1)."""
+    return n + 1 if n % ALIASED_COLUMNS == 0 else n
+
+
+def cholesky_ex(system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.cholesky_ex`` (lower factor L [..., n, n] of each system, and info: 0, or the order of the
+    first leading minor that is not positive definite), factored at ``unaliased_width(n)`` (L is then a view of
+    the wider factor's leading n x n)."""
+    n = system.shape[-1]
+    width = unaliased_width(n)
+    if width == n:
+        return torch.linalg.cholesky_ex(system)
+    wide = torch.zeros(*system.shape[:-2], width, width, dtype=system.dtype)
+    wide[..., :n, :n] = system
+    wide[..., n:, n:] = torch.eye(width - n, dtype=system.dtype)
+    factor, info = torch.linalg.cholesky_ex(wide)
+    return factor[..., :n, :n], info
+
+
 def cholesky(system: torch.Tensor, lam: float) -> torch.Tensor:
     """Cholesky factors of a batch of systems; where rounding leaves one not positive definite (rank-deficient
     inputs with tiny damping), add damping tenfold until it is."""
     extra = max(lam, 1e-12)
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(system)
+        factor, info = cholesky_ex(system)
         if not bool(info.any()):
             return factor
         system = system + extra * torch.eye(system.shape[-1], dtype=system.dtype)

@@ -1,6 +1,7 @@
 """Block-level recovery: regions found from the traced module stack, the Adam fit never worse than its start on
 calibration data, masks frozen, exact where the pruned part is redundant, and the option in a compile."""
 
+import importlib
 import json
 import math
 
@@ -218,6 +219,29 @@ def test_compile_records_recovery_and_it_lowers_calibration_error(calib, tmp_pat
         target = model(calib)
         errors = [float((c(calib) - target).pow(2).sum() / target.pow(2).sum()) for c in (plain, recovered)]
     assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "int8"}, {"token_pruning": "cascade", "patch_keep": 0.5},
+                                     {"token_pruning": "merge", "patch_keep": 0.5}])
+def test_the_pruned_stream_hands_recovery_the_blocks_outputs(monkeypatch, calib, options):
+    # recovery starts from the outputs the reconstruction's pruned stream computed instead of running the block
+    # again: they must be what the block computes now, in every kind of stream
+    reconstruct = importlib.import_module("lpvit_compiler.passes.reconstruct")
+    seen = []
+
+    def checked(gm, region, layers, inputs, targets, *, outputs, int8, **kwargs):
+        fresh = run_region(gm, region, layers, inputs, int8)
+        for streamed, computed in zip(outputs, fresh):
+            for a, b in zip(streamed, computed):
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        seen.append(region.name)
+        return recover_block(gm, region, layers, inputs, targets, outputs=outputs, int8=int8, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "recover_block", checked)
+    lpvit.compile(tiny_vit(), hw="cpu-avx2", flops_keep=0.5, calib=calib, block_shape=16, progress=False,
+                  recovery_steps=2, **options)
+    assert seen == ["blocks.0", "blocks.1"]
 
 
 def test_a_compile_with_block_recovery_is_reproducible(calib, tmp_path):

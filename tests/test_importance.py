@@ -71,6 +71,30 @@ def test_gram_is_xtx(monkeypatch, columns):
     np.testing.assert_allclose(got.numpy(), x.double().numpy().T @ x.double().numpy(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [16, 17, 24])  # widened, as it is, widened
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
+def test_cholesky_of_aliased_widths_is_lapacks(monkeypatch, size, batch):
+    monkeypatch.setattr(linalg, "ALIASED_COLUMNS", 8)
+    torch.manual_seed(size)
+    x = torch.randn(*batch, size, 2 * size, dtype=torch.float64)
+    system = x @ x.mT / size + 1e-3 * torch.eye(size, dtype=torch.float64)
+    factor, info = linalg.cholesky_ex(system)
+    assert factor.shape == system.shape and info.shape == batch and not info.any()
+    torch.testing.assert_close(factor, torch.linalg.cholesky(system), rtol=1e-12, atol=1e-12)
+    assert torch.equal(factor, factor.tril())
+
+
+@pytest.mark.parametrize("bad", [3, 15])
+def test_cholesky_of_aliased_widths_reports_the_first_minor_that_is_not_positive_definite(monkeypatch, bad):
+    monkeypatch.setattr(linalg, "ALIASED_COLUMNS", 8)
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, dtype=torch.float64)
+    system = torch.stack([x @ x.T, x @ x.T])
+    system[1, bad, bad] = -1.0  # a negative diagonal entry: the minor of order bad + 1 is not positive definite
+    _, info = linalg.cholesky_ex(system)
+    assert info.tolist() == [0, bad + 1]
+
+
 def test_magnitude_distortion_is_relative_energy_removed():
     torch.manual_seed(0)
     layer, weight = _layer(block=(16, 32)), torch.randn(40, 48)

@@ -189,13 +189,16 @@ def _step_scales(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Laye
 
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
                   inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, flops: float,
-                  lr: float, int8: bool, seconds: float = math.inf, seed: int = 0) -> tuple[dict, list]:
+                  lr: float, int8: bool, seconds: float = math.inf, seed: int = 0,
+                  outputs: list[list] | None = None) -> tuple[dict, list]:
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
     values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk;
-    at most ``steps`` steps, ``flops`` FLOPs of them and ``seconds`` of wall time.
+    at most ``steps`` steps, ``flops`` FLOPs of them and ``seconds`` of wall time. ``outputs``: the region's
+    outputs per chunk as the model computes them before recovery, where the caller has them (the reconstruction's
+    pruned stream does); None runs the region for them.
     Returns what it did (steps run, their FLOPs, relative loss before and after, whether the result was kept)
     and the region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
-    before_outputs = run_region(gm, region, layers, inputs, int8)
+    before_outputs = outputs if outputs is not None else run_region(gm, region, layers, inputs, int8)
     fit = region.fitted()
 
     def fitted(outputs: list) -> list:

@@ -44,7 +44,7 @@ from rich.progress import track
 from torch import fx
 
 from ..frontend.calibration import logits_of
-from ..linalg import cholesky, damped, gram
+from ..linalg import cholesky, damped, gram, unaliased_width
 from ..state import CompileState, LayerState
 from ..pass_manager import PassResult, compiler_pass
 
@@ -258,22 +258,27 @@ def _sequential_obs_errors(grid, weight: torch.Tensor, inverse: torch.Tensor, or
     bh, bw = grid.block_shape
     rows, cols = grid.block_rows, grid.block_cols
     size = cols * bw
-    padded_inverse = torch.eye(size, dtype=torch.float64)
+    width = unaliased_width(size)  # any columns past ``size`` are identity in A and zero in w: they change nothing
+    padded_inverse = torch.eye(width, dtype=torch.float64)
     padded_inverse[: grid.in_features, : grid.in_features] = inverse
-    blocks = grid.pad(weight).reshape(rows, bh, size)
+    blocks = torch.nn.functional.pad(grid.pad(weight), (0, width - size)).reshape(rows, bh, width)
     rank = torch.empty(rows * cols, dtype=torch.long)
     rank[order] = torch.arange(rows * cols)
     sequence = rank.reshape(rows, cols).argsort(dim=1)  # column blocks of each row, in removal order
     ordered = torch.empty(rows, cols, dtype=torch.float64)
-    offsets = torch.arange(bw)
-    group = max(1, SEQUENTIAL_OBS_BYTES // (8 * size * size))
+    offsets, tail = torch.arange(bw), torch.arange(size, width)
+    group = max(1, SEQUENTIAL_OBS_BYTES // (8 * width * width))
     for first in range(0, rows, group):
         part = slice(first, min(first + group, rows))
-        columns = (sequence[part, :, None] * bw + offsets).reshape(part.stop - first, size)  # removal order
-        factor = torch.linalg.cholesky(padded_inverse[columns[:, :, None], columns[:, None, :]])  # [R, size, size]
-        w = torch.gather(blocks[part], 2, columns[:, None, :].expand(-1, bh, -1)).transpose(1, 2)  # [R, size, bh]
-        z = torch.linalg.solve_triangular(factor, w, upper=False)
-        ordered[part] = z.square().reshape(part.stop - first, cols, bw * bh).sum(2)
+        count = part.stop - first
+        in_order = (sequence[part, :, None] * bw + offsets).reshape(count, size)  # removal order
+        columns = torch.cat([in_order, tail.expand(count, -1)], 1)
+        factor, info = torch.linalg.cholesky_ex(padded_inverse[columns[:, :, None], columns[:, None, :]])
+        if bool(info.any()):  # [R, width, width]; H^-1 of a damped H is positive definite up to rounding
+            raise torch.linalg.LinAlgError("the inverse input Hessian is not positive definite")
+        w = torch.gather(blocks[part], 2, columns[:, None, :].expand(-1, bh, -1)).transpose(1, 2)  # [R, width, bh]
+        z = torch.linalg.solve_triangular(factor, w, upper=False)[:, :size]
+        ordered[part] = z.square().reshape(count, cols, bw * bh).sum(2)
     errors = torch.zeros(rows, cols, dtype=torch.float64)
     errors.scatter_(1, sequence, ordered)
     return errors

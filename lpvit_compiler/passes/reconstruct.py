@@ -301,7 +301,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     gm, region, state.layers, inputs,
                     [_at_kept_tokens(dense[n], pruned[n], kept_positions) for n in region.outputs],
                     steps=opts.recovery_steps, flops=flops_left / (len(region_ending) + 1),
-                    seconds=seconds_left / (len(region_ending) + 1), lr=opts.recovery_lr, int8=int8)
+                    seconds=seconds_left / (len(region_ending) + 1), lr=opts.recovery_lr, int8=int8,
+                    outputs=[pruned[n] for n in region.outputs])
                 pruned.update(zip(region.outputs, outputs))
                 flops_left = max(0.0, flops_left - per_block[region.name].get("flops", 0))
                 seconds_left = max(0.0, seconds_left - (time.perf_counter() - started))
