@@ -60,7 +60,7 @@ def compile(
             ``power_weight`` (0), ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01),
             ``prune_heads`` (False), ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True),
             ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (enough for 25,216 tokens, at least
-            128), ``block_recovery`` (True), ``recovery_tflops`` (13.2), ``recovery_seconds`` (no cap), ``recovery_steps``
+            128), ``block_recovery`` (True), ``recovery_tflops`` (20), ``recovery_seconds`` (no cap), ``recovery_steps``
             (1000), ``recovery_lr``
             (3e-4), ``verify`` (False).
     """

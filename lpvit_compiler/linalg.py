@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
-GRAM_TILE = 256  # column tile of gram(): best overall of 192, 256, 384, 512 (benchmarks/gram_bench.py, AVX2)
+GRAM_TILE = 256  # column tile of gram(): best overall of 192, 256, 384, 512 (benchmarks/linalg_bench.py, AVX2)
 ALIASED_COLUMNS = 512  # float64 rows a multiple of 4 KiB apart: unaliased_width() widens those systems
 
 
@@ -45,7 +45,7 @@ def unaliased_width(n: int) -> int:
     """n, or n + 1 where rows of n float64 are a multiple of 4 KiB (``ALIASED_COLUMNS`` values) apart.
 
     Why: at such widths MKL's potrf hits cache-set conflicts: a 1536-wide system (fc2's inverse Hessian in the OBS
-    curves) takes 45 ms, a 1537-wide one 23 ms (benchmarks/cholesky_bench.py). Narrower widths that are merely
+    curves) takes 45 ms, a 1537-wide one 23 ms (benchmarks/linalg_bench.py). Narrower widths that are merely
     multiples of 64 (384, 768) factor slower widened than as they are, counting the copy. A system widened by an
     identity row and column, diag(A, 1), has the factor diag(L_A, 1)."""
     return n + 1 if n % ALIASED_COLUMNS == 0 else n

@@ -162,7 +162,7 @@ class CompileOptions:
                                              "fits on (None: enough for 25,216 tokens per layer, at least 128)")
     block_recovery: bool = _option(True, _flag, "after the per-layer refit, fit each transformer block's output "
                                                 "to the dense block's by Adam (masks frozen; needs reconstruct)")
-    recovery_tflops: float = _option(13.2, _number(0.0, float("inf")), "compute budget of block recovery in "
+    recovery_tflops: float = _option(20.0, _number(0.0, float("inf")), "compute budget of block recovery in "
                                      "10^12 FLOPs of its Adam steps (counted, so the same on every machine), "
                                      "shared over the blocks")
     recovery_seconds: float = _option(float("inf"), _number(0.0, float("inf")), "wall-clock cap of block "
