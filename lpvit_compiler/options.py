@@ -159,7 +159,7 @@ class CompileOptions:
                                       "second-order error compensation (GPTQ) on the reconstruction's Hessian; "
                                       "False rounds each weight to nearest")
     reconstruct_images: int | None = _option(None, _optional_positive_int, "calibration images the reconstruction "
-                                             "fits on (None: enough for 25,216 tokens per layer, at least 128)")
+                                             "fits on (None: enough for 25,216 live tokens per layer, at least 128)")
     block_recovery: bool = _option(True, _flag, "after the per-layer refit, fit each transformer block's output "
                                                 "to the dense block's by Adam (masks frozen; needs reconstruct)")
     recovery_tflops: float = _option(20.0, _number(0.0, float("inf")), "compute budget of block recovery in "

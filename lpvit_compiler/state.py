@@ -187,6 +187,8 @@ class CompileState:
     token_stages: list[TokenStage] = field(default_factory=list)  # token_pruning, in block order
     heads_kept: dict[str, list[int]] = field(default_factory=dict)  # head_pruning: block -> kept head indices
     unpruned: UnprunedModel | None = None  # token_pruning, head_pruning: the model before them
+    # importance (obs): [images, T] bool, the calibration token positions that reach the output, where some do not
+    live_tokens: torch.Tensor | None = None
     # hardware, solve, dead-block elimination, layout
     model_costs: ModelCosts | None = None
     solve: SolveOutcome | None = None

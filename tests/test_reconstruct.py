@@ -152,18 +152,20 @@ def test_refit_rows_equal_a_direct_ridge_least_squares_per_row(n):
     assert len({int(mask[r].sum()) for r in range(0, n, grid.block_shape[0])}) > 1  # unequal kept counts
 
 
-@pytest.mark.parametrize("tokens, given, expected", [
-    (197, None, 128),  # DeiT-S at 224 px: 128 images of 197 tokens are the reference sample
-    (16, None, 1576),  # few tokens per image: as many images as give the same tokens
-    (65, None, 387),
-    (577, None, 128),  # many tokens per image: never fewer than 128 images
-    (16, 32, 32),  # an explicit reconstruct_images wins
+@pytest.mark.parametrize("tokens, given, live_share, expected", [
+    (197, None, None, 128),  # DeiT-S at 224 px: 128 images of 197 tokens are the reference sample
+    (16, None, None, 1576),  # few tokens per image: as many images as give the same tokens
+    (65, None, None, 387),
+    (577, None, None, 128),  # many tokens per image: never fewer than 128 images
+    (16, 32, None, 32),  # an explicit reconstruct_images wins
+    (64, None, 0.25, 1576),  # sentences padded to 64 tokens, 16 of them real: only live tokens count
 ])
-def test_reconstruction_images_give_enough_tokens(tokens, given, expected):
+def test_reconstruction_images_give_enough_tokens(tokens, given, live_share, expected):
     from types import SimpleNamespace
 
     from lpvit_compiler.passes.reconstruct import reconstruction_images
 
-    state = SimpleNamespace(options=SimpleNamespace(reconstruct_images=given),
+    live = None if live_share is None else torch.arange(tokens)[None, :].expand(8, -1) < live_share * tokens
+    state = SimpleNamespace(options=SimpleNamespace(reconstruct_images=given), live_tokens=live,
                             layers={"a": SimpleNamespace(tokens=tokens), "b": SimpleNamespace(tokens=tokens // 2)})
     assert reconstruction_images(state) == expected

@@ -14,7 +14,8 @@ in it — after Adam steps on
     L = sum_o || block_o(X_p) - Y_d,o ||^2 / sum_o || Y_d,o ||^2         (o: the region's outputs, less the
                                                                          token-pruning scores it passes on)
 
-over mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
+summed over the live token positions (``state.live_tokens``: padding that nothing reads is left out), over
+mini-batches of ``STEP_IMAGES`` calibration images (whole calibration chunks where the graph has the
 batch size baked in, as torch.export graphs can). No labels.
 
 A block runs min(``steps``, floor(F / f)) steps, at least one when F > 0: f is the FLOPs of one step's forward
@@ -48,6 +49,7 @@ from ..frontend.regions import BlockRegion
 from ..quantization import codes
 from ..runtime.ops import fake_quantize_rows
 from ..state import LayerState
+from .importance import live_rows
 
 STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the budget
 
@@ -112,11 +114,11 @@ class _RegionRunner:
         return nn.functional.linear(xq, weight, linear.bias)
 
 
-def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], generator: torch.Generator,
-                  step_images: int | None):
-    """Endless (inputs, targets) mini-batches of ``step_images`` images (None: whole chunks), drawn from the
-    calibration chunks in a random order. A value whose first dimension is not the chunk's image count (a
-    broadcast mask) is passed whole."""
+def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], live: list,
+                  generator: torch.Generator, step_images: int | None):
+    """Endless (inputs, targets, live token positions) mini-batches of ``step_images`` images (None: whole chunks),
+    drawn from the calibration chunks in a random order. A value whose first dimension is not the chunk's image
+    count (a broadcast mask) is passed whole."""
     chunks = len(targets[0])
     while True:
         for c in torch.randperm(chunks, generator=generator).tolist():
@@ -128,7 +130,7 @@ def _step_batches(inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]]
                     if not isinstance(v, torch.Tensor):
                         return v
                     return v[part].detach() if v.dim() and v.shape[0] == images else v.detach()
-                yield ({n: cut(vs[c]) for n, vs in inputs.items()}, [cut(t[c]) for t in targets])
+                yield ({n: cut(vs[c]) for n, vs in inputs.items()}, [cut(t[c]) for t in targets], cut(live[c]))
 
 
 def _runs_on_part_of_a_chunk(runner: _RegionRunner, inputs: dict[fx.Node, list],
@@ -137,7 +139,8 @@ def _runs_on_part_of_a_chunk(runner: _RegionRunner, inputs: dict[fx.Node, list],
     can bake the batch size into its reshapes, and then every step must take whole chunks."""
     if all(t[0].shape[0] <= STEP_IMAGES for t in targets):
         return True
-    batch_inputs, _ = next(_step_batches(inputs, targets, torch.Generator().manual_seed(0), STEP_IMAGES))
+    batch_inputs, _, _ = next(_step_batches(inputs, targets, [None] * len(targets[0]),
+                                            torch.Generator().manual_seed(0), STEP_IMAGES))
     try:
         with torch.no_grad():
             runner(batch_inputs)
@@ -146,17 +149,19 @@ def _runs_on_part_of_a_chunk(runner: _RegionRunner, inputs: dict[fx.Node, list],
     return True
 
 
-def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of squared errors, sum of squared targets) over the region's outputs."""
+def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+          live: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared errors, sum of squared targets) over the region's outputs, at the live token positions."""
+    outputs, targets = [live_rows(o, live) for o in outputs], [live_rows(t, live) for t in targets]
     num = sum((o - t).pow(2).sum() for o, t in zip(outputs, targets))
     return num, sum(t.pow(2).sum() for t in targets)
 
 
-def _relative_loss(outputs: list[list[torch.Tensor]], targets: list[list[torch.Tensor]]) -> float:
+def _relative_loss(outputs: list[list[torch.Tensor]], targets: list[list[torch.Tensor]], live: list) -> float:
     """L over every calibration chunk: outputs and targets per region output, per chunk."""
     num = den = 0.0
     for chunk in range(len(targets[0])):
-        n, d = _loss([o[chunk] for o in outputs], [t[chunk] for t in targets])
+        n, d = _loss([o[chunk] for o in outputs], [t[chunk] for t in targets], live[chunk])
         num, den = num + float(n), den + float(d)
     return num / max(den, 1e-30)
 
@@ -190,15 +195,17 @@ def _step_scales(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Laye
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
                   inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, flops: float,
                   lr: float, int8: bool, seconds: float = math.inf, seed: int = 0,
-                  outputs: list[list] | None = None) -> tuple[dict, list]:
+                  outputs: list[list] | None = None, live: list | None = None) -> tuple[dict, list]:
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
     values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk;
     at most ``steps`` steps, ``flops`` FLOPs of them and ``seconds`` of wall time. ``outputs``: the region's
     outputs per chunk as the model computes them before recovery, where the caller has them (the reconstruction's
-    pruned stream does); None runs the region for them.
+    pruned stream does); None runs the region for them. ``live``: per chunk, the token positions that reach the
+    model's output ([images, T] bool, importance.live_positions) or None; L counts those only.
     Returns what it did (steps run, their FLOPs, relative loss before and after, whether the result was kept)
     and the region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
     before_outputs = outputs if outputs is not None else run_region(gm, region, layers, inputs, int8)
+    live = live if live is not None else [None] * len(targets[0])
     fit = region.fitted()
 
     def fitted(outputs: list) -> list:
@@ -210,20 +217,20 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     runner = _RegionRunner(gm, region, layers, int8)
     params = runner.parameters()
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
-    before = _relative_loss(fitted(before_outputs), targets)
+    before = _relative_loss(fitted(before_outputs), targets, live)
     start = [p.detach().clone() for p in params]
     step_scales = _step_scales(gm, region, layers)
     optimizer = torch.optim.Adam(params, lr=lr)
     step_images = STEP_IMAGES if _runs_on_part_of_a_chunk(runner, inputs, targets) else None
-    batches = _step_batches(inputs, targets, torch.Generator().manual_seed(seed), step_images)
+    batches = _step_batches(inputs, targets, live, torch.Generator().manual_seed(seed), step_images)
     deadline = time.perf_counter() + seconds
     done, step_flops = 0, 0
     allowed = steps if flops > 0 else 0
     with torch.enable_grad():
         while done < allowed and time.perf_counter() < deadline:
-            batch_inputs, batch_targets = next(batches)
+            batch_inputs, batch_targets, batch_live = next(batches)
             with flop_counter() if done == 0 else nullcontext() as counter:
-                num, den = _loss(fitted(runner(batch_inputs)), batch_targets)
+                num, den = _loss(fitted(runner(batch_inputs)), batch_targets, batch_live)
                 optimizer.zero_grad(set_to_none=False)
                 (num / den.clamp_min(1e-30)).backward()
             if done == 0:  # steps cost alike: the first one's count says how many fit
@@ -247,7 +254,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
                 scales = layers[name].weight_scales.to(weight.dtype)
                 weight.copy_(codes(weight * masks[id(weight)], scales) * scales[:, None])
         after_outputs = run_region(gm, region, layers, inputs, int8)
-        after = _relative_loss(fitted(after_outputs), targets)
+        after = _relative_loss(fitted(after_outputs), targets, live)
         kept = after < before
         if not kept:
             for p, original in zip(params, start):

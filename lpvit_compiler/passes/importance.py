@@ -32,6 +32,11 @@ Pruning a block means dW = -W on it. Criteria (``importance=``):
     the default because it measured better with block recovery on DINOv2 (README, scale folding).
 
 ``magnitude`` — baseline: s_b = mean_b |W|,  d(k) = sum_{b pruned} ||W_b||^2 / ||W||^2.
+
+Live tokens (``obs``): a token position none of whose layer outputs has any gradient reaches nothing — the padding
+of a sentence batch, masked out as a key and skipped by the pooling. H leaves those rows out, and
+``state.live_tokens`` ([images, T] bool; None where every position is live) tells reconstruction and block
+recovery to do the same (``live_positions``).
 """
 
 from __future__ import annotations
@@ -61,7 +66,34 @@ class CalibrationStats:
     block_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # [block cols, bw, bw]: E[x_C x_C^T]
     output_energy: dict[str, float] = field(default_factory=dict)  # E ||W x||^2 per token (bias left out)
     output_gradient_energy: dict[str, torch.Tensor] = field(default_factory=dict)  # [out]: sum_t (dL/dy_t)^2
+    live_tokens: torch.Tensor | None = None  # [images, T] bool, where some token positions are dead (live_positions)
     images: int = 0
+
+
+def live_positions(rows_live: dict[str, torch.Tensor], images: int, tokens: dict[str, int]) -> torch.Tensor | None:
+    """[images, T] bool: the token positions whose value reaches the model's output, from one chunk's output
+    gradients (``rows_live``: per layer, its output rows with a nonzero gradient). None where the layers do not
+    all see T tokens (token pruning changed the count along the way) or where no gradient is nonzero (a head
+    initialised to zero: the gradients then say nothing).
+
+    A position is dead when no prunable layer's output there has any gradient: nothing downstream reads it — the
+    padding of a batch of sentences, which attention masks out as a key and the pooling skips. Its values are then
+    exactly irrelevant, so statistics, refits and block recovery leave it out (three quarters of MiniLM's
+    calibration tokens). A position some layer reads counts wherever it is seen: at a CLS-readout model's last
+    block only the CLS token's MLP output matters, but fitting that MLP on one token per image would starve it."""
+    counts = {tokens[name] for name in rows_live}
+    if len(counts) != 1:
+        return None
+    live = torch.stack([flags for flags in rows_live.values()]).any(0)
+    return live.reshape(images, counts.pop()) if live.any() else None
+
+
+def live_rows(value, live: torch.Tensor | None):
+    """``value`` without its dead token positions: [live tokens, C] where it is [B, T, C] and ``live`` [B, T] says
+    which positions reach the output (importance.live_positions); unchanged otherwise."""
+    if live is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[:2] != live.shape:
+        return value
+    return value[live]
 
 
 def statistics_batches(state: CompileState) -> list[torch.Tensor]:
@@ -98,18 +130,25 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
     images_in_chunk = [0]
     backward = weight_gradients or output_gradients
 
+    def accumulate_moments(name: str, flat: torch.Tensor) -> None:
+        rows[name] += flat.shape[0]
+        if moments == "full":
+            stats.input_moments[name] = stats.input_moments.get(name, 0) + gram(flat).double()
+        elif moments == "block":
+            block = block_diagonal_moments(flat, state.layers[name].grid.block_shape[1])
+            stats.block_moments[name] = stats.block_moments.get(name, 0) + block
+
+    pending: list[tuple[str, torch.Tensor]] = []  # with output gradients: inputs held until the chunk's liveness
+    rows_live: dict[str, torch.Tensor] = {}  # per layer: its output rows with a nonzero gradient, this chunk
+
     def make_hook(name):
         def hook(module, args):
             x = args[0].detach()
             stats.tokens[name] = x.numel() // x.shape[-1] // images_in_chunk[0]
-            if moments:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                rows[name] += flat.shape[0]
-            if moments == "full":
-                stats.input_moments[name] = stats.input_moments.get(name, 0) + gram(flat).double()
-            elif moments == "block":
-                block = block_diagonal_moments(flat, state.layers[name].grid.block_shape[1])
-                stats.block_moments[name] = stats.block_moments.get(name, 0) + block
+            if moments and output_gradients:
+                pending.append((name, x.reshape(-1, x.shape[-1]).float()))
+            elif moments:
+                accumulate_moments(name, x.reshape(-1, x.shape[-1]).float())
         return hook
 
     batches = statistics_batches(state) if backward or moments else [state.calibration[0][:1]]
@@ -117,8 +156,10 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
 
     def make_output_hook(name):
         def accumulate(grad):
-            energy = grad.reshape(-1, grad.shape[-1]).square().sum(0, dtype=torch.float64)
-            stats.output_gradient_energy[name] = stats.output_gradient_energy.get(name, 0) + energy
+            flat = grad.reshape(-1, grad.shape[-1])
+            stats.output_gradient_energy[name] = (stats.output_gradient_energy.get(name, 0)
+                                                  + flat.square().sum(0, dtype=torch.float64))
+            rows_live[name] = flat.ne(0).any(1)
 
         def hook(module, args, output):
             if moments == "block":
@@ -129,6 +170,7 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
                 output.register_hook(accumulate)
         return hook
 
+    live_chunks: list[torch.Tensor | None] = []
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     handles += [m.register_forward_hook(make_output_hook(n)) for n, m in modules.items()]
     requires_grad = {p: p.requires_grad for p in gm.parameters()}
@@ -146,6 +188,14 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
                     logits = logits_of(gm(chunk))
                 if backward:
                     (logits.float().pow(2).mean() * (chunk.shape[0] / batch.shape[0])).backward()
+                if output_gradients:
+                    live = live_positions(rows_live, chunk.shape[0], stats.tokens)
+                    live_chunks.append(live)
+                    dead = live is not None and not bool(live.all())
+                    for name, flat in pending:
+                        accumulate_moments(name, flat[live.flatten()] if dead else flat)
+                    pending.clear()
+                    rows_live.clear()
             if backward and not through_input:
                 for name, m in modules.items():
                     if weight_gradients:
@@ -158,6 +208,8 @@ def collect_statistics(gm: fx.GraphModule, state: CompileState, weight_gradients
             p.requires_grad_(flag)
     for name in stats.gradients:
         stats.gradients[name] = stats.gradients[name] / len(batches)
+    if live_chunks and all(live is not None for live in live_chunks) and not all(live.all() for live in live_chunks):
+        stats.live_tokens = torch.cat(live_chunks)
     for name in stats.input_moments:
         stats.input_moments[name] = stats.input_moments[name] / rows[name]
     for name in stats.block_moments:
@@ -305,6 +357,10 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
     criterion = state.options.importance
     stats = collect_statistics(gm, state, weight_gradients=criterion == "taylor", output_gradients=criterion == "obs",
                                moments={"hessian": "block", "obs": "full"}.get(criterion))
+    state.live_tokens = stats.live_tokens
+    if stats.live_tokens is not None:
+        state.notes.append(f"{1 - float(stats.live_tokens.float().mean()):.0%} of the calibration token positions "
+                           "reach no output (padding) and were left out of the statistics and fits")
     per_layer = {}
     for name, layer in state.layers.items():
         weight = gm.get_submodule(name).weight.detach()
@@ -333,5 +389,6 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "distortion_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.distortion),
         }
     decisions = {"criterion": criterion, "calibration_images": stats.images,
+                 "live_token_share": 1.0 if stats.live_tokens is None else float(stats.live_tokens.float().mean()),
                  "calibration_batches": len(state.calibration), "layers": per_layer}
     return PassResult(gm, False, decisions)

@@ -17,7 +17,8 @@ With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + 
 
     H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
 
-lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). The right-hand side A^T y_n (y_n
+lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). T counts the live token positions
+only (``state.live_tokens``, from the importance pass: padding that nothing reads is left out). The right-hand side A^T y_n (y_n
 the dense output n) comes from G as written or, where the layer has fewer outputs than inputs, straight from the
 dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation of H[S, S] per
 block row, batched over block rows that keep equally many columns (weights outside S are 0). A row whose refit
@@ -78,7 +79,7 @@ from ..state import CompileState
 from ..tokens import TokenMerge, TokenSelect
 from .block_mask_solve import budget_problem, prune_first_blocks, solve_outcome, solve_unfixed
 from .block_recovery import recover_block
-from .importance import refit_obs_curve
+from .importance import live_rows, refit_obs_curve
 
 # The reconstruction's sample by default: DeiT-S's 128 images of 197 tokens, and never fewer than 128 images
 RECONSTRUCT_TOKENS = 128 * 197
@@ -88,11 +89,14 @@ MIN_RECONSTRUCT_IMAGES = 128
 def reconstruction_images(state: CompileState) -> int:
     """``reconstruct_images``, or by default as many calibration images as give ``RECONSTRUCT_TOKENS`` tokens at
     the layers' inputs, at least ``MIN_RECONSTRUCT_IMAGES``: a model with few tokens per image needs more images for
-    its K x K normal equations and for block recovery's loss to describe it."""
+    its K x K normal equations and for block recovery's loss to describe it. Only live tokens count (padding that
+    reaches no output is left out of the fit, ``state.live_tokens``)."""
     if state.options.reconstruct_images is not None:
         return state.options.reconstruct_images
     tokens = max(layer.tokens for layer in state.layers.values())
-    return max(MIN_RECONSTRUCT_IMAGES, RECONSTRUCT_TOKENS // max(tokens, 1))
+    if state.live_tokens is not None:
+        tokens = tokens * float(state.live_tokens.float().mean())
+    return max(MIN_RECONSTRUCT_IMAGES, int(RECONSTRUCT_TOKENS // max(tokens, 1)))
 
 
 def _normal_equations(xp: list[torch.Tensor], rhs: list[torch.Tensor], with_bias: bool):
@@ -178,6 +182,17 @@ def _at_kept_tokens(dense: list, pruned: list, kept_positions: list) -> list:
     return [at(v, p, k) for v, p, k in zip(dense, pruned, kept_positions)]
 
 
+def _live_per_chunk(state: CompileState, images: int) -> list:
+    """The importance pass's live token positions for the reconstruction's chunks (None: every position is live).
+    Images the statistics did not run on count as live throughout."""
+    known = state.live_tokens
+    if known is None:
+        return [None] * -(-images // state.options.calib_batch_size)
+    known = known[:images]
+    every = torch.cat([known, known.new_ones(images - len(known), known.shape[1])])
+    return list(every.split(state.options.calib_batch_size))
+
+
 def _chunk_args(node: fx.Node, values: dict, chunk: int) -> list:
     return [values[a][chunk] if isinstance(a, fx.Node) else a for a in node.args]
 
@@ -204,6 +219,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
         return PassResult(gm, True, {"enabled": False, "note": note})
     images = torch.cat(state.calibration)[: reconstruction_images(state)]
     chunks = list(torch.split(images, opts.calib_batch_size))
+    live = _live_per_chunk(state, len(images))
     interpreter = fx.Interpreter(gm)
     regions = block_regions(gm, state.layers) if opts.block_recovery else []
     region_ending = {region.nodes[-1]: region for region in regions}
@@ -240,19 +256,22 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 bias = None if linear.bias is None else linear.bias.detach().clone()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    yd = _at_kept_tokens(dense[node], xp, kept_positions)
+                    # the fit sees the live token positions only
+                    xp_fit = [live_rows(x, m) for x, m in zip(xp, live)]
+                    yd = [live_rows(y, m) for y, m in zip(_at_kept_tokens(dense[node], xp, kept_positions), live)]
                     dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in yd)
                     # A^T Y directly costs T K N; through A^T X_d and W, T K^2 + N K^2: the first where N < K (fc2)
                     if layer.out_features < layer.in_features:
-                        h, g, _ = _normal_equations(xp, yd, bias is not None)
+                        h, g, _ = _normal_equations(xp_fit, yd, bias is not None)
                         target = g.T.contiguous()
                     else:
-                        h, g, s = _normal_equations(xp, _at_kept_tokens(xd, xp, kept_positions), bias is not None)
+                        xd_fit = [live_rows(x, m) for x, m in zip(_at_kept_tokens(xd, xp, kept_positions), live)]
+                        h, g, s = _normal_equations(xp_fit, xd_fit, bias is not None)
                         target = _targets(weight, bias, g, s)
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
                         layer.block_scores, order, distortion = refit_obs_curve(
-                            layer, h, target, sum(x.numel() // x.shape[-1] for x in xp), opts.hessian_damping)
+                            layer, h, target, sum(x.numel() // x.shape[-1] for x in xp_fit), opts.hessian_damping)
                         layer.prune_order, layer.distortion = order.numpy(), distortion.numpy()
                         fixed[node.target] = solve_unfixed(state, fixed)[node.target]
                         prune_first_blocks(layer, fixed[node.target])
@@ -302,7 +321,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     [_at_kept_tokens(dense[n], pruned[n], kept_positions) for n in region.outputs],
                     steps=opts.recovery_steps, flops=flops_left / (len(region_ending) + 1),
                     seconds=seconds_left / (len(region_ending) + 1), lr=opts.recovery_lr, int8=int8,
-                    outputs=[pruned[n] for n in region.outputs])
+                    outputs=[pruned[n] for n in region.outputs], live=live)
                 pruned.update(zip(region.outputs, outputs))
                 flops_left = max(0.0, flops_left - per_block[region.name].get("flops", 0))
                 seconds_left = max(0.0, seconds_left - (time.perf_counter() - started))
