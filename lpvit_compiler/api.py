@@ -59,8 +59,8 @@ def compile(
             and meaning there: ``importance`` ("obs"), ``sensitivity`` ("layer"), ``min_density`` (0.05),
             ``power_weight`` (0), ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01),
             ``prune_heads`` (False), ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True),
-            ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (enough for 25,216 live tokens, at least
-            128), ``block_recovery`` (True), ``recovery_tflops`` (20), ``recovery_seconds`` (no cap), ``recovery_steps``
+            ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (enough for 25,216 live tokens, at
+            least 128), ``block_recovery`` (True), ``recovery_tflops`` (20), ``recovery_seconds`` (no cap), ``recovery_steps``
             (1000), ``recovery_lr``
             (3e-4), ``verify`` (False).
     """

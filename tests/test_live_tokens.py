@@ -62,7 +62,8 @@ def _sentences(padding_seed: int, sentences: int = 64) -> torch.Tensor:
     words = torch.randint(0, WORDS, (sentences, TOKENS), generator=g)
     lengths = torch.randint(3, TOKENS + 1, (sentences,), generator=g)
     padding = torch.arange(TOKENS)[None, :] >= lengths[:, None]
-    filler = torch.randint(WORDS, WORDS + PADDINGS, (sentences, TOKENS), generator=torch.Generator().manual_seed(padding_seed))
+    filler = torch.randint(WORDS, WORDS + PADDINGS, (sentences, TOKENS),
+                           generator=torch.Generator().manual_seed(padding_seed))
     return torch.where(padding, filler, words)
 
 

@@ -358,9 +358,10 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
     stats = collect_statistics(gm, state, weight_gradients=criterion == "taylor", output_gradients=criterion == "obs",
                                moments={"hessian": "block", "obs": "full"}.get(criterion))
     state.live_tokens = stats.live_tokens
+    live_share = 1.0 if stats.live_tokens is None else float(stats.live_tokens.float().mean())
     if stats.live_tokens is not None:
-        state.notes.append(f"{1 - float(stats.live_tokens.float().mean()):.0%} of the calibration token positions "
-                           "reach no output (padding) and were left out of the statistics and fits")
+        state.notes.append(f"{1 - live_share:.0%} of the calibration token positions reach no output (padding) and "
+                           "were left out of the statistics and fits")
     per_layer = {}
     for name, layer in state.layers.items():
         weight = gm.get_submodule(name).weight.detach()
@@ -389,6 +390,6 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "distortion_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.distortion),
         }
     decisions = {"criterion": criterion, "calibration_images": stats.images,
-                 "live_token_share": 1.0 if stats.live_tokens is None else float(stats.live_tokens.float().mean()),
+                 "live_token_share": live_share,
                  "calibration_batches": len(state.calibration), "layers": per_layer}
     return PassResult(gm, False, decisions)

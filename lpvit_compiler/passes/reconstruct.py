@@ -18,10 +18,10 @@ With A = [X_p, 1] (the bias column only when the layer has a bias), H = A^T A + 
     H[S, S] u = (G W_n^T + A^T 1 b_n)[S]              (S = S_n plus the bias entry)
 
 lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening). T counts the live token positions
-only (``state.live_tokens``, from the importance pass: padding that nothing reads is left out). The right-hand side A^T y_n (y_n
-the dense output n) comes from G as written or, where the layer has fewer outputs than inputs, straight from the
-dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation of H[S, S] per
-block row, batched over block rows that keep equally many columns (weights outside S are 0). A row whose refit
+only (``state.live_tokens``, from the importance pass: padding that nothing reads is left out). The right-hand side
+A^T y_n (y_n the dense output n) comes from G as written or, where the layer has fewer outputs than inputs,
+straight from the dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation
+of H[S, S] per block row, batched over block rows that keep equally many columns (weights outside S are 0). A row whose refit
 would fit the calibration tokens worse than the plainly masked row (possible only through the damping) keeps the
 masked row: reconstruction is never worse on the calibration data.
 
