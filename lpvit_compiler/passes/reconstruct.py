@@ -21,9 +21,9 @@ lambda = ``hessian_damping`` * mean(diag(X_p^T X_p)) (SparseGPT's 1% dampening).
 only (``state.live_tokens``, from the importance pass: padding that nothing reads is left out). The right-hand side
 A^T y_n (y_n the dense output n) comes from G as written or, where the layer has fewer outputs than inputs,
 straight from the dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation
-of H[S, S] per block row, batched over block rows that keep equally many columns (weights outside S are 0). A row whose refit
-would fit the calibration tokens worse than the plainly masked row (possible only through the damping) keeps the
-masked row: reconstruction is never worse on the calibration data.
+of H[S, S] per block row, batched over block rows that keep equally many columns (weights outside S are 0). A row
+whose refit would fit the calibration tokens worse than the plainly masked row (possible only through the damping)
+keeps the masked row: reconstruction is never worse on the calibration data.
 
 With ``quantize="int8"`` the layer is fitted as it will run: X_p is quantized per token the way the int8 kernel
 quantizes it (``ops.fake_quantize_rows``), and after the refit the kept weights are quantized to int8 with one
