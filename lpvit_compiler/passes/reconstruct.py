@@ -256,17 +256,19 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 bias = None if linear.bias is None else linear.bias.detach().clone()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    # the fit sees the live token positions only
-                    xp_fit = [live_rows(x, m) for x, m in zip(xp, live)]
-                    yd = [live_rows(y, m) for y, m in zip(_at_kept_tokens(dense[node], xp, kept_positions), live)]
+                    def live_only(values: list) -> list:  # the fit sees the live token positions only
+                        return [live_rows(v, m) for v, m in zip(values, live)]
+
+                    xp_fit = live_only(xp)
+                    yd = live_only(_at_kept_tokens(dense[node], xp, kept_positions))
                     dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in yd)
                     # A^T Y directly costs T K N; through A^T X_d and W, T K^2 + N K^2: the first where N < K (fc2)
                     if layer.out_features < layer.in_features:
                         h, g, _ = _normal_equations(xp_fit, yd, bias is not None)
                         target = g.T.contiguous()
                     else:
-                        xd_fit = [live_rows(x, m) for x, m in zip(_at_kept_tokens(xd, xp, kept_positions), live)]
-                        h, g, s = _normal_equations(xp_fit, xd_fit, bias is not None)
+                        h, g, s = _normal_equations(xp_fit, live_only(_at_kept_tokens(xd, xp, kept_positions)),
+                                                    bias is not None)
                         target = _targets(weight, bias, g, s)
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
