@@ -5,10 +5,12 @@ pruning, over token modes, schedules and head counts.
                                      [--head-keep 0.5] [--repeats 3] [--out benchmarks/results/token_sweep]
 
 Every row compiles with ``flops_keep=1.0``, ``reconstruct=False`` and ``importance="magnitude"``: no weight block
-is pruned, so the criterion decides nothing and there is nothing to refit per layer (``real_vit.py --budget 1:0.7`` with the refit and block recovery on measured the
-same top-1 within 0.1 point) and a compile takes seconds. Top-1 is onnxruntime's on the Fashion-MNIST test
-images, the speedup is at batch 8 over the dense export (interleaved medians), model FLOPs kept counts the
-tokens (``torch.utils.flop_counter``). Writes <out>.md and <out>.json.
+is pruned, so the criterion decides nothing, and the rows measure the token reducers alone, without the refit
+and block recovery that the default compile runs (with them, merged rows gain up to 2 points: ``real_vit.py
+--budget 1:0.25 --variant 'merge=...'``, README; cascade rows measured within 0.1 point), so a compile takes
+seconds. Top-1 is onnxruntime's on the Fashion-MNIST test images, the speedup is at batch 8 over the dense
+export (interleaved medians), model FLOPs kept counts the tokens (``torch.utils.flop_counter``). Writes <out>.md
+and <out>.json.
 """
 
 from __future__ import annotations
