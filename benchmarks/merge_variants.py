@@ -153,17 +153,13 @@ def main(argv=None) -> int:
                                                  for i in range(0, len(test), 100)]), labels[test])
     meta = {"patch_keep": args.patch_keep, "test_images": len(test), "image": real_vit.IMAGE,
             "compiled_top1_torch": compiled_top1}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['test_images']} test images; "
+    intro = (f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['test_images']} test images; "
              f"tokens merged in plain torch, no refit; lpvit's own compile of the same schedule: top-1 "
-             f"{meta['compiled_top1_torch']:.4f}.", "",
-             "| variant | schedule | linear FLOPs kept | top-1 | vs dense |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['schedule']} | {r['flops_keep']:.3f} | {r['top1']:.4f} | "
-                     f"{100 * (r['top1'] - rows[0]['top1']):+.1f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"{compiled_top1:.4f}.")
+    real_vit.write_results(args.out, meta, rows, intro, {
+        "variant": lambda r: r["variant"], "schedule": lambda r: r["schedule"],
+        "linear FLOPs kept": lambda r: f"{r['flops_keep']:.3f}", "top-1": lambda r: f"{r['top1']:.4f}",
+        "vs dense": lambda r: f"{100 * (r['top1'] - rows[0]['top1']):+.1f}"})
     return 0
 
 

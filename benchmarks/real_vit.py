@@ -246,6 +246,17 @@ def static_activation_top1(compiled, calib: torch.Tensor, images: torch.Tensor, 
         return top1(torch.cat([gm(images[i:i + 64]) for i in range(0, len(images), 64)]), labels)
 
 
+def write_results(out: Path, meta: dict, rows: list[dict], intro: str, columns: dict) -> None:
+    """<out>.json ({"meta", "rows"}) and <out>.md: ``intro``, then a table of ``rows`` with one column per
+    ``columns`` entry (header -> function of a row giving its cell); prints the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for cell in columns.values()) + " |" for row in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def run_onnx(session, images: torch.Tensor, batch: int = 64) -> np.ndarray:
     return np.concatenate([session.run(None, {"pixel_values": images[i:i + batch].numpy()})[0]
                            for i in range(0, len(images), batch)])

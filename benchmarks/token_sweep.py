@@ -78,18 +78,15 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats,
             "calib_images": len(calib), "test_images": len(test_images), "image": real_vit.IMAGE}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['calib_images']} calibration "
+    intro = (f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['calib_images']} calibration "
              f"images, {meta['test_images']} test images; flops_keep=1.0, reconstruct=False; speedup at batch 8, "
              f"onnxruntime, {meta['threads']} threads, kernel ISA {meta['isa']}, median of {meta['repeats']} "
-             "interleaved runs.", "",
-             "| config | top-1 (onnxruntime) | vs dense | model FLOPs kept | speedup b8 |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['top1']:.4f} | {100 * (r['top1'] - rows[0]['top1']):+.1f} | "
-                     f"{r['model_flops_keep']:.3f} | {r['speedup_b8']:.2f}x |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             "interleaved runs.")
+    real_vit.write_results(args.out, meta, rows, intro, {
+        "config": lambda r: r["config"], "top-1 (onnxruntime)": lambda r: f"{r['top1']:.4f}",
+        "vs dense": lambda r: f"{100 * (r['top1'] - rows[0]['top1']):+.1f}",
+        "model FLOPs kept": lambda r: f"{r['model_flops_keep']:.3f}",
+        "speedup b8": lambda r: f"{r['speedup_b8']:.2f}x"})
     return 0
 
 

@@ -51,6 +51,17 @@ def test_an_accuracy_only_table_claims_no_speed():
     assert [[cell.strip() for cell in cells[-3:-1]] for cells in body] == [["—", "—"]] * 2  # speedup b1, b8
 
 
+def test_results_are_written_as_json_and_a_markdown_table(tmp_path):
+    import json
+
+    rows = [{"config": "dense", "top1": 0.8376}, {"config": "merge", "top1": 0.8066}]
+    real_vit.write_results(tmp_path / "sub" / "sweep", {"image": 112}, rows, "Intro.", {
+        "config": lambda r: r["config"], "vs dense": lambda r: f"{100 * (r['top1'] - rows[0]['top1']):+.1f}"})
+    assert json.loads((tmp_path / "sub" / "sweep.json").read_text()) == {"meta": {"image": 112}, "rows": rows}
+    assert (tmp_path / "sub" / "sweep.md").read_text() == ("Intro.\n\n| config | vs dense |\n|---|---|\n"
+                                                            "| dense | +0.0 |\n| merge | -3.1 |\n")
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--baseline-library", "no/such/lib.so"], "--baseline-library no/such/lib.so: no such file"),
     (["--baseline-library", __file__, "--int8"], "--baseline-library times the float32 op"),
