@@ -78,10 +78,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats,
             "calib_images": len(calib), "test_images": len(test_images), "image": real_vit.IMAGE}
-    intro = (f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['calib_images']} calibration "
-             f"images, {meta['test_images']} test images; flops_keep=1.0, reconstruct=False; speedup at batch 8, "
-             f"onnxruntime, {meta['threads']} threads, kernel ISA {meta['isa']}, median of {meta['repeats']} "
-             "interleaved runs.")
+    intro = (f"DINOv2-S/14 + frozen probe, Fashion-MNIST at {meta['image']} px, {meta['calib_images']} "
+             f"calibration images, {meta['test_images']} test images; flops_keep=1.0, reconstruct=False; speedup "
+             f"at batch 8, onnxruntime, {meta['threads']} threads, kernel ISA {meta['isa']}, median of "
+             f"{meta['repeats']} interleaved runs.")
     real_vit.write_results(args.out, meta, rows, intro, {
         "config": lambda r: r["config"], "top-1 (onnxruntime)": lambda r: f"{r['top1']:.4f}",
         "vs dense": lambda r: f"{100 * (r['top1'] - rows[0]['top1']):+.1f}",

@@ -265,8 +265,8 @@ def test_reconstruction_fits_merged_tokens_to_the_model_before_merging(calib, tm
     """With merging, the refit's targets are the unmerged model's values averaged over each merged token's
     patches: at flops_keep=1.0 every layer after the first merge has a target error to remove, and a model that
     averages its tokens (what those targets describe) comes out closer to the unmerged one on the calibration
-    images. (On this tiny random model with a class token and 16 calibration images the refit overfits; on
-    DINOv2-S it gains 2 points, README.)"""
+    images. (On the class-token form of this tiny random model, with 16 calibration images, the refit overfits;
+    on DINOv2-S it gains 2 points, README.)"""
     model = _average_pooled()
     merged = _compile(model, calib, token_pruning="merge", patch_keep=0.25, prefix_tokens=0)
     refitted = _compile(model, calib, token_pruning="merge", patch_keep=0.25, prefix_tokens=0, reconstruct=True,
