@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     locality = [patches] + [s["patches_kept"] for s in compiled.report.token_stages]
     counts = {"—": [patches] * len(locality), "locality (lpvit)": locality, "front": [patches] + [36] * 11,
               "late": [patches] * 4 + [50, 40, 32, 24, 18, 14, 10, 7]}
-    runs = [("dense", "—", "none"), ("tokens (lpvit)", "locality (lpvit)", "tokens"),
+    runs = [("dense", "—", "tokens"), ("tokens (lpvit)", "locality (lpvit)", "tokens"),
             ("keys", "locality (lpvit)", "keys"), ("after attention", "locality (lpvit)", "after attention"),
             ("protect isolated", "locality (lpvit)", "protect isolated"), ("front", "front", "tokens"),
             ("late", "late", "tokens")]

@@ -6,7 +6,7 @@ pruning, over token modes, schedules and head counts.
 
 Every row compiles with ``flops_keep=1.0``, ``reconstruct=False`` and ``importance="magnitude"``: no weight block
 is pruned, so the criterion decides nothing, and the rows measure the token reducers alone, without the refit
-and block recovery that the default compile runs (with them, merged rows gain up to 2 points: ``real_vit.py
+and block recovery that the default compile runs (with them, merged rows gain up to 2.1 points: ``real_vit.py
 --budget 1:0.25 --variant 'merge=...'``, README; cascade rows measured within 0.1 point), so a compile takes
 seconds. Top-1 is onnxruntime's on the Fashion-MNIST test images, the speedup is at batch 8 over the dense
 export (interleaved medians), model FLOPs kept counts the tokens (``torch.utils.flop_counter``). Writes <out>.md

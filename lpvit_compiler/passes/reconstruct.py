@@ -237,6 +237,10 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     images = torch.cat(state.calibration)[: reconstruction_images(state)]
     chunks = list(torch.split(images, opts.calib_batch_size))
     live = _live_per_chunk(state, len(images))
+
+    def live_only(values: list) -> list:  # the fit sees the live token positions only
+        return [live_rows(v, m) for v, m in zip(values, live)]
+
     interpreter = fx.Interpreter(gm)
     regions = block_regions(gm, state.layers) if opts.block_recovery else []
     region_ending = {region.nodes[-1]: region for region in regions}
@@ -273,9 +277,6 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 bias = None if linear.bias is None else linear.bias.detach().clone()
                 with torch.no_grad():
                     dense[node] = [F.linear(x, weight, bias) for x in xd]
-                    def live_only(values: list) -> list:  # the fit sees the live token positions only
-                        return [live_rows(v, m) for v, m in zip(values, live)]
-
                     xp_fit = live_only(xp)
                     yd = live_only(_at_pruned_tokens(dense[node], xp, token_maps))
                     dense_energy = sum(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2 for y in yd)
