@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true",
                         help="also quantize='int8' (GPTQ and round-to-nearest) of obs + reconstruct, int8 alone "
                              "(flops_keep 1.0), and onnxruntime's own dynamic int8 of the dense model")
+    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                        help="further lpvit.compile options for every compile, e.g. '{\"model_recovery_tflops\": 5}'")
     parser.add_argument("--out", type=Path, default=RESULTS / "minilm")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,10 +167,10 @@ def main(argv=None) -> int:
             if flops_keep == 1.0 and "int8" not in variant:
                 continue
             compiled = lpvit.compile(model, flops_keep=flops_keep, calib=calib, block_shape=args.block,
-                                     progress=False, **options)
+                                     progress=False, **options, **args.options)
             with torch.no_grad():
                 result = compare(dense, compiled(evaluation))
-            row = {"flops_keep": flops_keep, "variant": variant, **options,
+            row = {"flops_keep": flops_keep, "variant": variant, **options, **args.options,
                    "flops_keep_achieved": compiled.report.flops_keep_achieved,
                    "layers": len(compiled.report.layers), **result}
             rows.append(row)

@@ -170,6 +170,10 @@ class CompileOptions:
                                       "the machine's speed and load)")
     recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
+    model_recovery_tflops: float = _option(0.0, _number(0.0, float("inf")), "compute budget (10^12 FLOPs) of a "
+                                           "last recovery step over the whole model, fitting its outputs to the "
+                                           "dense model's (0: off; needs reconstruct)")
+    model_recovery_lr: float = _option(3e-6, _number(0.0, 1.0, low_open=True), "Adam learning rate of that step")
     verify: bool = _option(False, _flag, "check every rewriting pass's invariant (slower; on in tests)")
 
     @property

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.frontend.regions import block_regions
+from lpvit_compiler.frontend.regions import block_regions, whole_model_region
 from lpvit_compiler.passes.block_recovery import (STEP_IMAGES, _step_scales, flop_counter, recover_block,
                                                    run_region)
 from lpvit_compiler.quantization import quantize_nearest
@@ -260,6 +260,35 @@ def test_a_compile_with_block_recovery_is_reproducible(calib, tmp_path):
         assert all(0 < s < 200 for s in steps), steps
 
 
+def test_the_whole_model_region_runs_the_graph_from_its_inputs_to_its_outputs():
+    dense, gm, layers, chunks = _setup()
+    model = whole_model_region(gm, layers)
+    assert [n.op for n in model.inputs] == ["placeholder"]
+    assert model.layers == list(layers)
+    (outputs,) = run_region(gm, model, layers, {model.inputs[0]: chunks}, int8=False)
+    for chunk, output in zip(chunks, outputs):
+        torch.testing.assert_close(output, gm(chunk))
+
+
+@pytest.mark.parametrize("options", [{}, {"token_pruning": "merge", "patch_keep": 0.5}])
+def test_model_recovery_fits_the_outputs_and_leaves_the_masks(calib, tmp_path, options):
+    model = tiny_vit()
+    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False, recovery_steps=40,
+                  recovery_lr=1e-3, **options)
+    plain = lpvit.compile(model, **common)
+    fitted = lpvit.compile(model, model_recovery_tflops=0.05, dump_dir=tmp_path, **common)
+    decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())["model_recovery"]
+    assert decisions["kept"] and 0 < decisions["steps"] <= 40
+    assert decisions["loss_after"] < decisions["loss_before"]
+    for name in plain.plan.layers:  # the same blocks pruned; pruned weights stay 0 (the layout stores kept ones)
+        assert plain.plan.layers[name]["pruned_blocks"] == fitted.plan.layers[name]["pruned_blocks"]
+    with torch.no_grad():
+        target = model(calib)
+        errors = [float((c(calib) - target).pow(2).sum() / target.pow(2).sum()) for c in (plain, fitted)]
+    assert errors[1] < errors[0]
+    assert errors[1] == pytest.approx(decisions["loss_after"], rel=1e-3)
+
+
 def test_recovery_options_are_validated(model, calib):
     with pytest.raises(lpvit.ConfigError, match="recovery_steps must be a non-negative int"):
         lpvit.compile(model, calib=calib, recovery_steps=-1)
@@ -267,6 +296,8 @@ def test_recovery_options_are_validated(model, calib):
         lpvit.compile(model, calib=calib, recovery_lr=0)
     with pytest.raises(lpvit.ConfigError, match=r"recovery_tflops must be in \[0, inf\], got -1"):
         lpvit.compile(model, calib=calib, recovery_tflops=-1)
+    with pytest.raises(lpvit.ConfigError, match=r"model_recovery_tflops must be in \[0, inf\], got -1"):
+        lpvit.compile(model, calib=calib, model_recovery_tflops=-1)
 
 
 class StaticBlock(Block):

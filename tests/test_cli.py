@@ -170,6 +170,8 @@ def test_quiet_prints_nothing(tmp_path):
     (("compile", MODEL, "--checkpoint", "missing.pth", "--out", "x.onnx"), ["checkpoint not found: missing.pth"]),
     (("compile", MODEL, "--flops-keep", "2.0", "--out", "x.onnx"), ["flops_keep must be in (0, 1], got 2"]),
     (("compile", MODEL, "--recovery-tflops", "-1", "--out", "x.onnx"), ["recovery_tflops must be in [0, inf], got -1"]),
+    (("compile", MODEL, "--model-recovery-tflops", "-2", "--out", "x.onnx"),
+     ["model_recovery_tflops must be in [0, inf], got -2"]),
     (("compile", MODEL, "--calib", "no/such/dir", "--out", "x.onnx"), ["no/such/dir is not a directory"]),
     (("compile", MODEL, "--calib", "random:zero", "--out", "x.onnx"), ["count after ':' must be a positive integer"]),
     (("compile", MODEL, "--hw", "tpu", "--out", "x.onnx"), ["unknown hardware profile 'tpu'"]),

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recovery-tflops", type=float,
                    help="compute budget of block recovery in 10^12 FLOPs (default "
                         f"{CompileOptions.default('recovery_tflops'):g}; counted, so a compile is reproducible)")
+    c.add_argument("--model-recovery-tflops", type=float,
+                   help="compute budget (10^12 FLOPs) of a last recovery step fitting the whole model's outputs to "
+                        f"the dense model's (default {CompileOptions.default('model_recovery_tflops'):g}; 0: off)")
     c.add_argument("--recovery-seconds", type=float,
                    help="wall-clock cap of block recovery (default none; when it binds, the result depends on "
                         "the machine's load)")

@@ -17,7 +17,7 @@ def compile_options(args) -> dict:
     defaults)."""
     tuning = dict(importance=args.importance, allocation=args.allocation, reconstruct=args.reconstruct,
                   gptq=args.gptq, block_recovery=args.block_recovery, recovery_tflops=args.recovery_tflops,
-                  recovery_seconds=args.recovery_seconds,
+                  recovery_seconds=args.recovery_seconds, model_recovery_tflops=args.model_recovery_tflops,
                   token_pruning=args.token_pruning, patch_keep=args.patch_keep)
     return dict(flops_keep=args.flops_keep, target_speedup=args.target_speedup, power_keep=args.power_keep,
                 block_shape=args.block, preset=args.preset, prune_heads=args.prune_heads, verify=args.verify,

@@ -70,3 +70,13 @@ def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[Blo
         if prunable and outputs and inputs:
             regions.append(BlockRegion(name, run, inputs, outputs, prunable))
     return regions
+
+
+def whole_model_region(gm: fx.GraphModule, layers: dict[str, LayerState]) -> BlockRegion:
+    """The whole graph as one region: its inputs the graph's placeholders, its outputs the values it returns."""
+    nodes = list(gm.graph.nodes)
+    returned = next(n for n in nodes if n.op == "output").all_input_nodes
+    run = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    prunable = [n.target for n in run if n.op == "call_module" and n.target in layers]
+    return BlockRegion("model", run, inputs, list(dict.fromkeys(returned)), prunable)

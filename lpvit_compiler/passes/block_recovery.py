@@ -78,11 +78,15 @@ class _RegionRunner:
         self.gm, self.region, self.int8 = gm, region, int8
         self.scales = {name: layers[name].weight_scales for name in region.layers} if int8 else {}
 
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self, linears_only: bool = False) -> list[nn.Parameter]:
+        """The region's parameters, or only its nn.Linear modules' weights and biases."""
         found = {}
         for node in self.region.nodes:
-            if node.op == "call_module":
-                found.update({id(p): p for p in self.gm.get_submodule(node.target).parameters()})
+            module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+            if module is not None and (not linears_only or type(module) is nn.Linear):
+                found.update({id(p): p for p in module.parameters()})
+            if linears_only:
+                continue
             for used in node.all_input_nodes:
                 if used.op == "get_attr":
                     value = self.interpreter.fetch_attr(used.target)
@@ -195,13 +199,15 @@ def _step_scales(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Laye
 def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, LayerState],
                   inputs: dict[fx.Node, list], targets: list[list[torch.Tensor]], *, steps: int, flops: float,
                   lr: float, int8: bool, seconds: float = math.inf, seed: int = 0,
-                  outputs: list[list] | None = None, live: list | None = None) -> tuple[dict, list]:
+                  outputs: list[list] | None = None, live: list | None = None,
+                  linears_only: bool = False) -> tuple[dict, list]:
     """Adam on the region's parameters (module docstring); ``inputs`` maps each region input to its pruned-model
     values per calibration chunk, ``targets`` holds the dense model's value of each region output per chunk;
     at most ``steps`` steps, ``flops`` FLOPs of them and ``seconds`` of wall time. ``outputs``: the region's
     outputs per chunk as the model computes them before recovery, where the caller has them (the reconstruction's
     pruned stream does); None runs the region for them. ``live``: per chunk, the token positions that reach the
-    model's output ([images, T] bool, importance.live_positions) or None; L counts those only.
+    model's output ([images, T] bool, importance.live_positions) or None; L counts those only. ``linears_only``:
+    Adam moves the region's nn.Linear weights and biases only (the whole-model step of reconstruct.py).
     Returns what it did (steps run, their FLOPs, relative loss before and after, whether the result was kept)
     and the region's outputs per chunk as the model now computes them (what the pruned stream continues from)."""
     before_outputs = outputs if outputs is not None else run_region(gm, region, layers, inputs, int8)
@@ -215,7 +221,7 @@ def recover_block(gm: fx.GraphModule, region: BlockRegion, layers: dict[str, Lay
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for values in targets for t in values):
         return {"steps": 0, "kept": False, "skipped": "an output of the block is not a float tensor"}, before_outputs
     runner = _RegionRunner(gm, region, layers, int8)
-    params = runner.parameters()
+    params = runner.parameters(linears_only)
     masks = {id(gm.get_submodule(name).weight): layers[name].element_mask() for name in region.layers}
     before = _relative_loss(fitted(before_outputs), targets, live)
     start = [p.detach().clone() for p in params]

@@ -60,6 +60,15 @@ With ``block_recovery=True``, when the streams reach the end of a transformer bl
 (block_recovery.py states the loss), before the pruned stream goes on into the next block. The compute budget
 ``recovery_tflops`` (and the optional wall-clock cap ``recovery_seconds``) is shared out evenly over the blocks
 still to come, so what a block leaves unused goes to the later ones; ``recovery_steps`` caps each block.
+
+With ``model_recovery_tflops`` > 0, after the last layer the whole graph is one region (``whole_model_region``:
+the model's inputs to its outputs) and gets the same Adam steps on ||model(X) - model_dense(X)||^2 /
+||model_dense(X)||^2 over its outputs (logits, or embeddings for a backbone), at its own ``model_recovery_lr``,
+kept only where that loss on the calibration images went down (EBFT's end-to-end step): block recovery fits each
+block to its dense output, this fits the blocks together to what the user reads. Only the linears move (kept
+weights, masks frozen, and biases, with block recovery's per-row and per-column step sizes); on DINOv2-S moving
+the embeddings, norms and tokens too with the same unscaled Adam steps fitted the calibration logits worse
+(README).
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
-from ..frontend.regions import block_regions
+from ..frontend.regions import block_regions, whole_model_region
 from ..linalg import damped, gram, solve_kept_columns
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
@@ -257,7 +266,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     fixed, planned = {}, {}  # allocation="sequential": pruned blocks per layer refitted so far / first solve's
     token_maps = [None] * len(chunks)  # token pruning: the pruned stream's tokens in the dense one
     flops_left, seconds_left = opts.recovery_tflops * 1e12, opts.recovery_seconds
-    placeholders = 0
+    placeholders, model_inputs = 0, {}
     with Progress(disable=not state.progress, transient=True) as progress:
         task = progress.add_task("reconstruct", total=len(state.layers))
         for node in gm.graph.nodes:
@@ -267,6 +276,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 if placeholders and not node.args:
                     raise NotImplementedError("reconstruction runs graphs with one tensor input")
                 dense[node] = pruned[node] = chunks if not placeholders else [node.args[0]] * len(chunks)
+                model_inputs[node] = dense[node]
                 placeholders += 1
             elif node.op == "call_module" and node.target in state.layers and node.target not in per_layer:
                 layer, linear = state.layers[node.target], gm.get_submodule(node.target)
@@ -353,6 +363,14 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 if last_use.get(used) is node:
                     dense.pop(used, None)
                     pruned.pop(used, None)
+    model_recovery = None
+    if opts.model_recovery_tflops > 0:
+        model = whole_model_region(gm, state.layers)
+        model_recovery, _ = recover_block(
+            gm, model, state.layers, model_inputs,
+            [_at_pruned_tokens(dense[n], pruned[n], token_maps) for n in model.outputs],
+            steps=opts.recovery_steps, flops=opts.model_recovery_tflops * 1e12, lr=opts.model_recovery_lr, int8=int8,
+            outputs=[pruned[n] for n in model.outputs], live=live, linears_only=True)
     if fixed:
         state.solve = solve_outcome(state, budget_problem(state, beta=state.solve.beta),
                                     [layer.pruned_blocks for layer in state.layers.values()], state.solve.slope)
@@ -363,7 +381,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                  "layers": per_layer,
                  "block_recovery": {"enabled": opts.block_recovery, "blocks": per_block,
                                     **({} if regions or not opts.block_recovery else
-                                       {"note": "no numbered transformer blocks found in the graph"})}}
+                                       {"note": "no numbered transformer blocks found in the graph"})},
+                 **({"model_recovery": model_recovery} if model_recovery else {})}
     if opts.block_recovery and not regions:
         state.notes.append("block recovery found no numbered transformer blocks (nn_module_stack) and was skipped")
     elif per_block:
