@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"calib_sentences": len(calib), "eval_sentences": len(evaluation), "max_length": args.max_length,
-            "block": args.block, "example_sentences": texts[:5]}
+            "block": args.block, "options": args.options, "example_sentences": texts[:5]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     lines = [f"all-MiniLM-L6-v2 (real weights), {layers} encoder linears pruned, "
              f"{args.block}x{args.block} blocks, no fine-tuning; {len(calib)} calibration and {len(evaluation)} "
              "evaluation sentences (standard-library docstrings). Cells: mean cosine similarity of compiled to "
-             "dense sentence embeddings / top-1 nearest-neighbour agreement.", "",
+             "dense sentence embeddings / top-1 nearest-neighbour agreement." +
+             (f" Every compile with {json.dumps(args.options)}." if args.options else ""), "",
              "| flops_keep | " + " | ".join(variants) + " |", "|---" * (1 + len(variants)) + "|"]
     for flops_keep in budgets:
         cell = {r["variant"]: r for r in rows if r["flops_keep"] == flops_keep}
