@@ -280,6 +280,7 @@ def test_model_recovery_fits_the_outputs_and_leaves_the_masks(calib, tmp_path, o
     decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())["model_recovery"]
     assert decisions["kept"] and 0 < decisions["steps"] <= 40
     assert decisions["loss_after"] < decisions["loss_before"]
+    assert any(n.startswith("end-to-end recovery: ") and n.endswith("kept") for n in fitted.report.notes)
     for name in plain.plan.layers:  # the same blocks pruned; pruned weights stay 0 (the layout stores kept ones)
         assert plain.plan.layers[name]["pruned_blocks"] == fitted.plan.layers[name]["pruned_blocks"]
     with torch.no_grad():

@@ -64,6 +64,7 @@ still to come, so what a block leaves unused goes to the later ones; ``recovery_
 With ``model_recovery_tflops`` > 0, after the last layer the whole graph is one region (``whole_model_region``:
 the model's inputs to its outputs) and gets the same Adam steps on ||model(X) - model_dense(X)||^2 /
 ||model_dense(X)||^2 over its outputs (logits, or embeddings for a backbone), at its own ``model_recovery_lr``,
+at most ``recovery_steps`` of them,
 kept only where that loss on the calibration images went down (EBFT's end-to-end step): block recovery fits each
 block to its dense output, this fits the blocks together to what the user reads. Only the linears move (kept
 weights, masks frozen, and biases, with block recovery's per-row and per-column step sizes); on DINOv2-S moving
@@ -390,4 +391,11 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
         state.notes.append(f"block recovery refitted {len(kept)} of {len(per_block)} blocks" + (
             f", mean block loss on calibration data {sum(b['loss_before'] for b in kept) / len(kept):.3g} -> "
             f"{sum(b['loss_after'] for b in kept) / len(kept):.3g}" if kept else ""))
+    if model_recovery and "skipped" in model_recovery:
+        state.notes.append(f"end-to-end recovery skipped: {model_recovery['skipped']}")
+    elif model_recovery:
+        state.notes.append(
+            f"end-to-end recovery: {model_recovery['steps']} steps, relative output error on calibration data "
+            f"{model_recovery['loss_before']:.3g} -> {model_recovery['loss_after']:.3g}, "
+            + ("kept" if model_recovery["kept"] else "undone (it did not go down)"))
     return PassResult(gm, True, decisions)
