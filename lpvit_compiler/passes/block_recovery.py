@@ -77,6 +77,17 @@ class _RegionRunner:
         self.interpreter = fx.Interpreter(gm)
         self.gm, self.region, self.int8 = gm, region, int8
         self.scales = {name: layers[name].weight_scales for name in region.layers} if int8 else {}
+        # Values dropped once their last reader in the region ran: without autograd holding them, a whole-model
+        # region on a 32-image chunk would otherwise keep every intermediate alive (~2 GB for DeiT-S).
+        kept = set(region.outputs)
+        self.last_readers: dict[fx.Node, list[fx.Node]] = {}
+        last_reader = {}
+        for node in region.nodes:
+            for used in node.all_input_nodes:
+                last_reader[used] = node
+        for used, reader in last_reader.items():
+            if used not in kept:
+                self.last_readers.setdefault(reader, []).append(used)
 
     def parameters(self, linears_only: bool = False) -> list[nn.Parameter]:
         """The region's parameters, or only its nn.Linear modules' weights and biases."""
@@ -107,6 +118,8 @@ class _RegionRunner:
                 env[node] = self._int8_linear(node.target, args[0])
             else:
                 env[node] = getattr(self.interpreter, node.op)(node.target, args, kwargs)
+            for used in self.last_readers.get(node, ()):
+                env.pop(used, None)
         return [env[n] for n in self.region.outputs]
 
     def _int8_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
