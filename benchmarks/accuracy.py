@@ -1,7 +1,7 @@
 """Accuracy without fine-tuning, on real data: the Fashion-MNIST ViT compiled at several budgets.
 
     python benchmarks/accuracy.py [--flops-keep 0.7 0.5 0.3] [--blocks 16 32] [--calib-images 256]
-                                  [--patch-keep 0.5 0.25]
+                                  [--patch-keep 0.5 0.25] [--options '{"model_recovery_tflops": 5}']
 
 Trains (or loads the cached) ViT of ``benchmarks/fashion_mnist.py``, then compiles it with every importance
 criterion, without and with weight reconstruction, at every budget and block size, and measures top-1 on the
@@ -9,7 +9,7 @@ criterion, without and with weight reconstruction, at every budget and block siz
 (budget, block) it also times the exported model against the dense one in onnxruntime (batch 64). With
 ``--patch-keep``, tokens alone too: the default compile at ``flops_keep=1.0`` with ``token_pruning="merge"`` (the
 model averages its 16 patch tokens, which merging keeps as a size-weighted mean; dropping them would change it),
-with its whole-model FLOPs kept.
+with its whole-model FLOPs kept. ``--options`` passes further ``lpvit.compile`` options to every compile.
 Writes benchmarks/results/accuracy.{md,json,png}.
 """
 
@@ -30,7 +30,7 @@ import fashion_mnist  # noqa: E402
 
 import lpvit_compiler as lpvit  # noqa: E402
 from lpvit_compiler.runtime.sessions import ort_session  # noqa: E402
-from lpvit_compiler.tools.bench import compare_sessions  # noqa: E402
+from lpvit_compiler.tools.bench import compare_sessions, compile_options_argument  # noqa: E402
 from lpvit_compiler.tools.data import fashion_mnist as fashion_mnist_data  # noqa: E402
 from lpvit_compiler.lowering.onnx_export import export_onnx  # noqa: E402
 
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--patch-keep", nargs="*", type=float, default=[],
                         help="also tokens alone: token_pruning='merge' leaving these shares of the patches")
+    parser.add_argument("--options", type=compile_options_argument, default={}, metavar="JSON",
+                        help="further lpvit.compile options for every compile, e.g. '{\"model_recovery_tflops\": 5}'")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy")
     args = parser.parse_args(argv)
 
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
                 for criterion in args.criteria:
                     start = time.perf_counter()
                     compiled = lpvit.compile(model, hw="cpu", flops_keep=flops_keep, calib=calib, block_shape=block,
-                                             importance=criterion, reconstruct=reconstruct, progress=False)
+                                             importance=criterion, reconstruct=reconstruct, progress=False,
+                                             **args.options)
                     seconds = time.perf_counter() - start
                     path = compiled.export(work / "compiled.onnx")
                     session = ort_session(path, args.threads, True)
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     for patch_keep in args.patch_keep:
         start = time.perf_counter()
         compiled = lpvit.compile(model, hw="cpu", flops_keep=1.0, calib=calib, token_pruning="merge",
-                                 patch_keep=patch_keep, progress=False)
+                                 patch_keep=patch_keep, progress=False, **args.options)
         seconds = time.perf_counter() - start
         session = ort_session(compiled.export(work / "merged.onnx"), args.threads, True)
         timing = compare_sessions(dense_session, session, [64], repeats=7)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     for block in args.blocks:
         for flops_keep in args.distill_flops_keep:
             compiled = lpvit.compile(model, hw="cpu", flops_keep=flops_keep, calib=calib, block_shape=block,
-                                     progress=False)
+                                     progress=False, **args.options)
             start = time.perf_counter()
             tuned = lpvit.finetune(compiled, train, epochs=1, teacher=model, lr=args.distill_lr, progress=False)
             row = {"block": block, "flops_keep": flops_keep, "epochs": 1, "seconds": time.perf_counter() - start,
@@ -140,14 +143,15 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dense_top1": dense_top1, "test_images": len(test.dataset), "calib_images": len(calib),
-            "threads": args.threads, "versions": lpvit.compiled.versions()}
+            "options": args.options, "threads": args.threads, "versions": lpvit.compiled.versions()}
     results = {"meta": meta, "rows": rows, "merged": merged, "distilled": distilled}
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (("reconstruct" in v), v))
     lines = [f"Fashion-MNIST ViT (`benchmarks/fashion_mnist.py`), dense test top-1 {dense_top1:.4f} on "
              f"{len(test.dataset)} images; {len(calib)} calibration images from the training split; no fine-tuning. "
              "Cells: test top-1 of the compiled model in onnxruntime (torch agrees: see the JSON); speedup = "
-             f"dense / compiled onnxruntime time at batch 64, {args.threads} threads, median of 7.", "",
+             f"dense / compiled onnxruntime time at batch 64, {args.threads} threads, median of 7."
+             + (f" Every compile with {json.dumps(args.options)}." if args.options else ""), "",
              "| block | flops_keep | speedup | " + " | ".join(variants) + " |",
              "|---" * (3 + len(variants)) + "|"]
     for block in args.blocks if rows else []:
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
             lines.append(f"| {block}x{block} | {flops_keep} | {first['speedup']:.2f}x | " +
                          " | ".join(f"{cell[v]['top1_onnxruntime']:.4f}" for v in variants) + " |")
     lines += ["", f"With one epoch of distillation (`lpvit.finetune`, teacher = the dense model, lr {args.distill_lr}, "
-              "masks frozen), default compile options:", "",
+              "masks frozen), default compile options" + (" and those above" if args.options else "") + ":", "",
               "| block | flops_keep | top-1 before | top-1 after (torch) | after (onnxruntime) | seconds |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['block']}x{r['block']} | {r['flops_keep']} | {r['top1_before']:.4f} | {r['top1_after']:.4f} | "

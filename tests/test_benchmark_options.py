@@ -124,3 +124,11 @@ def test_the_outlier_measure_finds_a_planted_massive_channel():
     for row in planted[1:]:
         assert row["stream_top_channel"] == 7 and row["stream_ratio"] > 1000
         assert row["token_norm_ratio"] < 1.1  # every token carries it: no single high-norm token
+
+
+def test_accuracy_refuses_malformed_compile_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark("accuracy").main(["--options", '{"model_recovery_tflops": 5'])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--options" in err and "Traceback" not in err
