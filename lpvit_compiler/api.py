@@ -61,7 +61,7 @@ def compile(
             ``prune_heads`` (False), ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True),
             ``fold_scales`` (True), ``reconstruct`` (True), ``reconstruct_images`` (enough for 25,216 live tokens, at
             least 128), ``block_recovery`` (True), ``recovery_tflops`` (20), ``recovery_seconds`` (no cap), ``recovery_steps``
-            (1000), ``recovery_lr`` (3e-4), ``model_recovery_tflops`` (0: off), ``model_recovery_lr`` (3e-6),
+            (1000), ``recovery_lr`` (3e-4), ``model_recovery_tflops`` (5; 0: off), ``model_recovery_lr`` (3e-6),
             ``verify`` (False).
     """
     opts = CompileOptions.build(hw, flops_keep=flops_keep, target_speedup=target_speedup, power_keep=power_keep,

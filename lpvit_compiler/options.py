@@ -29,7 +29,8 @@ DEFAULT_PATCH_KEEP = 0.5
 # Named sets of tuning options; options given with a preset override it. "fast": DeiT-S on 256 images in about
 # half a minute on 2 cores (benchmarks/compile_time.py), for trying budgets before a full compile.
 PRESETS = {
-    "fast": {"importance": "hessian", "importance_images": 64, "reconstruct_images": 32, "block_recovery": False},
+    "fast": {"importance": "hessian", "importance_images": 64, "reconstruct_images": 32, "block_recovery": False,
+             "model_recovery_tflops": 0.0},
 }
 
 
@@ -170,7 +171,7 @@ class CompileOptions:
                                       "the machine's speed and load)")
     recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
-    model_recovery_tflops: float = _option(0.0, _number(0.0, float("inf")), "compute budget (10^12 FLOPs) of a "
+    model_recovery_tflops: float = _option(5.0, _number(0.0, float("inf")), "compute budget (10^12 FLOPs) of a "
                                            "last recovery step over the whole model, fitting its outputs to the "
                                            "dense model's (0: off; needs reconstruct)")
     model_recovery_lr: float = _option(3e-6, _number(0.0, 1.0, low_open=True), "Adam learning rate of that step")

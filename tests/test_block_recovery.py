@@ -206,7 +206,7 @@ def test_int8_recovery_leaves_weights_on_their_int8_grid():
 
 def test_compile_records_recovery_and_it_lowers_calibration_error(calib, tmp_path):
     model = tiny_vit()
-    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False)
+    common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False, model_recovery_tflops=0)
     plain = lpvit.compile(model, block_recovery=False, **common)
     recovered = lpvit.compile(model, recovery_steps=80, recovery_lr=1e-3, dump_dir=tmp_path, **common)
     decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
@@ -226,7 +226,8 @@ def test_compile_records_recovery_and_it_lowers_calibration_error(calib, tmp_pat
                                      {"token_pruning": "merge", "patch_keep": 0.5}])
 def test_the_pruned_stream_hands_recovery_the_blocks_outputs(monkeypatch, calib, options):
     # recovery starts from the outputs the reconstruction's pruned stream computed instead of running the block
-    # again: they must be what the block computes now, in every kind of stream
+    # again: they must be what the block computes now, in every kind of stream, and the same for the whole model's
+    # outputs that the end-to-end step starts from
     reconstruct = importlib.import_module("lpvit_compiler.passes.reconstruct")
     seen = []
 
@@ -242,7 +243,7 @@ def test_the_pruned_stream_hands_recovery_the_blocks_outputs(monkeypatch, calib,
     monkeypatch.setattr(reconstruct, "recover_block", checked)
     lpvit.compile(tiny_vit(), hw="cpu-avx2", flops_keep=0.5, calib=calib, block_shape=16, progress=False,
                   recovery_steps=2, **options)
-    assert seen == ["blocks.0", "blocks.1"]
+    assert seen == ["blocks.0", "blocks.1", "model"]
 
 
 def test_a_compile_with_block_recovery_is_reproducible(calib, tmp_path):
@@ -294,7 +295,7 @@ def test_model_recovery_fits_the_outputs_and_leaves_the_masks(calib, tmp_path, o
     model = tiny_vit()
     common = dict(hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False, recovery_steps=40,
                   recovery_lr=1e-3, **options)
-    plain = lpvit.compile(model, **common)
+    plain = lpvit.compile(model, model_recovery_tflops=0, **common)
     fitted = lpvit.compile(model, model_recovery_tflops=0.05, dump_dir=tmp_path, **common)
     decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())["model_recovery"]
     assert decisions["kept"] and 0 < decisions["steps"] <= 40

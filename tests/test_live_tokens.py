@@ -89,7 +89,7 @@ def test_what_padding_holds_does_not_change_the_compiled_model():
 def test_a_model_that_reads_every_position_has_none_dead(tmp_path):
     model = tiny_vit().eval()
     lpvit.compile(model, calib=torch.randn(16, 3, 32, 32), dump_dir=tmp_path, flops_keep=0.7, block_shape=8,
-                  block_recovery=False, progress=False)
+                  block_recovery=False, model_recovery_tflops=0, progress=False)
     decisions = json.loads(next(tmp_path.glob("*-importance/decisions.json")).read_text())
     assert decisions["live_token_share"] == 1.0
 
