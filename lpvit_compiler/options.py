@@ -167,8 +167,9 @@ class CompileOptions:
                                      "10^12 FLOPs of its Adam steps (counted, so the same on every machine), "
                                      "shared over the blocks")
     recovery_seconds: float = _option(float("inf"), _number(0.0, float("inf")), "wall-clock cap of block "
-                                      "recovery, shared over the blocks (when it binds, the result depends on "
-                                      "the machine's speed and load)")
+                                      "recovery and the end-to-end step, shared over the blocks, the step taking "
+                                      "what they leave (when it binds, the result depends on the machine's speed "
+                                      "and load)")
     recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     model_recovery_tflops: float = _option(5.0, _number(0.0, float("inf")), "compute budget (10^12 FLOPs) of a "

@@ -310,6 +310,17 @@ def test_model_recovery_fits_the_outputs_and_leaves_the_masks(calib, tmp_path, o
     assert errors[1] == pytest.approx(decisions["loss_after"], rel=1e-3)
 
 
+def test_recovery_seconds_bounds_the_end_to_end_step_too(calib, tmp_path):
+    model = tiny_vit()
+    compiled = lpvit.compile(model, hw="cpu-avx2", flops_keep=0.3, calib=calib, block_shape=16, progress=False,
+                             recovery_seconds=0, dump_dir=tmp_path)
+    decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
+    assert all(b["steps"] == 0 for b in decisions["block_recovery"]["blocks"].values())
+    assert decisions["model_recovery"] == {"steps": 0, "kept": False,
+                                           "skipped": "block recovery used up recovery_seconds"}
+    assert "end-to-end recovery skipped: block recovery used up recovery_seconds" in compiled.report.notes
+
+
 def test_recovery_options_are_validated(model, calib):
     with pytest.raises(lpvit.ConfigError, match="recovery_steps must be a non-negative int"):
         lpvit.compile(model, calib=calib, recovery_steps=-1)

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute budget (10^12 FLOPs) of a last recovery step fitting the whole model's outputs to "
                         f"the dense model's (default {CompileOptions.default('model_recovery_tflops'):g}; 0: off)")
     c.add_argument("--recovery-seconds", type=float,
-                   help="wall-clock cap of block recovery (default none; when it binds, the result depends on "
-                        "the machine's load)")
+                   help="wall-clock cap of block recovery and the end-to-end step (default none; when it binds, "
+                        "the result depends on the machine's load)")
     c.add_argument("--quantize", choices=("int8",), help="int8 weights and per-token int8 activations on the int8 "
                                                          "block-sparse kernel (default: float32)")
     c.add_argument("--token-pruning", choices=("cascade", "merge", "auto"),

@@ -64,7 +64,7 @@ still to come, so what a block leaves unused goes to the later ones; ``recovery_
 With ``model_recovery_tflops`` > 0, after the last layer the whole graph is one region (``whole_model_region``:
 the model's inputs to its outputs) and gets the same Adam steps on ||model(X) - model_dense(X)||^2 /
 ||model_dense(X)||^2 over its outputs (logits, or embeddings for a backbone), at its own ``model_recovery_lr``,
-at most ``recovery_steps`` of them,
+at most ``recovery_steps`` of them and within what block recovery left of ``recovery_seconds`` (none left: skipped),
 kept only where that loss on the calibration images went down (EBFT's end-to-end step): block recovery fits each
 block to its dense output, this fits the blocks together to what the user reads. Only the linears move (kept
 weights, masks frozen, and biases, with block recovery's per-row and per-column step sizes); on DINOv2-S moving
@@ -365,13 +365,16 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     dense.pop(used, None)
                     pruned.pop(used, None)
     model_recovery = None
-    if opts.model_recovery_tflops > 0:
+    if opts.model_recovery_tflops > 0 and seconds_left <= 0:
+        model_recovery = {"steps": 0, "kept": False, "skipped": "block recovery used up recovery_seconds"}
+    elif opts.model_recovery_tflops > 0:
         model = whole_model_region(gm, state.layers)
         model_recovery, _ = recover_block(
             gm, model, state.layers, model_inputs,
             [_at_pruned_tokens(dense[n], pruned[n], token_maps) for n in model.outputs],
-            steps=opts.recovery_steps, flops=opts.model_recovery_tflops * 1e12, lr=opts.model_recovery_lr, int8=int8,
-            outputs=[pruned[n] for n in model.outputs], live=live, linears_only=True)
+            steps=opts.recovery_steps, flops=opts.model_recovery_tflops * 1e12, seconds=seconds_left,
+            lr=opts.model_recovery_lr, int8=int8, outputs=[pruned[n] for n in model.outputs], live=live,
+            linears_only=True)
     if fixed:
         state.solve = solve_outcome(state, budget_problem(state, beta=state.solve.beta),
                                     [layer.pruned_blocks for layer in state.layers.values()], state.solve.slope)
