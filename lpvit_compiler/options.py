@@ -170,7 +170,8 @@ class CompileOptions:
                                       "recovery and the end-to-end step, shared over the blocks, the step taking "
                                       "what they leave (when it binds, the result depends on the machine's speed "
                                       "and load)")
-    recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery")
+    recovery_steps: int = _option(1000, _count, "most Adam steps per block in block recovery, and of the "
+                                                "end-to-end step")
     recovery_lr: float = _option(3e-4, _number(0.0, 1.0, low_open=True), "Adam learning rate of block recovery")
     model_recovery_tflops: float = _option(5.0, _number(0.0, float("inf")), "compute budget (10^12 FLOPs) of a "
                                            "last recovery step over the whole model, fitting its outputs to the "

@@ -317,8 +317,8 @@ def test_recovery_seconds_bounds_the_end_to_end_step_too(calib, tmp_path):
     decisions = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())
     assert all(b["steps"] == 0 for b in decisions["block_recovery"]["blocks"].values())
     assert decisions["model_recovery"] == {"steps": 0, "kept": False,
-                                           "skipped": "block recovery used up recovery_seconds"}
-    assert "end-to-end recovery skipped: block recovery used up recovery_seconds" in compiled.report.notes
+                                           "skipped": "no time left of recovery_seconds"}
+    assert "end-to-end recovery skipped: no time left of recovery_seconds" in compiled.report.notes
 
 
 def test_recovery_options_are_validated(model, calib):

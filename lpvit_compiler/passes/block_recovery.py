@@ -79,14 +79,14 @@ class _RegionRunner:
         self.scales = {name: layers[name].weight_scales for name in region.layers} if int8 else {}
         # Values dropped once their last reader in the region ran: without autograd holding them, a whole-model
         # region on a 32-image chunk would otherwise keep every intermediate alive (~2 GB for DeiT-S).
-        kept = set(region.outputs)
+        returned = set(region.outputs)
         self.last_readers: dict[fx.Node, list[fx.Node]] = {}
         last_reader = {}
         for node in region.nodes:
             for used in node.all_input_nodes:
                 last_reader[used] = node
         for used, reader in last_reader.items():
-            if used not in kept:
+            if used not in returned:
                 self.last_readers.setdefault(reader, []).append(used)
 
     def parameters(self, linears_only: bool = False) -> list[nn.Parameter]:

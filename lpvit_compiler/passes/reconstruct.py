@@ -366,7 +366,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     pruned.pop(used, None)
     model_recovery = None
     if opts.model_recovery_tflops > 0 and seconds_left <= 0:
-        model_recovery = {"steps": 0, "kept": False, "skipped": "block recovery used up recovery_seconds"}
+        model_recovery = {"steps": 0, "kept": False, "skipped": "no time left of recovery_seconds"}
     elif opts.model_recovery_tflops > 0:
         model = whole_model_region(gm, state.layers)
         model_recovery, _ = recover_block(
