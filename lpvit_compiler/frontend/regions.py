@@ -72,6 +72,15 @@ def block_regions(gm: fx.GraphModule, layers: dict[str, LayerState]) -> list[Blo
     return regions
 
 
+def last_readers(nodes) -> dict[fx.Node, fx.Node]:
+    """Each value that ``nodes`` (in graph order) read, mapped to the last of them that reads it."""
+    last = {}
+    for node in nodes:
+        for used in node.all_input_nodes:
+            last[used] = node
+    return last
+
+
 def whole_model_region(gm: fx.GraphModule, layers: dict[str, LayerState]) -> BlockRegion:
     """The whole graph as one region: its inputs the graph's placeholders, its outputs the values it returns."""
     nodes = list(gm.graph.nodes)

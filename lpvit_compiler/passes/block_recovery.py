@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..frontend.regions import BlockRegion
+from ..frontend.regions import BlockRegion, last_readers
 from ..quantization import codes
 from ..runtime.ops import fake_quantize_rows
 from ..state import LayerState
@@ -80,14 +80,10 @@ class _RegionRunner:
         # Values dropped once their last reader in the region ran: without autograd holding them, a whole-model
         # region on a 32-image chunk would otherwise keep every intermediate alive (~2 GB for DeiT-S).
         returned = set(region.outputs)
-        self.last_readers: dict[fx.Node, list[fx.Node]] = {}
-        last_reader = {}
-        for node in region.nodes:
-            for used in node.all_input_nodes:
-                last_reader[used] = node
-        for used, reader in last_reader.items():
+        self.dropped_after: dict[fx.Node, list[fx.Node]] = {}
+        for used, reader in last_readers(region.nodes).items():
             if used not in returned:
-                self.last_readers.setdefault(reader, []).append(used)
+                self.dropped_after.setdefault(reader, []).append(used)
 
     def parameters(self, linears_only: bool = False) -> list[nn.Parameter]:
         """The region's parameters, or only its nn.Linear modules' weights and biases."""
@@ -118,7 +114,7 @@ class _RegionRunner:
                 env[node] = self._int8_linear(node.target, args[0])
             else:
                 env[node] = getattr(self.interpreter, node.op)(node.target, args, kwargs)
-            for used in self.last_readers.get(node, ()):
+            for used in self.dropped_after.get(node, ()):
                 env.pop(used, None)
         return [env[n] for n in self.region.outputs]
 

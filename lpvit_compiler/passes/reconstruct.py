@@ -82,7 +82,7 @@ from rich.progress import Progress
 from torch import fx
 from torch.nn import functional as F
 
-from ..frontend.regions import block_regions, whole_model_region
+from ..frontend.regions import block_regions, last_readers, whole_model_region
 from ..linalg import damped, gram, solve_kept_columns
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
@@ -255,10 +255,7 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     regions = block_regions(gm, state.layers) if opts.block_recovery else []
     region_ending = {region.nodes[-1]: region for region in regions}
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    last_use = {}
-    for node in gm.graph.nodes:
-        for used in node.all_input_nodes:
-            last_use[used] = node
+    last_use = last_readers(gm.graph.nodes)
     for region in regions:  # a block's pruned inputs are needed again at its end, for recovery
         for used in region.inputs:
             if position[last_use[used]] < position[region.nodes[-1]]:
