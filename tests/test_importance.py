@@ -140,6 +140,36 @@ def test_obs_curve_is_the_exact_error_after_refitting(shape, block):
         assert distortion[k].item() == pytest.approx(direct, rel=1e-6)
 
 
+def test_obs_with_overwhelming_damping_orders_blocks_by_energy():
+    # H + lambda I with lambda >> H is lambda I up to a vanishing part: no column can stand in for another, so
+    # removing block b costs lambda ||W_b||^2 and the order is the blocks' energy order
+    from lpvit_compiler.passes.importance import _obs
+
+    torch.manual_seed(1)
+    layer, weight = _layer(), torch.randn(40, 48) * torch.rand(48)
+    x = torch.randn(300, 48, dtype=torch.float64) @ torch.randn(48, 48, dtype=torch.float64)
+    moment = x.T @ x / 300
+    scores, order, _ = _obs(layer, weight, moment, gradient_energy=torch.ones(40), damping=1e9)
+    energy = layer.grid.block_sum(weight.double().square())
+    lam = 1e9 * float(moment.diagonal().mean())
+    assert torch.allclose(scores, lam * energy, rtol=1e-6)
+    assert torch.equal(order, torch.argsort(energy.flatten(), stable=True))
+    # and a small damping does not: the correlated columns make refitting matter
+    _, small_order, _ = _obs(layer, weight, moment, gradient_energy=torch.ones(40), damping=0.01)
+    assert not torch.equal(small_order, order)
+
+
+def test_obs_ridge_is_the_floor_where_tokens_are_ample_and_grows_with_width_per_token():
+    from lpvit_compiler.options import CompileOptions
+    from lpvit_compiler.passes.importance import obs_ridge
+
+    options = CompileOptions.build(hessian_damping=0.01, obs_damping=1.0)
+    assert obs_ridge(options, 384, 197 * 256) == 0.01  # K / T = 0.008: below the floor
+    assert obs_ridge(options, 1536, 4122) == pytest.approx(1536 / 4122)  # MiniLM's fc2 on 256 sentences
+    assert obs_ridge(CompileOptions.build(obs_damping=3.0), 384, 4122) == pytest.approx(3 * 384 / 4122)
+    assert obs_ridge(CompileOptions.build(obs_damping=0.0), 1536, 10) == 0.01  # 0: the floor alone
+
+
 class _AmplifiedHalf(torch.nn.Module):
     """fc's first 16 output channels reach the logits amplified 10x, the last 16 damped 10x (a fixed buffer,
     not a foldable parameter): blocks in the damped half are the ones to prune."""

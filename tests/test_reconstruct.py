@@ -125,6 +125,8 @@ def test_reconstruct_options_are_checked(model, calib):
         lpvit.compile(model, calib=calib, reconstruct_images=0)
     with pytest.raises(lpvit.ConfigError, match=r"hessian_damping must be in \(0, inf\]"):
         lpvit.compile(model, calib=calib, hessian_damping=-1.0)
+    with pytest.raises(lpvit.ConfigError, match=r"obs_damping must be in \[0, inf\]"):
+        lpvit.compile(model, calib=calib, obs_damping=-0.5)
 
 
 @pytest.mark.parametrize("n", [32, 29])  # 29: the last block row is short

@@ -91,7 +91,7 @@ from ..state import CompileState
 from ..tokens import TokenMerge, TokenSelect
 from .block_mask_solve import budget_problem, prune_first_blocks, solve_outcome, solve_unfixed
 from .block_recovery import recover_block
-from .importance import live_rows, refit_obs_curve
+from .importance import live_rows, obs_ridge, refit_obs_curve
 
 # The reconstruction's sample by default: DeiT-S's 128 images of 197 tokens, and never fewer than 128 images
 RECONSTRUCT_TOKENS = 128 * 197
@@ -298,8 +298,9 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                         target = _targets(weight, bias, g, s)
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
+                        tokens = sum(x.numel() // x.shape[-1] for x in xp_fit)
                         layer.block_scores, order, distortion = refit_obs_curve(
-                            layer, h, target, sum(x.numel() // x.shape[-1] for x in xp_fit), opts.hessian_damping)
+                            layer, h, target, tokens, obs_ridge(opts, layer.in_features, tokens))
                         layer.prune_order, layer.distortion = order.numpy(), distortion.numpy()
                         fixed[node.target] = solve_unfixed(state, fixed)[node.target]
                         prune_first_blocks(layer, fixed[node.target])
