@@ -127,7 +127,7 @@ class CompileOptions:
     damping: float = _option(1e-7, _number(0.0, float("inf")), "lambda of the Taylor distortion's ||dW||^2 term")
     hessian_damping: float = _option(0.01, _number(0.0, float("inf"), low_open=True),
                                      "ridge lambda of the reconstruction's (and GPTQ's, head pruning's) least "
-                                     "squares on X^T X, relative to its mean diagonal")
+                                     "squares on X^T X, relative to its mean diagonal; the floor of obs's ridge")
     obs_damping: float = _option(1.0, _number(0.0, float("inf")),
                                  "ridge lambda of the input Hessian in the obs scores (importance and sequential "
                                  "allocation) per input column per calibration token, relative to its mean "

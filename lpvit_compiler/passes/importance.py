@@ -51,6 +51,7 @@ from torch import fx
 
 from ..frontend.calibration import logits_of
 from ..linalg import cholesky, damped, gram, unaliased_width
+from ..options import CompileOptions
 from ..state import CompileState, LayerState
 from ..pass_manager import PassResult, compiler_pass
 
@@ -261,16 +262,17 @@ def _hessian(layer: LayerState, weight: torch.Tensor, block_moments: torch.Tenso
                              lambda c, cols: block_moments[c, : cols.stop - cols.start, : cols.stop - cols.start])
 
 
-def obs_ridge(options, width: int, tokens: int) -> float:
+def obs_ridge(options: CompileOptions, width: int, tokens: int) -> float:
     """OBS's ridge lambda relative to mean diag H: max(``hessian_damping``, ``obs_damping`` * K / T) for inputs of
     width K whose H comes from T tokens.
 
     Why it grows with K / T: e_b rests on how well the kept columns stand in for the removed ones, and T samples of
     K correlated columns overstate that — a least-squares fit of p columns leaves about (T - p) / T of its
     population error on the tokens it was fitted on and (T + p) / T on new ones. The ridge pulls H toward its
-    diagonal by as much as the sample can mislead: on the MiniLM benchmark (256 sentences, 4,122 tokens; fc2's
-    K / T = 0.37) OBS's K / T ridge raised the compiled model's mean cosine from 0.829 to 0.87, where data are
-    ample (DINOv2-S, the Fashion-MNIST ViT) it stays at or near the floor (README)."""
+    diagonal by about as much as the sample can mislead: on the MiniLM benchmark (256 sentences, 4,122 live
+    tokens; fc2's K / T = 0.37) it raised the compiled model's mean cosine from 0.829 to 0.868; where tokens are
+    ample (DINOv2-S, the Fashion-MNIST ViT) it stays at or near the floor and changes little there (README,
+    MiniLM)."""
     return max(options.hessian_damping, options.obs_damping * width / max(tokens, 1))
 
 
@@ -392,8 +394,8 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
             if state.options.sensitivity == "layer":
                 energy = energy.mean().expand_as(energy)
             layer.loss_weights = energy
-            damping = obs_ridge(state.options, layer.in_features, stats.moment_tokens[name])
-            scores, order, distortion = _obs(layer, weight, stats.input_moments[name], energy, damping)
+            ridge = obs_ridge(state.options, layer.in_features, stats.moment_tokens[name])
+            scores, order, distortion = _obs(layer, weight, stats.input_moments[name], energy, ridge)
         else:
             scores, order, distortion = _magnitude(layer, weight)
         layer.block_scores = scores.float()
@@ -405,6 +407,7 @@ def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "blocks": layer.num_blocks,
             "block_score_min_median_max": [scores.min().item(), scores.median().item(), scores.max().item()],
             "distortion_at_ratio_0_to_1_step_0.01": sample_at_ratios(layer.distortion),
+            **({"obs_ridge": ridge} if criterion == "obs" else {}),
         }
     decisions = {"criterion": criterion, "calibration_images": stats.images,
                  "live_token_share": live_share,

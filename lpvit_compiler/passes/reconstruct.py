@@ -261,7 +261,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
             if position[last_use[used]] < position[region.nodes[-1]]:
                 last_use[used] = region.nodes[-1]
     dense, pruned, per_layer, per_block = {}, {}, {}, {}
-    fixed, planned = {}, {}  # allocation="sequential": pruned blocks per layer refitted so far / first solve's
+    # allocation="sequential": pruned blocks per layer refitted so far / first solve's / OBS ridge of its new curve
+    fixed, planned, ridges = {}, {}, {}
     token_maps = [None] * len(chunks)  # token pruning: the pruned stream's tokens in the dense one
     flops_left, seconds_left = opts.recovery_tflops * 1e12, opts.recovery_seconds
     placeholders, model_inputs = 0, {}
@@ -299,8 +300,9 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                     if opts.sequential_allocation:
                         planned[node.target] = layer.pruned_blocks
                         tokens = sum(x.numel() // x.shape[-1] for x in xp_fit)
-                        layer.block_scores, order, distortion = refit_obs_curve(
-                            layer, h, target, tokens, obs_ridge(opts, layer.in_features, tokens))
+                        ridges[node.target] = obs_ridge(opts, layer.in_features, tokens)
+                        layer.block_scores, order, distortion = refit_obs_curve(layer, h, target, tokens,
+                                                                                ridges[node.target])
                         layer.prune_order, layer.distortion = order.numpy(), distortion.numpy()
                         fixed[node.target] = solve_unfixed(state, fixed)[node.target]
                         prune_first_blocks(layer, fixed[node.target])
@@ -321,7 +323,8 @@ def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
                 per_layer[node.target] = {"relative_error_masked": _relative(masked_error, dense_energy),
                                           "relative_error_reconstructed": after,
                                           **({"pruned_blocks_first_solve": planned[node.target],
-                                              "pruned_blocks": layer.pruned_blocks} if planned else {})}
+                                              "pruned_blocks": layer.pruned_blocks,
+                                              "obs_ridge": ridges[node.target]} if planned else {})}
                 progress.advance(task)
             elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), TokenSelect):
                 with torch.no_grad():  # the dense stream keeps every token; token_maps maps the pruned ones
