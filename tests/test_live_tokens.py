@@ -76,11 +76,14 @@ def test_the_dead_positions_are_the_padding(tmp_path):
     lpvit.compile(PaddedEncoder().eval(), calib=calib, dump_dir=tmp_path, **COMMON)
     decisions = json.loads(next(tmp_path.glob("*-importance/decisions.json")).read_text())
     assert decisions["live_token_share"] == pytest.approx(float((calib < WORDS).float().mean()))
-    # OBS's ridge counts the live tokens only: max(hessian_damping, obs_damping * K / T)
+    # OBS's ridge counts the live tokens only, max(hessian_damping, obs_damping * K / T), in the importance
+    # pass and in sequential allocation's curves (the reconstruction fits on every calibration sentence here)
     live = int((calib < WORDS).sum())
+    refits = json.loads(next(tmp_path.glob("*-reconstruct/decisions.json")).read_text())["layers"]
     for name, layer in decisions["layers"].items():
-        width = layer["weight_shape"][1]
-        assert layer["obs_ridge"] == pytest.approx(max(0.01, width / live)), name
+        expected = max(0.01, layer["weight_shape"][1] / live)
+        assert layer["obs_ridge"] == pytest.approx(expected), name
+        assert refits[name]["obs_ridge"] == pytest.approx(expected), name
 
 
 def test_what_padding_holds_does_not_change_the_compiled_model():
