@@ -212,6 +212,27 @@ def test_pass_folds_activation_and_residual_and_export_matches_torch(act, name, 
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("act,contrib_op", [(nn.GELU(), "Gelu"), (nn.GELU(approximate="tanh"), "FastGelu")])
+def test_a_gelu_left_unfused_lowers_to_onnxruntimes_op_and_stays_standard_in_the_portable_file(act, contrib_op,
+                                                                                              tmp_path):
+    compiled = _compile(_Net(act), fuse_epilogues=False)
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        expected = compiled(x).numpy()
+    tolerance = {"rtol": 1e-4, "atol": 1e-4 * float(np.abs(expected).max())}
+    model = onnx.load(compiled.export(tmp_path / "lpvit.onnx"))
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("com.microsoft", contrib_op)) == 2 and not {"Erf", "Tanh"} & {op for _, op in ops}
+    onnx.checker.check_model(model)
+    got = lpvit.InferenceSession(str(tmp_path / "lpvit.onnx")).run(None, {"pixel_values": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, **tolerance)
+    portable = onnx.load(compiled.export(tmp_path / "portable.onnx", target="portable"))
+    assert {n.domain for n in portable.graph.node} <= {""}
+    got = ort.InferenceSession(str(tmp_path / "portable.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, **tolerance)
+
+
 class _NotFusable(nn.Module):
     """fc1's output gets a batch-broadcast add; fc2's output is read twice."""
 

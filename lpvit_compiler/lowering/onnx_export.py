@@ -3,13 +3,17 @@
 ``target="lpvit"``: every BlockSparseLinear becomes one ``ai.lpvit::BlockSparseLinear`` node (opset
 ``ai.lpvit`` 1) whose ``row_ptr``/``col_idx``/``values``/``bias`` are initializers — the custom-op library's
 contract (kernels/ort_op.cc); an int8 layer (BlockSparseLinearInt8) becomes ``ai.lpvit::BlockSparseLinearInt8``
-with int8 ``values`` and float ``scales``. ``target="portable"``: standard ONNX ops only, each block-sparse layer
-as a dense MatMul on its masked (and, for int8 layers, dequantised) weight, zeros included. Dense-with-zeros rather than a gather formulation because every
-runtime's GEMM is its fastest path and a gather of blocks would cost more than it saves without a sparse
-kernel; the file runs on stock onnxruntime or any other ONNX runtime.
+with int8 ``values`` and float ``scales``; a GELU left outside the kernel (a layer kept dense, or epilogue fusion
+off) becomes onnxruntime's ``com.microsoft::Gelu`` (``FastGelu`` for the tanh form), which onnxruntime fuses
+with the bias add before it into one pass (``BiasGelu``) where the standard lowering runs five elementwise ops
+plus the add. ``target="portable"``: standard ONNX ops only, each block-sparse layer as a dense MatMul on its
+masked (and, for int8 layers, dequantised) weight, zeros included. Dense-with-zeros rather than a gather
+formulation because every runtime's GEMM is its fastest path and a gather of blocks would cost more than it
+saves without a sparse kernel; the file runs on stock onnxruntime or any other ONNX runtime.
 
-The graph comes from ``torch.onnx.export(dynamo=True)`` with a translation of ``torch.ops.lpvit.bsr_linear``,
-is cleaned with onnx-graphsurgeon (constants folded, dead nodes dropped) and checked with ``onnx.checker``.
+The graph comes from ``torch.onnx.export(dynamo=True)`` with translations of ``torch.ops.lpvit.bsr_linear`` (and,
+for the lpvit target, ``aten.gelu``), is cleaned with onnx-graphsurgeon (constants folded, dead nodes dropped)
+and checked with ``onnx.checker``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..errors import LpvitError
 from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8, DenseEpilogueLinear, linear_from
 
 DOMAIN = "ai.lpvit"
+ORT_CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's own contrib ops, which the lpvit target may use too
 DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
 OPSET = 18
 TARGETS = ("lpvit", "portable")
@@ -83,6 +88,21 @@ def _lpvit_node(op: str, inputs: tuple, values, out_features: int, in_features: 
                                     N=out_features, K=in_features, **attributes)
 
 
+def _gelu_to_ort(x, approximate: str = "none"):
+    """GELU as onnxruntime's contrib op (erf form ``Gelu``, tanh form ``FastGelu``): one pass over the tensor
+    instead of the five elementwise ops of the standard lowering, and onnxruntime fuses the linear's bias add
+    before it (``BiasGelu``)."""
+    from onnxscript import values
+
+    name = "FastGelu" if approximate == "tanh" else "Gelu"
+    # a schema for onnxscript only, not registered: onnx's reference evaluator wants op names unique across
+    # domains, and ONNX itself has a Gelu
+    schema = onnx.defs.OpSchema(name, ORT_CONTRIB_DOMAIN, 1, inputs=[onnx.defs.OpSchema.FormalParameter("X", "T")],
+                                outputs=[onnx.defs.OpSchema.FormalParameter("Y", "T")],
+                                type_constraints=[("T", ["tensor(float)"], "fp32")])
+    return values.Op(values.Opset(ORT_CONTRIB_DOMAIN, 1), name, schema)(x)
+
+
 def _densified(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy with every BlockSparseLinear replaced by the nn.Linear of its masked dense weight (and its fused
     epilogue written out in standard ops)."""
@@ -107,8 +127,7 @@ def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            custom_translation_table={torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx,
-                                      torch.ops.lpvit.bsr_linear_int8.default: _bsr_linear_int8_to_onnx},
+            custom_translation_table=_translations(target),
             verbose=False,
         )
     proto = _clean(program.model_proto)
@@ -118,6 +137,16 @@ def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "
     path = Path(path)
     onnx.save(proto, path)
     return path
+
+
+def _translations(target: str) -> dict:
+    """The exporter's overrides: our ops (folded away by ``_densified`` for the portable target) and, for the
+    onnxruntime target, GELU as onnxruntime's fused op."""
+    table = {torch.ops.lpvit.bsr_linear.default: _bsr_linear_to_onnx,
+             torch.ops.lpvit.bsr_linear_int8.default: _bsr_linear_int8_to_onnx}
+    if target == "lpvit":
+        table[torch.ops.aten.gelu.default] = _gelu_to_ort
+    return table
 
 
 def _clean(proto: onnx.ModelProto) -> onnx.ModelProto:
