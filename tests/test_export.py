@@ -49,6 +49,23 @@ def test_portable_export_runs_on_stock_onnxruntime(deit_tiny, tmp_path):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_an_uncompiled_model_exports_to_both_targets(tmp_path):
+    """The benchmarks' dense baselines: torch's standard lowering (portable) and ours (GELU as onnxruntime's op)."""
+    from lpvit_compiler.lowering.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", depth=2).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    for target, gelu in (("portable", ("", "Erf")), ("lpvit", ("com.microsoft", "Gelu"))):
+        path = export_onnx(model, images, tmp_path / f"{target}.onnx", target=target)
+        assert sum((n.domain, n.op_type) == gelu for n in onnx.load(path).graph.node) == 2, target
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"pixel_values": images.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), target
+
+
 def test_bad_export_target_and_missing_model(compiled, tmp_path):
     with pytest.raises(lpvit.LpvitError, match=r"unknown export target 'tensorrt'; choose one of lpvit, portable"):
         compiled.export(tmp_path / "x.onnx", target="tensorrt")

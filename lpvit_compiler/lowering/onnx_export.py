@@ -103,9 +103,11 @@ def _gelu_to_ort(x, approximate: str = "none"):
     return values.Op(values.Opset(ORT_CONTRIB_DOMAIN, 1), name, schema)(x)
 
 
-def _densified(gm: fx.GraphModule) -> fx.GraphModule:
+def _densified(gm: torch.nn.Module) -> torch.nn.Module:
     """A copy with every BlockSparseLinear replaced by the nn.Linear of its masked dense weight (and its fused
-    epilogue written out in standard ops)."""
+    epilogue written out in standard ops); a model without one (an uncompiled model) as it is."""
+    if not any(isinstance(module, BlockSparseLinear) for module in gm.modules()):
+        return gm
     dense = copy.deepcopy(gm)
     for name, module in list(dense.named_modules()):
         if isinstance(module, BlockSparseLinear):
