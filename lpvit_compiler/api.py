@@ -58,7 +58,8 @@ def compile(
         **options: the tuning options of :class:`~lpvit_compiler.options.CompileOptions`, each with its default
             and meaning there: ``importance`` ("obs"), ``sensitivity`` ("layer"), ``min_density`` (0.05),
             ``power_weight`` (0), ``power_model`` ("energy"), ``damping``, ``hessian_damping`` (0.01),
-            ``obs_damping`` (1: OBS's ridge max(hessian_damping, obs_damping * K / T)), ``prune_heads`` (False),
+            ``obs_damping`` (1: OBS's ridge max(hessian_damping, obs_damping * K / T), the scores' and the
+            refit's), ``prune_heads`` (False),
             ``layers``, ``calib_batch_size`` (32), ``dense_fallback`` (True), ``fold_scales`` (True),
             ``reconstruct`` (True), ``reconstruct_images`` (enough for 25,216 live tokens, at least 128),
             ``block_recovery`` (True), ``recovery_tflops`` (20), ``recovery_seconds`` (no cap), ``recovery_steps``

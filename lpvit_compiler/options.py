@@ -126,12 +126,13 @@ class CompileOptions:
     power_model: str = _option("energy", _choice(POWER_MODELS), "power term: the profile's energy, or LPViT's proxy")
     damping: float = _option(1e-7, _number(0.0, float("inf")), "lambda of the Taylor distortion's ||dW||^2 term")
     hessian_damping: float = _option(0.01, _number(0.0, float("inf"), low_open=True),
-                                     "ridge lambda of the reconstruction's (and GPTQ's, head pruning's) least "
-                                     "squares on X^T X, relative to its mean diagonal; the floor of obs's ridge")
+                                     "ridge lambda of GPTQ's and head pruning's least squares on X^T X, relative "
+                                     "to its mean diagonal; the floor of the obs ridge")
     obs_damping: float = _option(1.0, _number(0.0, float("inf")),
                                  "ridge lambda of the input Hessian in the obs scores (importance and sequential "
-                                 "allocation) per input column per calibration token, relative to its mean "
-                                 "diagonal: max(hessian_damping, obs_damping * K / T)")
+                                 "allocation) and the reconstruction's refit (there centred on the dense weights) "
+                                 "per input column per calibration token, relative to its mean diagonal: "
+                                 "max(hessian_damping, obs_damping * K / T)")
     prune_heads: bool = _option(False, _flag, "also prune classifier heads")
     layers: tuple[str, ...] | None = _option(None, _layer_names, "module names to prune (default: all but heads)")
     calib_batch_size: int = _option(32, _positive_int, "calibration images per batch")

@@ -64,6 +64,14 @@ def test_never_worse_than_masking_on_calibration_data(damping, seed):
         assert torch.equal(new_weight * ~mask, torch.zeros_like(new_weight))
 
 
+def test_an_overwhelming_ridge_leaves_the_masked_dense_row():
+    # the ridge is centred on the dense row: a ridge toward 0 would shrink the layer's output instead
+    weight, bias, grid, mask, g = _layer()
+    xd = torch.randn(60, 48, generator=g)  # few tokens for the width: where the ridge matters
+    new_weight, _ = _refit(weight, bias, grid, mask, xd + 0.3 * torch.randn(60, 48, generator=g), xd, 1e9)
+    torch.testing.assert_close(new_weight, weight * mask, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_recorded_errors_from_the_normal_equations_equal_running_the_layer(with_bias):
     weight, bias, grid, mask, g = _layer()
@@ -132,7 +140,8 @@ def test_reconstruct_options_are_checked(model, calib):
 @pytest.mark.parametrize("n", [32, 29])  # 29: the last block row is short
 def test_refit_rows_equal_a_direct_ridge_least_squares_per_row(n):
     # an independent reference: each output row solved alone by lstsq on its kept columns and the bias column,
-    # with the ridge term on the weights only; block rows keep different numbers of columns
+    # with the ridge term on the weights only, centred on the dense row; block rows keep different numbers of
+    # columns
     weight, bias, grid, mask, g = _layer(n=n, density=0.6, seed=3)
     x = torch.randn(400, 48, generator=g, dtype=torch.float64) * torch.rand(48, generator=g, dtype=torch.float64)
     xd = x + 0.2 * torch.randn(400, 48, generator=g, dtype=torch.float64)
@@ -146,7 +155,8 @@ def test_refit_rows_equal_a_direct_ridge_least_squares_per_row(n):
         ridge = torch.zeros(int(kept.sum()), dtype=torch.float64)
         ridge[:-1] = lam ** 0.5
         design = torch.cat([a[:, kept], torch.diag(ridge)])
-        solution = torch.linalg.lstsq(design, torch.cat([y[:, row], torch.zeros(len(ridge), dtype=torch.float64)]))
+        prior = ridge * torch.cat([weight[row].double(), torch.zeros(1, dtype=torch.float64)])[kept]
+        solution = torch.linalg.lstsq(design, torch.cat([y[:, row], prior]))
         expected = torch.zeros(49, dtype=torch.float64)
         expected[kept] = solution.solution
         got = torch.cat([new_weight[row], new_bias[row:row + 1]]).double()

@@ -264,7 +264,8 @@ def _hessian(layer: LayerState, weight: torch.Tensor, block_moments: torch.Tenso
 
 def obs_ridge(options: CompileOptions, width: int, tokens: int) -> float:
     """OBS's ridge lambda relative to mean diag H: max(``hessian_damping``, ``obs_damping`` * K / T) for inputs of
-    width K whose H comes from T tokens.
+    width K whose H comes from T tokens; the scores' and the reconstruction's refit's (centred there on the dense
+    weights, reconstruct.py).
 
     Why it grows with K / T: e_b rests on how well the kept columns stand in for the removed ones, and T samples of
     K correlated columns overstate that — a least-squares fit of p columns leaves about (T - p) / T of its
@@ -306,8 +307,7 @@ def refit_obs_curve(layer: LayerState, h: torch.Tensor, target: torch.Tensor, to
 
     ``h`` = A^T A [K', K'] and ``target`` = A^T Y [N, K'] are reconstruct's normal equations over ``tokens``
     tokens of the inputs X_p the layer sees in the model pruned so far (A = [X_p, 1] when it has a bias), with
-    dense targets Y, and lambda = ``damping`` * mean diag (``obs_ridge``'s, larger than the refit's where tokens
-    are few). The refit with every weight kept is U = (H + lambda I)^-1 A^T Y; removing columns P of a row
+    dense targets Y, and lambda = ``damping`` * mean diag (``obs_ridge``'s). The refit with every weight kept is U = (H + lambda I)^-1 A^T Y; removing columns P of a row
     and refitting the rest (bias included) raises the row's error by u_P [((H + lambda I)^-1)_PP]^-1 u_P^T — the
     dense-model formula of ``_obs`` with U for W and the weight block of T (H + lambda I)^-1 for E[x x^T]^-1."""
     k = layer.in_features
