@@ -7,9 +7,9 @@ in standard ONNX ops (``target="portable"``, torch's own lowering), the same aft
 optimizer (``--model_type vit``), the dense model through our lowering (``target="lpvit"``: GELU as
 onnxruntime's fused op), the compiled model, and the compiled model without epilogue fusion
 (``fuse_epilogues=False``: the same blocks, GELU and residual adds left to onnxruntime). The speedup is
-against the fastest of the three dense models, so what the lowering alone gains is not counted as pruning's. Next to the
-ratios, onnxruntime's own profiler gives the time per op type of the models at the largest batch, so anyone
-can see where the time goes.
+against the fastest of the three dense models, so what the lowering alone gains is not counted as pruning's.
+Next to the ratios, onnxruntime's own profiler gives the time per op type of the models at the largest batch, so
+anyone can see where the time goes.
 
 ``--int8`` adds onnxruntime's own dynamic int8 of the dense model (``quantize_dynamic``, QInt8 weights: the
 one-line alternative a user has) and lpvit with ``quantize="int8"`` (GPTQ int8 weights, per-token int8
@@ -150,7 +150,8 @@ def main() -> None:
              f"{meta['int8_isa']}), {args.threads} threads, median of {args.repeats} interleaved runs; random "
              "weights.", "",
              "Speedups are over the fastest dense float32 model (standard ONNX ops as torch lowers them, the same "
-             "after onnxruntime's transformer optimizer, or through our lowering, GELU as onnxruntime's op). unfused: the compiled model without epilogue fusion; ORT int8: onnxruntime's "
+             "after onnxruntime's transformer optimizer, or through our lowering, GELU as onnxruntime's op). "
+             "unfused: the compiled model without epilogue fusion; ORT int8: onnxruntime's "
              "quantize_dynamic of the dense model; lpvit int8: quantize='int8'.", ""]
     columns = [("dense standard ms", "ms_dense_standard", "{:.1f}"),
                ("dense ORT-opt ms", "ms_dense_ort_opt", "{:.1f}"), ("dense ms", "ms_dense", "{:.1f}"),
