@@ -310,7 +310,8 @@ def refit_obs_curve(layer: LayerState, h: torch.Tensor, target: torch.Tensor, to
     dense targets Y, and lambda = ``damping`` * mean diag (``obs_ridge``'s). The refit with every weight kept is
     taken as U = (H + lambda I)^-1 A^T Y (the ridge toward 0, not centred on W as reconstruct's refit is);
     removing columns P of a row and refitting the rest (bias included) raises the row's error by
-    u_P [((H + lambda I)^-1)_PP]^-1 u_P^T — the dense-model formula of ``_obs`` with U for W and the weight block of T (H + lambda I)^-1 for E[x x^T]^-1."""
+    u_P [((H + lambda I)^-1)_PP]^-1 u_P^T — the dense-model formula of ``_obs`` with U for W and the weight block
+    of T (H + lambda I)^-1 for E[x x^T]^-1."""
     k = layer.in_features
     damped_h, lam = damped(h, k, damping)
     factor = cholesky(damped_h, lam)

@@ -25,10 +25,10 @@ tokens better than new ones by about 2 |S| / T of its error, so where T is small
 calibration set; the ridge pulls it toward the plainly masked row (lambda -> inf) rather than toward 0, which
 would shrink the layer's output (on the MiniLM benchmark, 256 sentences: mean cosine 0.868 -> 0.882; README).
 The right-hand side A^T y_n (y_n the dense output n) comes from G as written or, where the layer has fewer
-outputs than inputs, straight from the dense outputs (cheaper). Rows of one block row share S, so there is one Cholesky factorisation
-of H[S, S] per block row, batched over block rows that keep equally many columns (weights outside S are 0). A row
-whose refit would fit the calibration tokens worse than the plainly masked row (possible only through the damping)
-keeps the masked row: reconstruction is never worse on the calibration data.
+outputs than inputs, straight from the dense outputs (cheaper). Rows of one block row share S, so there is one
+Cholesky factorisation of H[S, S] per block row, batched over block rows that keep equally many columns (weights
+outside S are 0). A row whose refit would fit the calibration tokens worse than the plainly masked row (possible
+only through the damping) keeps the masked row: reconstruction is never worse on the calibration data.
 
 With ``quantize="int8"`` the layer is fitted as it will run: X_p is quantized per token the way the int8 kernel
 quantizes it (``ops.fake_quantize_rows``), and after the refit the kept weights are quantized to int8 with one
