@@ -14,6 +14,9 @@ namespace {
 constexpr int64_t kMaxDim = int64_t{1} << 31;  // N, K: with kMaxBlock, every size product fits in int64
 constexpr int64_t kMaxBlock = 4096;
 constexpr int64_t kRowTile = 60;  // X rows per task (a multiple of every micro-kernel height: 4, 6, 12)
+// float32 tasks wanted at least: enough to keep a few threads busy; fewer row groups than this split the block
+// rows too, and each split packs the same X rows once more
+constexpr int64_t kMinTasks = 16;
 
 std::string describe(const char* what, int64_t got, int64_t expected) {
   return std::string(what) + " is " + std::to_string(got) + ", expected " + std::to_string(expected);
@@ -146,8 +149,11 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
   for (int64_t b = 0; b < nnz_blocks; ++b) {  // [bh][bw] row-major -> [bw][bh_padded]
     const float* src = values + b * bh * bw;
     float* dst = w->packed_.data() + b * bw * bh_padded;
+    // columns past K stay 0: the micro-kernel multiplies them by X's zero padding, and inf or NaN there would
+    // make NaN
+    const int64_t width = std::min(bw, k - w->index_.col_idx[b] * bw);
     for (int64_t i = 0; i < bh; ++i)
-      for (int64_t j = 0; j < bw; ++j) dst[j * bh_padded + i] = src[i * bw + j];
+      for (int64_t j = 0; j < width; ++j) dst[j * bh_padded + i] = src[i * bw + j];
   }
   return w;
 }
@@ -159,10 +165,25 @@ void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& par
   const int64_t panel = isa == Isa::kAvx512 && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
   const TileJob job{x, y, m, ix.n, ix.k, ix.bh, ix.bw, ix.bh_padded, panel, ix.bw * ix.bh_padded,
                     ix.row_ptr.data(), ix.col_idx.data(), packed_.data(), ix.bias.data(), residual, activation};
-  void (*task_fn)(const TileJob&, int64_t, int64_t, int64_t, int64_t) =
+  void (*task_fn)(const TileJob&, float*, int64_t, int64_t, int64_t, int64_t) =
       isa == Isa::kAvx512 ? run_task_avx512 : isa == Isa::kAvx2 ? run_task_avx2 : run_task_scalar;
-  ix.for_each_task(m, panel, parallel_for,
-                   [&](int64_t m0, int64_t m1, int64_t block_row, int64_t p) { task_fn(job, m0, m1, block_row, p); });
+  const int64_t rows = isa == Isa::kAvx512 ? kRowsAvx512 : isa == Isa::kAvx2 ? kRowsAvx2 : kRowsScalar;
+  // Tasks are row groups x ranges of block rows: kRowTile rows per group, fewer (a multiple of the tile's rows)
+  // when that gives under kMinTasks groups, and block-row ranges only when the groups are still too few.
+  int64_t group = kRowTile;
+  if ((m + group - 1) / group < kMinTasks)
+    group = std::max<int64_t>(rows, ((m + kMinTasks - 1) / kMinTasks + rows - 1) / rows * rows);
+  const int64_t groups = (m + group - 1) / group;
+  const int64_t ranges = std::min(ix.block_rows, (kMinTasks + groups - 1) / groups);
+  const size_t scratch = static_cast<size_t>(group * ix.block_cols * ix.bw);  // group: a multiple of `rows`
+  parallel_for(static_cast<size_t>(groups * ranges), [&](size_t index) {
+    const int64_t g = static_cast<int64_t>(index) / ranges, r = static_cast<int64_t>(index) % ranges;
+    // each thread's own packed rows, kept between calls (onnxruntime reuses its threads)
+    thread_local std::vector<float> xp;
+    if (xp.size() < scratch) xp.resize(scratch);
+    task_fn(job, xp.data(), g * group, std::min(m, (g + 1) * group), r * ix.block_rows / ranges,
+            (r + 1) * ix.block_rows / ranges);
+  });
 }
 
 Isa int8_isa(Isa isa) {

@@ -127,7 +127,7 @@ inline void run_int8_task(const Int8TileJob& job, int64_t m0, int64_t m1, int64_
       for (int64_t i = width; i < PANEL; ++i) out[r][i] = 0.0f;
     }
     const int64_t offset = m * job.n + out0;
-    write_back(job.activation, &out[0][0], rows, PANEL, width, job.bias + out0,
+    write_back<PANEL>(job.activation, &out[0][0], rows, width, job.bias + out0,
                job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
   }
 }

@@ -42,8 +42,8 @@ struct Avx2Pairs {
 };
 }  // namespace
 
-void run_task_avx2(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
-  run_task<Avx2, 6>(job, m0, m1, block_row, panel);
+void run_task_avx2(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1) {
+  run_task<Avx2, kRowsAvx2>(job, xp, m0, m1, row0, row1);
 }
 
 void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,

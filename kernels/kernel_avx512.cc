@@ -17,11 +17,11 @@ struct Avx512 {
 };
 }  // namespace
 
-void run_task_avx512(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
+void run_task_avx512(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1) {
   if (job.panel == kWidePanel)  // two zmm per row: each broadcast of X feeds two FMAs
-    run_task<Avx512, 12, kWidePanel>(job, m0, m1, block_row, panel);
+    run_task<Avx512, kRowsAvx512, kWidePanel>(job, xp, m0, m1, row0, row1);
   else
-    run_task<Avx512, 12>(job, m0, m1, block_row, panel);
+    run_task<Avx512, kRowsAvx512>(job, xp, m0, m1, row0, row1);
 }
 
 }  // namespace lpvit

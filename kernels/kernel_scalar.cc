@@ -33,8 +33,8 @@ struct ScalarPairs {
 };
 }  // namespace
 
-void run_task_scalar(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {
-  run_task<Scalar, 4>(job, m0, m1, block_row, panel);
+void run_task_scalar(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1) {
+  run_task<Scalar, kRowsScalar>(job, xp, m0, m1, row0, row1);
 }
 
 void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,

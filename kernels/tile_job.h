@@ -16,7 +16,7 @@ struct TileJob {
   float* y;               // [m, n]
   int64_t m, n, k, bh, bw;
   int64_t bh_padded;      // bh rounded up to kPanel
-  int64_t panel;          // outputs per task: kPanel, or kWidePanel (AVX-512, bh_padded a multiple of it)
+  int64_t panel;          // outputs per micro-kernel panel: kPanel, or kWidePanel (AVX-512, bh_padded a multiple)
   int64_t block_stride;   // floats per packed block: bw * bh_padded
   const int64_t* row_ptr;
   const int64_t* col_idx;
@@ -59,10 +59,12 @@ struct Int8TileJob {
   Activation activation;
 };
 
-// One entry per ISA translation unit: rows [m0, m1) against one panel of one block row.
-void run_task_scalar(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
-void run_task_avx2(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
-void run_task_avx512(const TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
+// One entry per ISA translation unit: packs rows [m0, m1) of X into xp (microkernel.h's layout, rows padded to
+// a multiple of the tile's) and computes them against every panel of block rows [row0, row1).
+constexpr int kRowsScalar = 4, kRowsAvx2 = 6, kRowsAvx512 = 12;  // rows of a float32 micro-kernel tile
+void run_task_scalar(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1);
+void run_task_avx2(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1);
+void run_task_avx512(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1);
 // Rows [m0, m1) of X quantized for the int8 kernel (BsrInt8Weights states the rule) by each ISA's code, into the
 // packed tiles (m0 a multiple of the tile rows; kQuads: + 128) and scales [m]; `row` is scratch for K values.
 void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,

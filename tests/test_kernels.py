@@ -72,7 +72,8 @@ def skip_unless_cpu_runs(isa: str) -> None:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}, so the {isa} kernel cannot run here")
 
 
-@pytest.mark.parametrize("block", [(16, 32), (32, 16)])  # (32, 16): AVX-512 runs 32-output panels
+# (32, 16): AVX-512 runs 32-output panels; 16 and 32 wide are unrolled micro-kernels, (20, 12) the generic width
+@pytest.mark.parametrize("block", [(16, 32), (32, 16), (20, 12)])
 @pytest.mark.parametrize("isa", sorted(ISA_CPU_FLAGS))
 def test_every_instruction_set_path_matches(isa, block, tmp_path):
     """Each kernel path this CPU can run, forced with LPVIT_KERNEL_ISA, gives the masked dense numbers."""
@@ -97,6 +98,19 @@ def test_empty_rows_zero_blocks_and_single_row():
     assert layer.nnz_blocks == 0
     got = _session(single_layer_model(layer)).run(None, {"X": np.ones((1, 40), np.float32)})[0]
     np.testing.assert_array_equal(got, bias.numpy()[None])
+
+
+def test_edge_block_padding_past_k_is_ignored():
+    """Whatever an edge block holds past K (here NaN and inf) never reaches Y: the kernel multiplies X's zero
+    padding by packed weights that are zero there."""
+    layer, weight, bias = _layer(40, 40, (16, 16), 1.0, seed=5)  # K = 40: the last block column is 8 wide
+    values = layer.values.numpy().copy()
+    last_column = layer.col_idx.numpy() == 2
+    values[last_column, :, 8:] = np.nan
+    values[last_column, 0, 8:] = np.inf
+    x = np.random.default_rng(5).standard_normal((29, 40), dtype=np.float32)
+    got = _session(_malformed(layer, values=values)).run(None, {"X": x})[0]
+    np.testing.assert_allclose(got, x @ weight.numpy().T + bias.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def _malformed(layer: BlockSparseLinear, **replace) -> onnx.ModelProto:
