@@ -19,10 +19,13 @@ activations, the int8 block-sparse kernel); ``--no-unfused`` leaves out the unfu
                                    [--flops-keep 0.5 0.3] [--patch-keep 1.0 0.5] [--token-mode cascade]
                                    [--head-keep 1.0] [--no-reconstruct]
                                    [--batches 1 8] [--threads 2] [--repeats 9]
-                                   [--int8] [--no-unfused] [--out benchmarks/results/e2e_bench]
+                                   [--int8] [--no-unfused] [--baseline-library OLD.so]
+                                   [--out benchmarks/results/e2e_bench]
 
 ``--patch-keep`` below 1 adds token pruning (``--token-mode``; every (flops_keep, patch_keep) pair is
-compiled); ``--head-keep`` below 1 removes attention heads.
+compiled); ``--head-keep`` below 1 removes attention heads. ``--baseline-library``: another build of
+liblpvit_kernels.so (say, of the commit before a kernel change) runs the same compiled model in the same
+interleaved runs, so a kernel change's end-to-end effect is measured side by side, not across runs.
 
 Writes <out>.md and <out>.json. No session spin-waits after its run (``ort_session``), nor do torch's OpenMP
 threads (OMP_WAIT_POLICY=PASSIVE), so the candidates taking turns do not slow each other down.
@@ -53,7 +56,7 @@ RESULTS = Path(__file__).parent / "results"
 DENSE = ("dense_standard", "dense_ort_opt", "dense")  # the dense float32 baselines; the speedup is over the fastest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
     parser.add_argument("--flops-keep", nargs="+", type=float, default=[0.5, 0.3])
@@ -71,8 +74,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--int8", action="store_true", help="add onnxruntime's dynamic int8 and lpvit int8")
     parser.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the unfused model")
+    parser.add_argument("--baseline-library", type=Path,
+                        help="another build of the kernel library, running the compiled model beside ours")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_bench", help="results stem (.md, .json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.baseline_library is not None and not args.baseline_library.is_file():
+        parser.error(f"--baseline-library {args.baseline_library}: no such file (give a built liblpvit_kernels.so)")
     import timm
 
     rows = []
@@ -102,6 +109,9 @@ def main() -> None:
                 paths[label] = compiled[label].export(work / f"{name}-{flops_keep}-{patch_keep}-{label}.onnx")
             sessions = {label: ort_session(str(path), args.threads, custom_ops=label.startswith("lpvit"))
                         for label, path in paths.items()}
+            if args.baseline_library is not None:
+                sessions["lpvit_baseline_library"] = ort_session(str(paths["lpvit"]), args.threads,
+                                                                 custom_ops=str(args.baseline_library))
             for batch in args.batches:
                 feed = {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, 224, 224),
                                                                                 dtype=np.float32)}
@@ -134,6 +144,8 @@ def main() -> None:
                        **({"images_differing_from_torch": images_differing} if images_differing else {}),
                        "speedup": best_dense / times["lpvit"], "predicted_speedup": report.summary["predicted_speedup"],
                        **{f"speedup_{label[6:]}": best_dense / times[label] for label in variants if label != "lpvit"}}
+                if args.baseline_library is not None:
+                    row["vs_baseline_library"] = times["lpvit_baseline_library"] / times["lpvit"]
                 if args.int8:
                     row["speedup_ort_int8"] = best_dense / times["dense_ort_int8"]
                     row["int8_vs_ort_int8"] = times["dense_ort_int8"] / times["lpvit_int8"]
@@ -145,6 +157,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"isa": lpvit.kernel_isa(), "threads": args.threads, "repeats": args.repeats, "hw_profile": args.hw}
     meta["int8_isa"] = lpvit.kernel_int8_isa()
+    meta["baseline_library"] = None if args.baseline_library is None else str(args.baseline_library)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"onnxruntime {__import__('onnxruntime').__version__}, kernel ISA {meta['isa']} (int8: "
              f"{meta['int8_isa']}), {args.threads} threads, median of {args.repeats} interleaved runs; random "
@@ -160,7 +173,9 @@ def main() -> None:
                ("speedup unfused", "speedup_unfused", "{:.2f}x"), ("**speedup**", "speedup", "**{:.2f}x**"),
                ("ORT int8 speedup", "speedup_ort_int8", "{:.2f}x"), ("**lpvit int8 speedup**", "speedup_int8",
                                                                     "**{:.2f}x**"),
-               ("lpvit int8 / ORT int8", "int8_vs_ort_int8", "{:.2f}x")]
+               ("lpvit int8 / ORT int8", "int8_vs_ort_int8", "{:.2f}x"),
+               ("lpvit, baseline library ms", "ms_lpvit_baseline_library", "{:.1f}"),
+               ("baseline library / ours", "vs_baseline_library", "{:.2f}x")]
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     lines += ["| model | flops_keep (linears) | patch_keep | model FLOPs kept | block | batch | " +
               " | ".join(c[0] for c in columns) + " |", "|---" * (6 + len(columns)) + "|"]
@@ -169,6 +184,9 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['flops_keep']} | {tokens} | {r['model_flops_keep']:.3f} | "
                      f"{r['block'][0]}x{r['block'][1]} | {r['batch']} | " +
                      " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
+    if meta["baseline_library"]:
+        lines += ["", f"baseline library: `{meta['baseline_library']}`, the same compiled model through another "
+                  "build of the kernel library in the same interleaved runs (its time / ours)."]
     for r in rows:
         if "profile_ms" in r:
             lines += ["", *profile_table(r)]

@@ -126,3 +126,12 @@ def test_the_outlier_measure_finds_a_planted_massive_channel():
         assert row["stream_top_channel"] == 7 and row["stream_ratio"] > 1000
         assert row["token_norm_ratio"] < 1.1  # every token carries it: no single high-norm token
 
+
+
+def test_e2e_bench_missing_baseline_library_is_a_clear_error(capsys):
+    e2e_bench = _benchmark("e2e_bench")
+    with pytest.raises(SystemExit) as exit_info:
+        e2e_bench.main(["--baseline-library", "no/such/lib.so"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--baseline-library no/such/lib.so: no such file" in err and "Traceback" not in err
