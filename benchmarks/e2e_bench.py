@@ -24,7 +24,7 @@ activations, the int8 block-sparse kernel); ``--no-unfused`` leaves out the unfu
 
 ``--patch-keep`` below 1 adds token pruning (``--token-mode``; every (flops_keep, patch_keep) pair is
 compiled); ``--head-keep`` below 1 removes attention heads. ``--baseline-library``: another build of
-liblpvit_kernels.so (say, of the commit before a kernel change) runs the same compiled model in the same
+liblpvit_kernels.so (say, of the commit before a kernel change) runs each compiled model in the same
 interleaved runs, so a kernel change's end-to-end effect is measured side by side, not across runs.
 
 Writes <out>.md and <out>.json. No session spin-waits after its run (``ort_session``), nor do torch's OpenMP
@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
                 paths[label] = compiled[label].export(work / f"{name}-{flops_keep}-{patch_keep}-{label}.onnx")
             sessions = {label: ort_session(str(path), args.threads, custom_ops=label.startswith("lpvit"))
                         for label, path in paths.items()}
-            if args.baseline_library is not None:
-                sessions["lpvit_baseline_library"] = ort_session(str(paths["lpvit"]), args.threads,
-                                                                 custom_ops=str(args.baseline_library))
+            if args.baseline_library is not None:  # every compiled model through the other build as well
+                sessions.update({f"{label}_baseline_library": ort_session(str(paths[label]), args.threads,
+                                                                          custom_ops=str(args.baseline_library))
+                                 for label in variants})
             for batch in args.batches:
                 feed = {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, 224, 224),
                                                                                 dtype=np.float32)}
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                        "speedup": best_dense / times["lpvit"], "predicted_speedup": report.summary["predicted_speedup"],
                        **{f"speedup_{label[6:]}": best_dense / times[label] for label in variants if label != "lpvit"}}
                 if args.baseline_library is not None:
-                    row["vs_baseline_library"] = times["lpvit_baseline_library"] / times["lpvit"]
+                    row.update({f"vs_baseline_library{label[5:]}": times[f"{label}_baseline_library"] / times[label]
+                                for label in variants})
                 if args.int8:
                     row["speedup_ort_int8"] = best_dense / times["dense_ort_int8"]
                     row["int8_vs_ort_int8"] = times["dense_ort_int8"] / times["lpvit_int8"]
@@ -175,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
                                                                     "**{:.2f}x**"),
                ("lpvit int8 / ORT int8", "int8_vs_ort_int8", "{:.2f}x"),
                ("lpvit, baseline library ms", "ms_lpvit_baseline_library", "{:.1f}"),
-               ("baseline library / ours", "vs_baseline_library", "{:.2f}x")]
+               ("baseline library / ours", "vs_baseline_library", "{:.2f}x"),
+               ("lpvit unfused, baseline library / ours", "vs_baseline_library_unfused", "{:.2f}x"),
+               ("lpvit int8, baseline library ms", "ms_lpvit_int8_baseline_library", "{:.1f}"),
+               ("lpvit int8, baseline library / ours", "vs_baseline_library_int8", "{:.2f}x")]
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     lines += ["| model | flops_keep (linears) | patch_keep | model FLOPs kept | block | batch | " +
               " | ".join(c[0] for c in columns) + " |", "|---" * (6 + len(columns)) + "|"]
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['block'][0]}x{r['block'][1]} | {r['batch']} | " +
                      " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
     if meta["baseline_library"]:
-        lines += ["", f"baseline library: `{meta['baseline_library']}`, the same compiled model through another "
+        lines += ["", f"baseline library: `{meta['baseline_library']}`, the same compiled models through another "
                   "build of the kernel library in the same interleaved runs (its time / ours)."]
     for r in rows:
         if "profile_ms" in r:

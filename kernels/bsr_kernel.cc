@@ -1,10 +1,12 @@
 #include "bsr_kernel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include "tile_job.h"
 
@@ -17,6 +19,22 @@ constexpr int64_t kRowTile = 60;  // X rows per task (a multiple of every micro-
 // float32 tasks wanted at least: enough to keep a few threads busy; fewer row groups than this split the block
 // rows too, and each split packs the same X rows once more
 constexpr int64_t kMinTasks = 16;
+
+// parallel_for over tasks that allocate. A task runs on a worker thread (onnxruntime's pool, or a std::thread of
+// the C API), where an escaping exception terminates the process: an allocation failure is caught there and
+// rethrown on the calling thread once every task has returned, so the call fails with an error instead.
+void parallel_allocating(const ParallelFor& parallel_for, size_t tasks, const std::function<void(size_t)>& body) {
+  std::atomic<bool> out_of_memory{false};
+  parallel_for(tasks, [&](size_t task) {
+    if (out_of_memory.load(std::memory_order_relaxed)) return;
+    try {
+      body(task);
+    } catch (const std::bad_alloc&) {
+      out_of_memory.store(true, std::memory_order_relaxed);
+    }
+  });
+  if (out_of_memory.load()) throw std::bad_alloc();
+}
 
 std::string describe(const char* what, int64_t got, int64_t expected) {
   return std::string(what) + " is " + std::to_string(got) + ", expected " + std::to_string(expected);
@@ -176,7 +194,7 @@ void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& par
   const int64_t groups = (m + group - 1) / group;
   const int64_t ranges = std::min(ix.block_rows, (kMinTasks + groups - 1) / groups);
   const size_t scratch = static_cast<size_t>(group * ix.block_cols * ix.bw);  // group: a multiple of `rows`
-  parallel_for(static_cast<size_t>(groups * ranges), [&](size_t index) {
+  parallel_allocating(parallel_for, static_cast<size_t>(groups * ranges), [&](size_t index) {
     const int64_t g = static_cast<int64_t>(index) / ranges, r = static_cast<int64_t>(index) % ranges;
     // each thread's own packed rows, kept between calls (onnxruntime reuses its threads)
     thread_local std::vector<float> xp;
@@ -263,7 +281,7 @@ void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor&
   std::vector<int16_t> xq_s16(quads ? 0 : packed_size, 0);
   std::vector<float> x_scale(static_cast<size_t>(m));
   const int64_t chunks = (m + kRowTile - 1) / kRowTile;  // kRowTile is a multiple of every tile's rows
-  parallel_for(static_cast<size_t>(chunks), [&](size_t chunk) {
+  parallel_allocating(parallel_for, static_cast<size_t>(chunks), [&](size_t chunk) {
     const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile, m1 = std::min(m, m0 + kRowTile);
     if (quads) {
       std::vector<uint8_t> row(static_cast<size_t>(ix.k));

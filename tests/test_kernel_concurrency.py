@@ -73,3 +73,49 @@ def test_eight_threads_on_one_session_with_weights_fed_as_inputs():
 
 def test_eight_threads_on_one_session_with_constant_weights():
     _run(weights_as_inputs=False)
+
+
+
+OUT_OF_MEMORY_IN_A_WORKER = textwrap.dedent("""
+    import ctypes, resource, sys
+    import numpy as np
+    lib = ctypes.CDLL(sys.argv[1])
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lpvit_bsr_create.restype = ptr
+    lib.lpvit_bsr_create.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_char_p,
+                                     i64]
+    lib.lpvit_bsr_run.restype = ctypes.c_int
+    lib.lpvit_bsr_run.argtypes = [ptr, ptr, i64, ptr, ptr, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, i64]
+    n, k, block = 32, 1 << 25, 16  # two block rows (two tasks, two threads); K makes a task's packed rows large
+    row_ptr, col_idx = np.array([0, 1, 2], np.int64), np.array([0, 1], np.int64)
+    values = np.ones((2, block, block), np.float32)
+    error = ctypes.create_string_buffer(256)
+    handle = lib.lpvit_bsr_create(n, k, block, block, row_ptr.ctypes.data, 3, col_idx.ctypes.data, 2,
+                                  values.ctypes.data, values.size, None, 0, error, 256)
+    x, y = np.ones((1, k), np.float32), np.empty((1, n), np.float32)  # X: 128 MB; a task packs 12 rows: 1.6 GB
+    with open("/proc/self/status") as status:
+        used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+    code = lib.lpvit_bsr_run(handle, x.ctypes.data, 1, y.ctypes.data, None, b"none", 2, error, 256)
+    print(code, error.value.decode())
+""")
+
+
+def test_running_out_of_memory_in_a_worker_thread_is_an_error_not_an_abort():
+    """The float32 kernel packs each task's rows into a per-thread buffer on a worker thread (a std::thread from
+    torch's entry point, onnxruntime's pool in a session), where an uncaught exception ends the process: an
+    allocation that fails there comes back as the call's error."""
+    import os
+
+    import pytest
+
+    import lpvit_compiler as lpvit
+
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):  # CI's AddressSanitizer pass; the plain run covers this test
+        pytest.skip("AddressSanitizer's operator new reports running out of memory and aborts instead of throwing "
+                    "std::bad_alloc")
+
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_IN_A_WORKER, lpvit.kernels_library_path()],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("-1 native kernel failed:"), result.stdout
