@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8", action="store_true", help="add onnxruntime's dynamic int8 and lpvit int8")
     parser.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the unfused model")
     parser.add_argument("--baseline-library", type=Path,
-                        help="another build of the kernel library, running the compiled model beside ours")
+                        help="another build of the kernel library, running the compiled models beside ours")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_bench", help="results stem (.md, .json)")
     args = parser.parse_args(argv)
     if args.baseline_library is not None and not args.baseline_library.is_file():
