@@ -6,6 +6,10 @@ calibration images at 224 px in <= 60 s with peak RSS <= 4 GB on 2 CPU cores.
     python benchmarks/compile_time.py [--models deit_small_patch16_224 deit_base_patch16_224] [--images 256]
                                       [--importance taylor hessian magnitude | --preset fast] [--repeats 3]
                                       [--allocation dense sequential] [--options '{"recovery_tflops": 8}']
+                                      [--gemm blas onednn]
+
+``--gemm`` compiles once per GEMM backend (``LPVIT_GEMM``, see ``lpvit_compiler.linalg.gemm_backend``; default:
+the machine's own choice).
 
 The machine is shared and noisy: each configuration runs ``--repeats`` times and the table gives the median
 wall time with the range. Writes benchmarks/results/compile_time_<models>.{md,json}.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,6 +39,7 @@ def run_one(model_name: str, images: int, importance: str, preset: str | None = 
     import torch
 
     import lpvit_compiler as lpvit
+    from lpvit_compiler.linalg import gemm_backend
 
     torch.manual_seed(0)
     model = timm.create_model(model_name).eval()
@@ -51,6 +57,7 @@ def run_one(model_name: str, images: int, importance: str, preset: str | None = 
         "options": extra_options or {},
         "calibration_images": images,
         "threads": torch.get_num_threads(),
+        "gemm": gemm_backend(),
         "seconds": round(seconds, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "passes": {p["pass"]: p["seconds"] for p in compiled.report.passes},
@@ -69,6 +76,8 @@ def main() -> None:
                                           "--importance")
     parser.add_argument("--options", type=compile_options_argument, default={}, metavar="JSON",
                         help="further lpvit.compile options for every compile, e.g. '{\"recovery_tflops\": 8}'")
+    parser.add_argument("--gemm", nargs="+", default=["auto"], choices=["auto", "onednn", "blas"],
+                        help="the compile's GEMM backend (LPVIT_GEMM), one row each")
     parser.add_argument("--stem", help="results file name (default compile_time_<models>)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "IMPORTANCE", "ALLOCATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -77,13 +86,14 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        for importance, allocation in itertools.product([None] if args.preset else args.importance, args.allocation):
+        for importance, allocation, gemm in itertools.product([None] if args.preset else args.importance,
+                                                              args.allocation, args.gemm):
             runs = []
             for _ in range(args.repeats):
                 command = [sys.executable, __file__, "--one", model, str(importance), allocation,
                            "--images", str(args.images), "--options", json.dumps(args.options)]
                 out = subprocess.run(command + (["--preset", args.preset] if args.preset else []), check=True,
-                                     capture_output=True, text=True)
+                                     capture_output=True, text=True, env={**os.environ, "LPVIT_GEMM": gemm})
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             times = sorted(r["seconds"] for r in runs)
             row = {**runs[0], "seconds": statistics.median(times), "seconds_runs": times,
@@ -93,12 +103,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or "compile_time_" + "_".join(args.models)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | importance | allocation | options | calib images | threads | wall s (median) | runs (s) "
-             "| peak RSS GB | slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | importance | allocation | options | calib images | threads | GEMM | wall s (median) | runs (s) "
+             "| peak RSS GB | slowest pass | reconstruct s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slowest = max(r["passes"], key=r["passes"].get)
         lines.append(f"| {r['model']} | {r['importance']} | {r['allocation']} | {json.dumps(r['options'])} | "
-                     f"{r['calibration_images']} | {r['threads']} | "
+                     f"{r['calibration_images']} | {r['threads']} | {r['gemm']} | "
                      f"{r['seconds']:.1f} | {', '.join(f'{t:.1f}' for t in r['seconds_runs'])} | {r['peak_rss_gb']} | "
                      f"{slowest} {r['passes'][slowest]:.1f} s | {r['passes'].get('reconstruct', 0):.1f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

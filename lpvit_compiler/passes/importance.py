@@ -50,7 +50,7 @@ from rich.progress import track
 from torch import fx
 
 from ..frontend.calibration import logits_of
-from ..linalg import cholesky, damped, gram, unaliased_width
+from ..linalg import cholesky, damped, gram, on_gemm_backend, unaliased_width
 from ..options import CompileOptions
 from ..state import CompileState, LayerState
 from ..pass_manager import PassResult, compiler_pass
@@ -374,6 +374,7 @@ def sample_at_ratios(curve: np.ndarray) -> np.ndarray:
 
 
 @compiler_pass(requires=("graph", "layers"), provides=("importance",))
+@on_gemm_backend
 def importance(gm: fx.GraphModule, state: CompileState) -> PassResult:
     criterion = state.options.importance
     stats = collect_statistics(gm, state, weight_gradients=criterion == "taylor", output_gradients=criterion == "obs",

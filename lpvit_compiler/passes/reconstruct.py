@@ -88,7 +88,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from ..frontend.regions import block_regions, last_readers, whole_model_region
-from ..linalg import damped, gram, solve_kept_columns
+from ..linalg import damped, gram, on_gemm_backend, solve_kept_columns
 from ..pass_manager import PassResult, compiler_pass
 from ..quantization import quantize_gptq, quantize_nearest
 from ..runtime.ops import fake_quantize_rows
@@ -238,6 +238,7 @@ def _run_node(interpreter: fx.Interpreter, node: fx.Node, values: dict, chunk: i
 
 
 @compiler_pass(requires=("masks",), provides=("masked_weights",), changes_costs=True, invariant="zero_outside_masks")
+@on_gemm_backend
 def reconstruct(gm: fx.GraphModule, state: CompileState) -> PassResult:
     opts = state.options
     int8 = opts.quantize == "int8"
