@@ -11,6 +11,7 @@ from conftest import tiny_vit
 from lpvit_compiler import linalg
 from lpvit_compiler.errors import ConfigError
 from lpvit_compiler.passes.block_recovery import flop_counter
+from lpvit_compiler.report.summary import summary_items
 
 import lpvit_compiler as lpvit
 
@@ -121,6 +122,10 @@ def test_a_compile_chooses_the_same_blocks_on_either_backend(gemm, calib):
     for backend in ("blas", "onednn"):
         gemm(backend)
         compiled[backend] = lpvit.compile(tiny_vit(), flops_keep=0.5, calib=calib, importance="obs", progress=False)
+    for backend, c in compiled.items():  # the report says which library the compile ran on
+        assert c.report.summary["compile_gemm"] == backend
+        expected = {"blas": "torch's BLAS (MKL) (LPVIT_GEMM)", "onednn": "oneDNN (LPVIT_GEMM)"}[backend]
+        assert ("GEMM of importance and reconstruction", expected) in summary_items(c.report)
     masks = [{row.name: row.block_mask for row in c.report.layers} for c in compiled.values()]
     assert masks[0] == masks[1]
     images = torch.randn(4, 3, 32, 32)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..blocks import pack_mask
+from ..linalg import gemm_backend
 from ..state import CompileState
 from .summary import summary_items
 
@@ -153,7 +154,8 @@ class Report:
                    "hidden_units_removed": state.hidden_units_removed,
                    "flops_keep_executed": state.flops_keep_executed,
                    "compiled_latency_s": latency, "compiled_speedup": model.dense_latency_s / latency,
-                   "compiled_energy_ratio": energy / model.dense_energy_j}
+                   "compiled_energy_ratio": energy / model.dense_energy_j,
+                   "compile_gemm": gemm_backend()}
         opts = state.options
         if opts.quantize:
             summary["quantize"] = f"{opts.quantize} ({'GPTQ' if opts.gptq else 'round to nearest'} weights, " \

@@ -20,6 +20,9 @@ def summary_items(report) -> list[tuple[str, str]]:
         (f"predicted on {report.hw} (batch {s['hw_batch_size']})",
          f"{s['compiled_speedup']:.2f}x faster, energy x{s['compiled_energy_ratio']:.2f}"),
     ]
+    if "compile_gemm" in s:  # reports saved before it was recorded lack it
+        items.append(("GEMM of importance and reconstruction", {"onednn": "oneDNN", "blas": "torch's BLAS (MKL)"}
+                      .get(s["compile_gemm"], s["compile_gemm"]) + " (LPVIT_GEMM)"))
     if report.hw_profile.get("calibration"):
         items.append(("hardware profile", report.hw_profile["calibration"]))
     items += [("note", note) for note in report.notes]
