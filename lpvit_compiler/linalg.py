@@ -4,10 +4,10 @@ that importance (input moments) and reconstruction (A^T A) accumulate over calib
 Cholesky factorisation they (and the OBS curves) run on.
 
 Also the GEMM those passes run on (:func:`gemm_products`): torch's float32 products go to MKL, which takes its
-fast code paths on Intel CPUs only. On an AMD EPYC (AVX-512, 2 threads) MKL's SGEMM reaches 165-195 GFLOP/s on
-DeiT-S's linear shapes where oneDNN, which torch ships too, reaches 250-410 (benchmarks/linalg_bench.py
-``--gemm``), and linear layers' products are most of a default compile's time. So on other vendors' CPUs the
-compile's linear layers (forward and backward) and Gram products run through oneDNN."""
+fast code paths on Intel CPUs only. On an AMD EPYC (AVX-512, 2 threads) MKL runs DeiT-S's linear products at
+158-176 GFLOP/s where oneDNN, which torch ships too, runs them at 226-360 (benchmarks/linalg_bench.py), and
+linear layers' products are most of a default compile's time. So on other vendors' CPUs the compile's linear
+layers (forward and backward) and Gram products run through oneDNN."""
 
 from __future__ import annotations
 
