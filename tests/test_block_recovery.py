@@ -13,9 +13,9 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
+from lpvit_compiler.costmodel.flops import flop_counter
 from lpvit_compiler.frontend.regions import block_regions, whole_model_region
-from lpvit_compiler.passes.block_recovery import (STEP_IMAGES, _step_scales, flop_counter, recover_block,
-                                                   run_region)
+from lpvit_compiler.passes.block_recovery import STEP_IMAGES, _step_scales, recover_block, run_region
 from lpvit_compiler.quantization import quantize_nearest
 from lpvit_compiler.state import LayerState
 

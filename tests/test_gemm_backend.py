@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_vit
 from lpvit_compiler import linalg
 from lpvit_compiler.errors import ConfigError
-from lpvit_compiler.passes.block_recovery import flop_counter
+from lpvit_compiler.costmodel.flops import flop_counter
 from lpvit_compiler.report.summary import summary_items
 
 import lpvit_compiler as lpvit

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime.sessions import default_threads
+from ..runtime.sessions import cpu_info, default_threads
 
 INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
 
@@ -179,13 +179,8 @@ def _cpu(name: str, cores: int, avx512: bool, vnni: bool = False) -> HardwarePro
 
 
 def this_cpu() -> HardwareProfile:
-    cores = default_threads()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return _cpu("cpu", cores, "avx512f" in flags, "avx512_vnni" in flags and "avx512bw" in flags)
+    flags = cpu_info()
+    return _cpu("cpu", default_threads(), "avx512f" in flags, "avx512_vnni" in flags and "avx512bw" in flags)
 
 
 PROFILES: dict[str, HardwareProfile] = {

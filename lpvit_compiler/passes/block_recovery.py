@@ -43,34 +43,15 @@ from contextlib import nullcontext
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from ..costmodel.flops import flop_counter
 from ..frontend.regions import BlockRegion, last_readers
-from ..linalg import onednn_available, onednn_product_flops
 from ..quantization import codes
 from ..runtime.ops import fake_quantize_rows
 from ..state import LayerState
 from .importance import live_rows
 
 STEP_IMAGES = 8  # images per Adam step: small batches give many steps for the budget
-
-
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, taught the flash-attention kernel SDPA runs on CPU and the oneDNN product linear layers
-    run on under ``linalg.gemm_products`` (it has no formula for either): a step counts the same on either GEMM."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-        **({torch.ops.mkldnn._linear_pointwise: onednn_product_flops} if onednn_available() else {})})
 
 
 class _RegionRunner:

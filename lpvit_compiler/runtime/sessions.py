@@ -13,6 +13,15 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_info() -> str:
+    """The text of /proc/cpuinfo (vendor, flags, ...), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return info.read()
+    except OSError:
+        return ""
+
+
 def session_options(custom_ops: bool | str = True, **settings):
     """``onnxruntime.SessionOptions`` with ``settings`` set on it (e.g. ``intra_op_num_threads``,
     ``enable_profiling``) and, with ``custom_ops``, the lpvit op library registered (a path: that build of it,
