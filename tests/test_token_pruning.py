@@ -235,6 +235,45 @@ def test_token_merge_conserves_what_the_tokens_stand_for(tokens, remove, prefix,
         torch.testing.assert_close(merged, x)
 
 
+def _direct_bipartite_merge(x, size, prefix, remove):
+    """ToMe's merge of one image written out token by token (float64): A = even patches, B = odd ones, each A
+    patch's partner the B patch of highest cosine, the ``remove`` A patches of highest such cosine merged into
+    their partners by size-weighted average; out: prefix, the other A patches (highest cosine first), B (with
+    nothing to merge, the tokens as they were)."""
+    if remove == 0:
+        return x, size
+    patches = list(range(prefix, x.shape[0]))
+    a, b = patches[0::2], patches[1::2]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    partner = {i: max(b, key=lambda j: float(unit[i] @ unit[j])) for i in a}
+    ranked = sorted(a, key=lambda i: -float(unit[i] @ unit[partner[i]]))
+    tokens, sizes = [x[t] for t in range(prefix)] + [x[i] for i in ranked[remove:]], [size[t] for t in range(prefix)]
+    sizes += [size[i] for i in ranked[remove:]]
+    for j in b:
+        joined = [j] + [i for i in ranked[:remove] if partner[i] == j]
+        total = sum(size[t] for t in joined)
+        tokens.append(sum(size[t] * x[t] for t in joined) / total)
+        sizes.append(total)
+    return torch.stack(tokens), torch.stack(sizes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(3, 20), remove=st.integers(0, 10), prefix=st.integers(0, 2), seed=st.integers(0, 99))
+def test_token_merge_matches_a_direct_bipartite_merge(tokens, remove, prefix, seed):
+    from lpvit_compiler.tokens import TokenMerge
+
+    patches = tokens - prefix
+    remove = min(remove, (patches + 1) // 2) if patches >= 2 else 0
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, tokens, 5, generator=generator, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, tokens), generator=generator).double()
+    merged, merged_size = TokenMerge(prefix, remove)(x, size)
+    for image in range(3):
+        expected, expected_size = _direct_bipartite_merge(x[image], size[image], prefix, remove)
+        torch.testing.assert_close(merged[image], expected)
+        torch.testing.assert_close(merged_size[image], expected_size)
+
+
 @settings(max_examples=30, deadline=None)
 @given(tokens=st.integers(4, 20), prefix=st.integers(0, 2), seed=st.integers(0, 99))
 def test_merged_map_holds_the_patches_each_merged_token_stands_for(tokens, prefix, seed):
