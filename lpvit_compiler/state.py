@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from .blocks import BlockGrid
 from .costmodel import LayerCosts, layer_costs
-from .costmodel.flops import tokens_and_flops
+from .costmodel.flops import ModelWork, tokens_and_work
 from .options import CompileOptions
 
 
@@ -136,7 +136,7 @@ class UnprunedModel:
     """The model as the first token or head pruning pass found it: what whole-model FLOPs and speedups
     compare with."""
 
-    model_flops: float  # per image
+    work: ModelWork  # per image: FLOPs and the bytes of the memory-bound ops (costmodel.flops)
     tokens: dict[str, int]  # per prunable layer, tokens per image
     shapes: dict[str, tuple[int, int]]  # per prunable layer, [out, in] (head pruning shrinks qkv and proj)
 
@@ -149,7 +149,8 @@ class ModelCosts:
     hw_batch_size: int
     model_flops: float  # per image, the whole dense model (torch.utils.flop_counter)
     other_flops: float  # outside the prunable linears, in the graph as it is (tokens pruned)
-    other_latency_s: float  # of other_flops
+    other_bytes: float  # per image, moved by the memory-bound ops of the graph as it is (costmodel.flops)
+    other_latency_s: float  # of other_flops and other_bytes
     other_energy_j: float
     dense_latency_s: float  # whole dense model
     dense_energy_j: float
@@ -196,12 +197,12 @@ class CompileState:
     flops_keep_executed: float | None = None
 
     def remember_unpruned(self, gm: fx.GraphModule) -> None:
-        """Record the model's FLOPs and per-layer tokens before the first token or head rewrite (once)."""
+        """Record the model's work and per-layer tokens before the first token or head rewrite (once)."""
         if self.unpruned is not None:
             return
-        tokens, flops = tokens_and_flops(gm, self.layers, self.calibration[0][:1])
+        tokens, work = tokens_and_work(gm, self.layers, self.calibration[0][:1])
         shapes = {name: tuple(gm.get_submodule(name).weight.shape) for name in self.layers}
-        self.unpruned = UnprunedModel(flops, tokens, shapes)
+        self.unpruned = UnprunedModel(work, tokens, shapes)
 
     def refresh_costs(self) -> None:
         """Recompute every layer's ``costs`` from its current shape, tokens and live blocks."""

@@ -50,3 +50,58 @@ def test_flops_count_heads_and_partial_blocks_exactly(calib):
     assert rows["blocks.0.mlp.fc1"].flops_dense == 2 * 17 * 192 * 48
     kept = compiled.masks["blocks.0.mlp.fc1"].sum().item()
     assert rows["blocks.0.mlp.fc1"].flops_kept == 2 * 17 * kept
+
+
+def test_memory_bound_bytes_count_each_op_once_and_views_not_at_all():
+    import torch
+    from torch import nn
+    from lpvit_compiler.costmodel.flops import model_work_per_image
+
+    norm = nn.LayerNorm(24)
+    x = torch.randn(1, 10, 24)
+    work = model_work_per_image(norm, x)  # x and its output, weight and bias, mean and rstd [1, 10, 1]
+    assert work.memory_bytes == 4 * (2 * 10 * 24 + 2 * 24 + 2 * 10) and work.flops == 0
+    views = model_work_per_image(lambda t: t.reshape(1, 240).t().unsqueeze(0).permute(0, 2, 1), x)
+    assert views.memory_bytes == 0
+    linear = model_work_per_image(nn.Linear(24, 8), x)  # a product: FLOPs, not memory-bound bytes
+    assert linear.memory_bytes == 0 and linear.flops == 2 * 10 * 24 * 8
+
+
+def test_fused_attention_counts_what_its_explicit_form_moves():
+    """The token pass exposes SDPA's probabilities as softmax(q k^T * scale) @ v: the cost model must not see
+    that rewrite alone as a change of memory traffic."""
+    import torch
+    from torch.nn import functional as F
+    from lpvit_compiler.costmodel.flops import model_work_per_image
+
+    q, k, v = (torch.randn(1, 3, 17, 8) for _ in range(3))
+
+    def fused(q):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 17, 24)
+
+    def explicit(q):
+        return ((q * 8 ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1).matmul(v).transpose(1, 2).reshape(1, 17, 24)
+
+    torch.testing.assert_close(fused(q), explicit(q))
+    moved = model_work_per_image(fused, q).memory_bytes
+    assert moved == model_work_per_image(explicit, q).memory_bytes
+    assert moved == 4 * (2 * 3 * 17 * 8 + 2 * 3 * 17 * 17 + 2 * 3 * 17 * 8)
+
+
+def test_memory_bound_ops_cost_at_the_elementwise_bandwidth_and_shrink_with_the_tokens(calib):
+    from conftest import tiny_vit
+
+    hw = lpvit.get_profile("cpu")
+    latency, energy = hw.other_cost(1e9, 2e8)
+    assert latency == pytest.approx(hw.batch_size * (1e9 / hw.peak_flops + 2e8 / hw.elementwise_bandwidth))
+    assert energy == pytest.approx(hw.static_power_w * latency + hw.batch_size * (
+        1e9 * hw.energy_per_flop_j + 2e8 * hw.energy_per_byte_j))
+    # a profile saved before the field existed gives those ops no time, as the cost model did then
+    old = {k: v for k, v in hw.to_dict().items() if k != "elementwise_bandwidth"}
+    assert lpvit.HardwareProfile.from_dict(old).other_cost(0.0, 2e8)[0] == 0.0
+
+    options = dict(calib=calib, flops_keep=1.0, importance="magnitude", reconstruct=False, progress=False)
+    dense = lpvit.compile(tiny_vit(patch_size=4), **options)
+    merged = lpvit.compile(tiny_vit(patch_size=4), token_pruning="merge", patch_keep=0.5, **options)
+    assert merged.report.summary["predicted_speedup"] > 1.0  # fewer tokens: less of every memory-bound op
+    assert dense.report.summary["predicted_speedup"] == pytest.approx(1.0)

@@ -10,8 +10,13 @@ layer follows from it by a roofline model of a block-sparse GEMM — no measured
               + sparse_output_s * rows * out + sparse_input_s * rows * in    (block-sparse only, whatever is kept)
     energy  = static_power_w * latency + energy_per_flop_j * flops + energy_per_byte_j * bytes
 
-A dense layer uses eff = 1 and stores the whole weight without indices. The rest of the model (attention
-matmuls, norms, patch embedding: ``other_flops``) costs ``other_flops / peak_flops`` at the same power.
+A dense layer uses eff = 1 and stores the whole weight without indices. The rest of the model costs its FLOPs
+(attention's products, the patch embedding: ``other_flops``) at peak and the bytes its memory-bound ops move
+(norms, activations, softmax, residual adds, copies, token selection and merging: ``other_bytes``,
+costmodel.flops) at the runtime's elementwise bandwidth:
+
+    latency_other = other_flops / peak_flops + other_bytes / elementwise_bandwidth
+    energy_other  = static_power_w * latency_other + energy_per_flop_j * other_flops + energy_per_byte_j * other_bytes
 
 LPViT's power proxy (``power_model="lpvit"``) is kept_blocks * floor(in_features / 16).
 
@@ -57,6 +62,10 @@ class HardwareProfile:
     # multiply-accumulates per second of the int8 block-sparse kernel relative to its float32 one (quantize="int8":
     # 4 int8 products per 32-bit lane with VNNI, 2 with AVX2's vpmaddwd; 1 where there is no int8 path)
     int8_throughput: float = 1.0
+    # bytes/s at which the runtime's memory-bound ops (norms, GELU, softmax, adds, transposes) move their inputs
+    # and outputs, far below memory_bandwidth in onnxruntime; inf (the default, for profiles saved before it
+    # existed) gives those ops no time, as the cost model did then
+    elementwise_bandwidth: float = float("inf")
 
     def linear_cost(
         self,
@@ -95,11 +104,12 @@ class HardwareProfile:
         energy = self.static_power_w * latency + self.energy_per_flop_j * flops + self.energy_per_byte_j * total_bytes
         return latency, energy
 
-    def other_cost(self, flops_per_image: float) -> tuple[float, float]:
-        """(latency, energy) per inference of the non-prunable FLOPs, at dense throughput."""
-        flops = flops_per_image * self.batch_size
-        latency = flops / self.peak_flops
-        return latency, self.static_power_w * latency + self.energy_per_flop_j * flops
+    def other_cost(self, flops_per_image: float, bytes_per_image: float) -> tuple[float, float]:
+        """(latency, energy) per inference of the rest of the model (module docstring): its FLOPs at dense
+        throughput, the bytes its memory-bound ops move at ``elementwise_bandwidth``."""
+        flops, moved = flops_per_image * self.batch_size, bytes_per_image * self.batch_size
+        latency = flops / self.peak_flops + moved / self.elementwise_bandwidth
+        return latency, self.static_power_w * latency + self.energy_per_flop_j * flops + self.energy_per_byte_j * moved
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "block_shape": list(self.block_shape)}
@@ -172,6 +182,9 @@ def _cpu(name: str, cores: int, avx512: bool, vnni: bool = False) -> HardwarePro
         energy_per_flop_j=10.0 * cores / peak,  # ~10 W per busy core
         energy_per_byte_j=1.5e-10,  # DDR4/5 access, ~20 pJ/bit
         batch_size=8,
+        # measured: DeiT-S's memory-bound ops in onnxruntime moved 5.8-7.5 GB/s per thread on an AMD EPYC (Zen 5,
+        # AVX-512; benchmarks/elementwise_bandwidth.py), far below memory_bandwidth
+        elementwise_bandwidth=6e9 * cores,
         # vendor estimate from the instruction mix (vpdpbusd: 4x the products of an FMA, vpmaddwd 2x), less the
         # per-token quantization and dequantisation; hw="native" measures it
         int8_throughput=2.5 if vnni else 1.6,
@@ -189,6 +202,7 @@ PROFILES: dict[str, HardwareProfile] = {
         description="NVIDIA A100 SXM 80GB, fp32 CUDA cores",
         peak_flops=19.5e12,
         memory_bandwidth=2.039e12,
+        elementwise_bandwidth=0.7 * 2.039e12,  # estimate: streaming kernels reach ~70% of peak bandwidth
         block_shape=(32, 32),
         min_efficient_block=32,
         sparse_efficiency=0.7,
@@ -203,6 +217,7 @@ PROFILES: dict[str, HardwareProfile] = {
         description="NVIDIA H100 SXM 80GB, fp32 CUDA cores",
         peak_flops=67e12,
         memory_bandwidth=3.35e12,
+        elementwise_bandwidth=0.7 * 3.35e12,  # estimate: streaming kernels reach ~70% of peak bandwidth
         block_shape=(64, 64),
         min_efficient_block=64,
         sparse_efficiency=0.7,

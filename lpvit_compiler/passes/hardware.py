@@ -23,7 +23,7 @@ from torch import fx
 
 from ..blocks import BlockGrid
 from ..costmodel import layer_costs, lpvit_power_proxy
-from ..costmodel.flops import model_flops_per_image
+from ..costmodel.flops import ModelWork, model_work_per_image
 from ..pass_manager import PassResult, compiler_pass
 from ..state import CompileState, CostCurves, LayerState, ModelCosts
 from .importance import sample_at_ratios
@@ -48,26 +48,27 @@ def cost_curves(state: CompileState, layer: LayerState) -> CostCurves:
                       sparse_faster=sparse_faster, dense=dense)
 
 
-def whole_model_costs(state: CompileState, model_flops: float) -> ModelCosts:
-    """The dense model's costs from the graph's ``model_flops`` per image and the layers' current curves; with
-    token or head pruning, "dense" is the model before them (``state.unpruned``)."""
+def whole_model_costs(state: CompileState, work: ModelWork) -> ModelCosts:
+    """The dense model's costs from the graph's ``work`` per image and the layers' current curves; with token or
+    head pruning, "dense" is the model before them (``state.unpruned``)."""
     hw = state.options.hw
     prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
-    other_flops = max(0.0, model_flops - prunable_flops)
-    other_latency, other_energy = hw.other_cost(other_flops)
+    other_flops = max(0.0, work.flops - prunable_flops)
+    other_latency, other_energy = hw.other_cost(other_flops, work.memory_bytes)
     original = state.unpruned  # the model before token/head pruning: what speedups and FLOPs compare with
     if original is None:
         dense = [layer.curves.dense for layer in state.layers.values()]
-        original_flops, original_other = model_flops, (other_latency, other_energy)
+        original_flops, original_other = work.flops, (other_latency, other_energy)
     else:
         dense = [layer_costs(hw, original.tokens[name], original.shapes[name], layer.grid.block_shape,
                              BlockGrid(*original.shapes[name], layer.grid.block_shape).num_blocks)
                  for name, layer in state.layers.items()]
-        original_flops = original.model_flops
-        original_other = hw.other_cost(max(0.0, original_flops - sum(d.flops_dense for d in dense)))
+        original_flops = original.work.flops
+        original_other = hw.other_cost(max(0.0, original_flops - sum(d.flops_dense for d in dense)),
+                                       original.work.memory_bytes)
     return ModelCosts(
         hw_batch_size=hw.batch_size, model_flops=original_flops, other_flops=other_flops,
-        other_latency_s=other_latency, other_energy_j=other_energy,
+        other_bytes=work.memory_bytes, other_latency_s=other_latency, other_energy_j=other_energy,
         dense_latency_s=original_other[0] + sum(d.dense_latency_s for d in dense),
         dense_energy_j=original_other[1] + sum(d.dense_energy_j for d in dense),
         dense_linear_energy_j=sum(d.dense_energy_j for d in dense))
@@ -88,15 +89,20 @@ def hardware(gm: fx.GraphModule, state: CompileState) -> PassResult:
             "sparse_latency_us_at_ratio_0_to_1_step_0.01": sample_at_ratios(curves.latency) * 1e6,
             "power_at_ratio_0_to_1_step_0.01": sample_at_ratios(curves.power),
         }
-    model_flops = model_flops_per_image(gm, state.calibration[0][:1])
+    work = model_work_per_image(gm, state.calibration[0][:1])
+    model_flops = work.flops
     prunable_flops = sum(layer.curves.flops[0] for layer in state.layers.values())
-    state.model_costs = whole_model_costs(state, model_flops)
+    state.model_costs = whole_model_costs(state, work)
     original = state.unpruned
     decisions = {
         "profile": state.options.hw.to_dict(),
         "power_model": state.options.power_model,
         "model_flops_per_image": model_flops,
-        "model_flops_per_image_before_token_and_head_pruning": None if original is None else original.model_flops,
+        "model_flops_per_image_before_token_and_head_pruning": None if original is None else original.work.flops,
+        "memory_bound_bytes_per_image": work.memory_bytes,
+        "memory_bound_bytes_per_image_before_token_and_head_pruning":
+            None if original is None else original.work.memory_bytes,
+        "predicted_memory_bound_latency_ms": state.options.hw.other_cost(0.0, work.memory_bytes)[0] * 1e3,
         "prunable_linear_flops_per_image": prunable_flops,
         "prunable_share_of_model_flops": prunable_flops / model_flops if model_flops else None,
         "predicted_dense_latency_ms": state.model_costs.dense_latency_s * 1e3,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..costmodel.flops import tokens_and_flops
+from ..costmodel.flops import tokens_and_work
 from ..errors import ConfigError
 from ..frontend.calibration import logits_of
 from ..pass_manager import PassResult, compiler_pass
@@ -58,11 +58,11 @@ def _set_schedule(gm: fx.GraphModule, state: CompileState, stages: list[TokenSta
                   ) -> list[TokenStage]:
     """Set the stages to ``counts`` and bring the layers' tokens, curves and the model's costs up to date."""
     stages = apply_counts(gm, stages, counts)
-    tokens, flops = tokens_and_flops(gm, state.layers, state.calibration[0][:1])
+    tokens, work = tokens_and_work(gm, state.layers, state.calibration[0][:1])
     for name, layer in state.layers.items():
         layer.tokens = tokens[name]
         layer.curves = cost_curves(state, layer)
-    state.model_costs = whole_model_costs(state, flops)
+    state.model_costs = whole_model_costs(state, work)
     return stages
 
 
