@@ -30,8 +30,9 @@ PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "Conv", "BlockSparseLinear", "Block
 
 def _cpu_name() -> str:
     """vendor, family and model name from /proc/cpuinfo (the ISA and generation the figure belongs to)."""
-    fields = dict(line.split(":", 1) for line in cpu_info().splitlines() if ":" in line)
-    return " ".join(fields.get(key, "?").strip() for key in ("vendor_id", "cpu family", "model name"))
+    fields = dict(map(str.strip, line.split(":", 1)) for line in cpu_info().splitlines() if ":" in line)
+    return (f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+            f"kernel ISA {lpvit.kernel_isa()})")
 
 
 def main() -> None:

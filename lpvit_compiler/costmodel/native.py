@@ -14,7 +14,8 @@ give ``peak_flops``, ``call_overhead_s``, ``sparse_efficiency``, ``sparse_output
 ``int8_throughput`` is the median over the shapes of the float32 kernel's time over the int8 kernel's
 (ai.lpvit::BlockSparseLinearInt8) at density 0.5, call overhead subtracted
 (``min_efficient_block`` is the measured block edge, so smaller blocks are scaled down from it). The sessions do
-not spin-wait (``ort_session``), so interleaved candidates do not slow each other down. Memory bandwidth and the
+not spin-wait (``ort_session``), so interleaved candidates do not slow each other down. Memory bandwidth, the
+elementwise bandwidth of the memory-bound ops (``benchmarks/elementwise_bandwidth.py`` measures it) and the
 energy figures stay those of the ``cpu`` profile (these shapes are compute-bound; energy is not measurable
 here). Fitted once per process and block shape.
 """
