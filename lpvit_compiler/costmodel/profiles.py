@@ -182,8 +182,9 @@ def _cpu(name: str, cores: int, avx512: bool, vnni: bool = False) -> HardwarePro
         energy_per_flop_j=10.0 * cores / peak,  # ~10 W per busy core
         energy_per_byte_j=1.5e-10,  # DDR4/5 access, ~20 pJ/bit
         batch_size=8,
-        # measured: DeiT-S's memory-bound ops in onnxruntime moved 7.3 GB/s per thread on an AMD EPYC (Zen 5,
-        # AVX-512, 2 threads; benchmarks/elementwise_bandwidth.py), far below memory_bandwidth
+        # measured: DeiT-S's memory-bound ops in onnxruntime moved 7.2 GB/s per thread (median of three runs,
+        # 5.6-7.3) on an AMD EPYC (family 26, AVX-512, 2 threads; benchmarks/elementwise_bandwidth.py), far
+        # below memory_bandwidth
         elementwise_bandwidth=7e9 * cores,
         # vendor estimate from the instruction mix (vpdpbusd: 4x the products of an FMA, vpmaddwd 2x), less the
         # per-token quantization and dequantisation; hw="native" measures it
