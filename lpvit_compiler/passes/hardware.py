@@ -11,9 +11,12 @@ Output: the graph unchanged; per layer, ``curves`` over k = blocks pruned (0 .. 
 
 and ``state.model_costs``, the dense whole model's figures (with token or head pruning, the model before them:
 its FLOPs and each layer at its original token count and shape, so speedups and FLOPs kept count them too);
-the manager then computes every layer's current ``costs`` (state.py). The whole model's FLOPs come from
-``torch.utils.flop_counter`` on one image (attention included); what is not in the prunable linears is
-costed at dense throughput as ``other``.
+the manager then computes every layer's current ``costs`` (state.py). The whole model's work comes from one
+image (costmodel/flops.py): its FLOPs from ``torch.utils.flop_counter`` (attention included) and the bytes its
+memory-bound ops move; what is not in the prunable linears is ``other``, its FLOPs at dense throughput and its
+bytes at the profile's ``elementwise_bandwidth``:
+
+    other latency = other_flops / peak_flops + other_bytes / elementwise_bandwidth      (per image, x batch_size)
 """
 
 from __future__ import annotations
