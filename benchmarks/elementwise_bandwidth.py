@@ -66,7 +66,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"{args.model}, batch {args.batch}, onnxruntime, {args.threads} threads, {result['cpu']} (median of "
-             f"{args.runs} profiles): bytes the memory-bound ops move (costmodel.flops) over the time spent outside products.",
+             f"{args.runs} profiles): bytes the memory-bound ops move (costmodel.flops) over the time spent outside "
+             "products.",
              "", "| memory-bound MB per image | memory-bound ms | of total ms | GB/s | GB/s per thread |",
              "|---|---|---|---|---|",
              f"| {moved / 1e6:.1f} | {memory_bound_ms:.1f} | {total_ms:.1f} | {bandwidth / 1e9:.1f} | "

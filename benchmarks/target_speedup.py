@@ -79,7 +79,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"{args.model}, `{args.hw}` profile, onnxruntime, kernel ISA {meta['isa']}, {args.threads} threads, "
-             f"median of {args.repeats} interleaved runs; random weights; measured = dense (our lowering) ms / compiled ms.",
+             f"median of {args.repeats} interleaved runs; random weights; measured = dense (our lowering) ms / "
+             "compiled ms.",
              "", "| target_speedup | cost model | flops_keep chosen | predicted | batch | dense ms | lpvit ms | "
              "**measured** |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['target_speedup']} | {r['cost_model']} | {r['flops_keep']:.3f} | {r['predicted']:.2f}x | "
