@@ -21,7 +21,7 @@ import torch
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.costmodel.flops import model_work_per_image
-from lpvit_compiler.runtime.sessions import cpu_info
+from lpvit_compiler.runtime.sessions import cpu_field
 from lpvit_compiler.tools.bench import op_type_profile
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,8 +30,7 @@ PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "Conv", "BlockSparseLinear", "Block
 
 def _cpu_name() -> str:
     """vendor, family and model name from /proc/cpuinfo (the ISA and generation the figure belongs to)."""
-    fields = dict(map(str.strip, line.split(":", 1)) for line in cpu_info().splitlines() if ":" in line)
-    return (f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+    return (f"{cpu_field('vendor_id')} {cpu_field('model name')} (family {cpu_field('cpu family')}, "
             f"kernel ISA {lpvit.kernel_isa()})")
 
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConfigError
-from .runtime.sessions import cpu_info
+from .runtime.sessions import cpu_field
 
 SOLVE_BYTES = 256 * 2**20  # memory for one batch of float64 [K+1, K+1] systems
 GRAM_TILE = 256  # column tile of gram(): best overall of 192, 256, 384, 512 (benchmarks/linalg_bench.py, AVX2)
@@ -54,10 +54,7 @@ def onednn_available() -> bool:
 
 def _cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), or "" where there is none."""
-    for line in cpu_info().splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return cpu_field("vendor_id")
 
 
 def onednn_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

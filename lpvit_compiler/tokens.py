@@ -47,6 +47,15 @@ def weighted_token_mean(x: torch.Tensor, size: torch.Tensor, keepdim: bool = Fal
     return (x * weights).sum(dim=1, keepdim=keepdim) / weights.sum(dim=1, keepdim=keepdim)
 
 
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ...] at each image's own token positions ``index`` [B, n] -> [B, n, ...]. Gathers whole rows of the
+    flattened [B * N, ...] tokens (ONNX Gather): an index expanded to x's shape for GatherElements, or a scatter,
+    cost several times more in onnxruntime."""
+    batch, tokens = x.shape[:2]
+    rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
+    return x.reshape(batch * tokens, *x.shape[2:]).index_select(0, rows).reshape(*index.shape, *x.shape[2:])
+
+
 class TokenSelect(nn.Module):
     """Keep the ``prefix`` first tokens and each image's ``keep`` highest-scoring other tokens.
 
@@ -67,11 +76,7 @@ class TokenSelect(nn.Module):
         top = score[:, self.prefix:].topk(self.keep, dim=1).indices.sort(dim=1).values + self.prefix
         prefix = torch.arange(self.prefix, device=score.device).expand(score.shape[0], self.prefix)
         index = torch.cat([prefix, top], dim=1)
-        # whole rows of the flattened [B * N, C] tokens (ONNX Gather): no index expanded to [B, n, C]
-        batch, tokens, channels = x.shape
-        rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
-        kept = x.reshape(batch * tokens, channels).index_select(0, rows).reshape(batch, index.shape[1], channels)
-        return kept, score.gather(1, index), index
+        return take_tokens(x, index), score.gather(1, index), index
 
 
 class TokenMerge(nn.Module):
@@ -118,15 +123,9 @@ class TokenMerge(nn.Module):
         if decision is None:
             return x, size
         order, partner = decision
-        batch, tokens, channels = x.shape
-        # A patch i is token prefix + 2i: whole rows of the flattened [B * N, C] tokens (ONNX Gather, as
-        # TokenSelect gathers; an index expanded to [B, n, C] for GatherElements cost several times more)
-        first = torch.arange(batch, device=x.device)[:, None] * tokens + self.prefix
-        merged_rows = (first + 2 * order[:, :self.remove]).reshape(-1)
-        kept_rows = (first + 2 * order[:, self.remove:]).reshape(-1)
-        rows, sizes = x.reshape(batch * tokens, channels), size.reshape(batch * tokens)
-        src_size = sizes[merged_rows].reshape(batch, self.remove)
-        src = rows.index_select(0, merged_rows).reshape(batch, self.remove, channels) * src_size[..., None]
+        merged_a, kept_a = self.prefix + 2 * order[:, :self.remove], self.prefix + 2 * order[:, self.remove:]
+        src_size = take_tokens(size, merged_a)  # A patch i is token prefix + 2i
+        src = take_tokens(x, merged_a) * src_size[..., None]
         # into[b, j, i]: merged A patch i joins B patch j. A 0/1 product sums what each B patch receives (one
         # MatMul, where a scatter-add ran serially in onnxruntime)
         b, b_size = x[:, self.prefix + 1::2], size[:, self.prefix + 1::2]
@@ -134,7 +133,6 @@ class TokenMerge(nn.Module):
         into = target[:, None, :] == torch.arange(b.shape[1], device=x.device)[:, None]
         merged_size = b_size + (into.to(size.dtype) @ src_size[..., None])[..., 0]
         merged = (b * b_size[..., None] + into.to(x.dtype) @ src) / merged_size[..., None]
-        kept = rows.index_select(0, kept_rows).reshape(batch, -1, channels)
-        return (torch.cat([x[:, :self.prefix], kept, merged], dim=1),
-                torch.cat([size[:, :self.prefix], sizes[kept_rows].reshape(batch, -1), merged_size], dim=1))
+        return (torch.cat([x[:, :self.prefix], take_tokens(x, kept_a), merged], dim=1),
+                torch.cat([size[:, :self.prefix], take_tokens(size, kept_a), merged_size], dim=1))
 

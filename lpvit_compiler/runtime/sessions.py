@@ -22,6 +22,15 @@ def cpu_info() -> str:
         return ""
 
 
+def cpu_field(name: str) -> str:
+    """One field of /proc/cpuinfo's first processor ("vendor_id", "cpu family", "model name", ...), or ""."""
+    for line in cpu_info().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
 def session_options(custom_ops: bool | str = True, **settings):
     """``onnxruntime.SessionOptions`` with ``settings`` set on it (e.g. ``intra_op_num_threads``,
     ``enable_profiling``) and, with ``custom_ops``, the lpvit op library registered (a path: that build of it,
