@@ -105,7 +105,7 @@ class TokenMerge(nn.Module):
         if self.remove == 0:
             return None
         a, b = x[:, self.prefix::2], x[:, self.prefix + 1::2]
-        # |x| as sqrt(sum x^2), which onnxruntime runs 3x faster than its ReduceL2 (Mul + ReduceSum over the
+        # |x| as sqrt(sum x^2), which onnxruntime runs faster than its ReduceL2 (Mul + ReduceSum over the
         # contiguous tokens). cos(a_i, b_j) = a_i.b_j / (|a_i| |b_j|): |a_i| does not change which b_j is most
         # similar, so it divides the |A| best values only, and no normalised copy of the tokens is made
         norm = (x * x).sum(dim=-1).sqrt().clamp_min(1e-12)  # [B, N]

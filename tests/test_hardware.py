@@ -34,6 +34,15 @@ def test_lpvit_power_proxy_formula():
     assert lpvit_power_proxy(np.array([3]), 40)[0] == 3 * 2
 
 
+@pytest.mark.parametrize("field, value", [("elementwise_bandwidth", 0.0), ("peak_flops", -1.0),
+                                          ("memory_bandwidth", float("nan")), ("batch_size", 0)])
+def test_a_profile_with_a_rate_that_is_not_positive_is_a_clear_error(field, value):
+    import dataclasses
+
+    with pytest.raises(lpvit.ConfigError, match=f"HardwareProfile 'cpu': {field} must be positive"):
+        dataclasses.replace(lpvit.get_profile("cpu"), **{field: value})
+
+
 def test_profile_round_trips_through_dict():
     hw = lpvit.get_profile("cpu-avx512")
     assert lpvit.HardwareProfile.from_dict(hw.to_dict()) == hw

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..runtime.sessions import cpu_info, default_threads
 
 INDEX_BYTES = 8  # int64 row_ptr / col_idx entries, the ONNX op's contract
@@ -66,6 +67,13 @@ class HardwareProfile:
     # and outputs, far below memory_bandwidth in onnxruntime; inf (the default, for profiles saved before it
     # existed) gives those ops no time, as the cost model did then
     elementwise_bandwidth: float = float("inf")
+
+    def __post_init__(self):
+        # the rates the cost model divides by: zero or negative would predict infinite or negative latencies
+        for name in ("peak_flops", "memory_bandwidth", "elementwise_bandwidth", "batch_size"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"HardwareProfile {self.name!r}: {name} must be positive, got {value!r}")
 
     def linear_cost(
         self,
