@@ -40,7 +40,7 @@ from lpvit_compiler.tools.timing import interleaved
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.lowering.onnx_export import single_layer_model
+from lpvit_compiler.lowering.layer_models import single_layer_model
 from lpvit_compiler.runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 from lpvit_compiler.tools.bench import ort_dynamic_int8
 

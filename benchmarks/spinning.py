@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 import torch
 
-from lpvit_compiler.lowering.onnx_export import dense_layer_model
+from lpvit_compiler.lowering.layer_models import dense_layer_model
 from lpvit_compiler.runtime.sessions import open_session, session_options
 from lpvit_compiler.tools.timing import interleaved
 

@@ -176,13 +176,29 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
   return w;
 }
 
+std::string BsrWeights::check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const {
+  const BsrIndex& ix = index_;
+  if (x_heads < 0 || y_heads < 0)
+    return "input_heads and output_heads must be >= 0, got " + std::to_string(x_heads) + " and " +
+           std::to_string(y_heads);
+  if (x_heads > 0 && (ix.k % x_heads != 0 || ix.k / x_heads % ix.bw != 0))
+    return "input_heads=" + std::to_string(x_heads) + " needs K=" + std::to_string(ix.k) +
+           " to split into heads whose width is a multiple of the block width " + std::to_string(ix.bw);
+  if (y_heads > 0 && (ix.n % y_heads != 0 || ix.n / y_heads % ix.bh != 0))
+    return "output_heads=" + std::to_string(y_heads) + " needs N=" + std::to_string(ix.n) +
+           " to split into heads whose width is a multiple of the block height " + std::to_string(ix.bh);
+  if (y_heads > 0 && activation != Activation::kNone) return "output_heads takes no activation";
+  return "";
+}
+
 void BsrWeights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
-                     Activation activation, const float* residual) const {
+                     Activation activation, const float* residual, const HeadLayout& layout) const {
   if (m <= 0) return;
   const BsrIndex& ix = index_;
   const int64_t panel = isa == Isa::kAvx512 && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
   const TileJob job{x, y, m, ix.n, ix.k, ix.bh, ix.bw, ix.bh_padded, panel, ix.bw * ix.bh_padded,
-                    ix.row_ptr.data(), ix.col_idx.data(), packed_.data(), ix.bias.data(), residual, activation};
+                    ix.row_ptr.data(), ix.col_idx.data(), packed_.data(), ix.bias.data(), residual, activation,
+                    layout};
   void (*task_fn)(const TileJob&, float*, int64_t, int64_t, int64_t, int64_t) =
       isa == Isa::kAvx512 ? run_task_avx512 : isa == Isa::kAvx2 ? run_task_avx2 : run_task_scalar;
   const int64_t rows = isa == Isa::kAvx512 ? kRowsAvx512 : isa == Isa::kAvx2 ? kRowsAvx2 : kRowsScalar;

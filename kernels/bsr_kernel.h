@@ -63,9 +63,15 @@ class BsrWeights {
                                             const float* values, int64_t values_len,
                                             const float* bias, int64_t bias_len, std::string* error);
 
-  // y [m, n] = activation(x [m, k] * W^T + bias) + residual [m, n] (residual may be nullptr).
+  // y [m, n] = activation(x [m, k] * W^T + bias) + residual [m, n] (residual may be nullptr), X and Y in
+  // `layout` (tile_job.h; check_layout must have accepted it).
   void run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
-           Activation activation = Activation::kNone, const float* residual = nullptr) const;
+           Activation activation = Activation::kNone, const float* residual = nullptr,
+           const HeadLayout& layout = {}) const;
+  // "" when these weights can read X and write Y in head-major layouts of x_heads and y_heads heads (0: none):
+  // K = x_heads * D with D a multiple of the block width (a block column then lies within one head); N = y_heads
+  // * D with D a multiple of the block height, and Y plain (no activation or residual: the attention's q, k, v).
+  std::string check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const;
 
   int64_t n() const { return index_.n; }
   int64_t k() const { return index_.k; }

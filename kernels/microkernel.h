@@ -27,26 +27,35 @@ namespace {
 
 constexpr int64_t min2(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Rows [m0, m1) of x [m, k] into xp in the layout above (ROWS rows per tile). BW: the block width as a constant
+// Offset of row m, column j in a [m, width] tensor of `heads` heads (tile_job.h's HeadLayout; 0: row-major).
+inline int64_t element_offset(int64_t heads, int64_t tokens, int64_t width, int64_t m, int64_t j) {
+  if (heads == 0) return m * width + j;
+  const int64_t depth = width / heads;
+  return ((m / tokens * heads + j / depth) * tokens + m % tokens) * depth + j % depth;
+}
+
+// Rows [m0, m1) of X [m, k] into xp in the layout above (ROWS rows per tile). BW: the block width as a constant
 // (each block's row is then one fixed-size copy: with a run-time size the compiler emitted `rep movsq`, whose
-// start-up cost was a sixth of the kernel's time at 25% density), or 0 for the run-time width bw.
+// start-up cost was a sixth of the kernel's time at 25% density), or 0 for the run-time width bw. Head-major X
+// (x_heads > 0; its head width a multiple of bw, so K is too) is read block by block from its heads.
 template <int ROWS, int BW>
-inline void pack_rows(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, float* xp) {
-  if constexpr (BW > 0) bw = BW;
+inline void pack_rows(const TileJob& job, int64_t m0, int64_t m1, float* xp) {
+  const int64_t k = job.k, bw = BW > 0 ? BW : job.bw, heads = job.layout.x_heads;
   const int64_t block_cols = (k + bw - 1) / bw, full_cols = k / bw;
   const int64_t tiles = (m1 - m0 + ROWS - 1) / ROWS;
   for (int64_t t = 0; t < tiles; ++t) {
     for (int r = 0; r < ROWS; ++r) {
       const int64_t m = m0 + t * ROWS + r;
       float* dst = xp + t * block_cols * ROWS * bw + r * bw;
-      const float* src = x + m * k;
+      const float* src = job.x + m * k;
       int64_t c = 0;
       if (m < m1) {
         for (; c < full_cols; ++c, dst += ROWS * bw, src += bw) {
+          const float* from = heads == 0 ? src : job.x + element_offset(heads, job.layout.tokens, k, m, c * bw);
           if constexpr (BW > 0)
-            __builtin_memcpy(dst, src, BW * sizeof(float));
+            __builtin_memcpy(dst, from, BW * sizeof(float));
           else
-            for (int64_t j = 0; j < bw; ++j) dst[j] = src[j];
+            for (int64_t j = 0; j < bw; ++j) dst[j] = from[j];
         }
       }
       for (; c < block_cols; ++c, dst += ROWS * bw, src += bw) {  // the edge block column, or a padding row
@@ -97,7 +106,7 @@ inline void panel_tail(const TileJob& job, int rows, const float* xt, const int6
 // block row's weights stay in cache while the task's tiles pass over them. BW as in pack_rows.
 template <class V, int ROWS, int PANEL, int BW>
 inline void run_rows(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1) {
-  pack_rows<ROWS, BW>(job.x, m0, m1, job.k, job.bw, xp);
+  pack_rows<ROWS, BW>(job, m0, m1, xp);
   const int64_t tile_stride = (job.k + job.bw - 1) / job.bw * ROWS * job.bw;
   alignas(64) float out[ROWS][PANEL];
   for (int64_t block_row = row0; block_row < row1; ++block_row) {
@@ -116,9 +125,16 @@ inline void run_rows(const TileJob& job, float* xp, int64_t m0, int64_t m1, int6
           panel_tile<V, ROWS, ROWS, PANEL, BW>(job, xt, cols, blocks, packed, out);
         else
           panel_tail<V, ROWS, ROWS - 1, PANEL>(job, rows, xt, cols, blocks, packed, out);
-        const int64_t offset = m * job.n + out0;
-        write_back<PANEL>(job.activation, &out[0][0], rows, width, job.bias + out0,
-                          job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
+        const int64_t heads = job.layout.y_heads;
+        if (heads == 0) {
+          const int64_t offset = m * job.n + out0;
+          write_back<PANEL>(job.activation, &out[0][0], rows, width, job.bias + out0,
+                            job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
+        } else {  // row by row into the heads; a block row lies within one head (its height divides the head's)
+          for (int r = 0; r < rows; ++r)
+            write_back<PANEL>(job.activation, &out[r][0], 1, width, job.bias + out0, nullptr,
+                              job.y + element_offset(heads, job.layout.tokens, job.n, m + r, out0), 0);
+        }
       }
     }
   }

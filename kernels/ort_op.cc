@@ -7,7 +7,13 @@
 //   (bsr_kernel.h states the arithmetic); inputs X, row_ptr, col_idx, values (int8), scales [N] float, bias,
 //   residual
 // Attributes of both: block_shape = [bh, bw], N, K; activation = "none" (default, also when absent: models
-// written before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh"
+// written before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh".
+// BlockSparseLinear only, both optional (absent or 0: row-major X [..., K] and Y [..., N]):
+//   input_heads = H:  X is head-major [B, H, T, K/H] (an attention's output as its last matmul writes it);
+//                     Y [B, T, N], row b*T + t reading X[b, :, t, :] as its K columns
+//   output_heads = H: Y is head-major [B, H, T, N/H] (q, k or v as the attention's matmuls read them), from X
+//                     [B, T, K] (or head-major); no activation, no residual
+// so the Transposes and the Split around an attention need not run (bsr_kernel.h states the conditions).
 //
 // Weights stored as constant initializers are validated and packed once, when the session creates the kernel,
 // and only read afterwards. Weights fed as graph inputs are validated and packed on every call into storage
@@ -54,6 +60,7 @@ bool view(Ort::ConstValue value, InputView<T>* out) {
 
 struct Attributes {
   int64_t n = 0, k = 0, bh = 0, bw = 0;
+  int64_t input_heads = 0, output_heads = 0;
   lpvit::Activation activation = lpvit::Activation::kNone;
   std::string error;  // first attribute that could not be read
 };
@@ -81,8 +88,11 @@ struct FloatFormat {
                            w.has_bias ? w.bias.size : 0, error);
   }
   static void run(const Weights& w, const float* x, int64_t m, float* y, const lpvit::ParallelFor& pf, lpvit::Isa isa,
-                  lpvit::Activation act, const float* residual) {
-    w.run(x, m, y, pf, isa, act, residual);
+                  lpvit::Activation act, const float* residual, const lpvit::HeadLayout& layout) {
+    w.run(x, m, y, pf, isa, act, residual, layout);
+  }
+  static std::string check_heads(const Weights& w, const Attributes& a) {
+    return w.check_heads(a.input_heads, a.output_heads, a.activation);
   }
 };
 
@@ -100,12 +110,16 @@ struct Int8Format {
                            w.has_bias ? w.bias.data : nullptr, w.has_bias ? w.bias.size : 0, isa, error);
   }
   static void run(const Weights& w, const float* x, int64_t m, float* y, const lpvit::ParallelFor& pf, lpvit::Isa,
-                  lpvit::Activation act, const float* residual) {
+                  lpvit::Activation act, const float* residual, const lpvit::HeadLayout&) {
     w.run(x, m, y, pf, act, residual);
+  }
+  static std::string check_heads(const Weights&, const Attributes& a) {
+    return a.input_heads != 0 || a.output_heads != 0 ? "takes no input_heads or output_heads (float op only)" : "";
   }
 };
 
-// Checks the buffers' shapes against the attributes, then validates and packs (Format::create).
+// Checks the buffers' shapes against the attributes, then validates and packs (Format::create) and checks the
+// head layouts against the packed weights.
 template <class Format>
 std::unique_ptr<typename Format::Weights> pack(const Attributes& a, const WeightViews<typename Format::Value>& w,
                                                lpvit::Isa isa, std::string* error) {
@@ -125,7 +139,34 @@ std::unique_ptr<typename Format::Weights> pack(const Attributes& a, const Weight
     *error = "scales must be 1-D";
     return nullptr;
   }
-  return Format::create(a, w, isa, error);
+  auto weights = Format::create(a, w, isa, error);
+  if (weights) *error = Format::check_heads(*weights, a);
+  return error->empty() ? std::move(weights) : nullptr;
+}
+
+// X's rows and Y's shape for X of `shape` under the attributes' layouts ("" when X fits them, else the problem).
+std::string shapes(const Attributes& a, const std::vector<int64_t>& shape, int64_t* m, lpvit::HeadLayout* layout,
+                   std::vector<int64_t>* y_shape) {
+  for (int64_t d : shape)
+    if (d < 0) return "X has a negative dimension";
+  *layout = {0, a.input_heads, a.output_heads};
+  if (a.input_heads > 0) {
+    if (shape.size() != 4 || shape[1] != a.input_heads || a.k % a.input_heads != 0 || shape[3] != a.k / a.input_heads)
+      return "with input_heads=" + std::to_string(a.input_heads) + ", X must be [B, " + std::to_string(a.input_heads) +
+             ", T, " + std::to_string(a.k / a.input_heads) + "] (head-major, K=" + std::to_string(a.k) + ")";
+    layout->tokens = shape[2];
+    *y_shape = {shape[0], shape[2], a.n};
+  } else {
+    if (shape.empty() || shape.back() != a.k) return "X's last dimension must be K=" + std::to_string(a.k);
+    if (a.output_heads > 0 && shape.size() != 3) return "with output_heads, X must be [B, T, K] or head-major";
+    if (a.output_heads > 0) layout->tokens = shape[1];
+    *y_shape = shape;
+    y_shape->back() = a.n;
+  }
+  *m = 1;
+  for (size_t i = 0; i + 1 < y_shape->size(); ++i) *m *= (*y_shape)[i];
+  if (a.output_heads > 0) *y_shape = {(*y_shape)[0], a.output_heads, layout->tokens, a.n / a.output_heads};
+  return "";
 }
 
 template <typename T>
@@ -181,6 +222,13 @@ struct LinearKernel {
       }
     }
     if (attributes_.error.empty()) read_activation(api, info);
+    for (auto [name, value] : {std::pair{"input_heads", &attributes_.input_heads},
+                               std::pair{"output_heads", &attributes_.output_heads}}) {
+      if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, value)) {  // absent: 0
+        api->ReleaseStatus(status);
+        *value = 0;
+      }
+    }
     if (attributes_.error.empty()) pack_constant_weights(api, info);
   }
 
@@ -197,13 +245,11 @@ struct LinearKernel {
       auto input = [&](size_t index) { return index < inputs ? ctx.GetInput(index) : Ort::ConstValue{nullptr}; };
       InputView<float> x;
       if (!view(input(kX), &x)) return invalid(Format::kName, "X must be a float tensor");
-      if (x.shape.empty() || x.shape.back() != attributes_.k)
-        return invalid(Format::kName, "X's last dimension must be K=" + std::to_string(attributes_.k));
-      int64_t m = 1;
-      for (size_t i = 0; i + 1 < x.shape.size(); ++i) {
-        if (x.shape[i] < 0) return invalid(Format::kName, "X has a negative dimension");
-        m *= x.shape[i];
-      }
+      int64_t m = 0;
+      lpvit::HeadLayout layout;
+      std::vector<int64_t> y_shape;
+      const std::string shape_error = shapes(attributes_, x.shape, &m, &layout, &y_shape);
+      if (!shape_error.empty()) return invalid(Format::kName, shape_error);
 
       const Weights* weights = constant_weights_.get();
       std::unique_ptr<Weights> call_weights;  // weights fed as inputs: this call's own copy
@@ -216,10 +262,9 @@ struct LinearKernel {
         weights = call_weights.get();
       }
 
-      std::vector<int64_t> y_shape = x.shape;
-      y_shape.back() = attributes_.n;
       InputView<float> residual;
       if (input(Format::kResidual) != nullptr) {
+        if (layout.y_heads > 0) return invalid(Format::kName, "output_heads takes no residual");
         if (!view(input(Format::kResidual), &residual) || residual.shape != y_shape)
           return invalid(Format::kName, "residual must be a float tensor of Y's shape (X's with K replaced by N)");
       }
@@ -234,7 +279,7 @@ struct LinearKernel {
                       for (size_t t = 0; t < tasks; ++t) body(t);
                     }
                   },
-                  isa_, attributes_.activation, residual.data);
+                  isa_, attributes_.activation, residual.data, layout);
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {  // bad_alloc, Ort::Exception: an error status, never terminate
       return Ort::Status((std::string(Format::kName) + ": " + e.what()).c_str(), ORT_FAIL);
@@ -328,9 +373,25 @@ struct LinearOp : Ort::CustomOpBase<LinearOp<Format>, LinearKernel<Format>, true
 
   static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
     try {
+      using Dim = Ort::ShapeInferContext::SymbolicInteger;
+      auto optional_int = [&](const char* name) -> int64_t {  // absent: 0
+        try {
+          return ctx.GetAttrInt(name);
+        } catch (const Ort::Exception&) {
+          return 0;
+        }
+      };
       Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
       if (shape.empty()) return invalid(Format::kName, "X must have at least one dimension");
-      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
+      const int64_t n = ctx.GetAttrInt("N"), input_heads = optional_int("input_heads");
+      const int64_t output_heads = optional_int("output_heads");
+      if (input_heads > 0 && shape.size() == 4) shape.erase(shape.begin() + 1);  // [B, H, T, D] -> [B, T, D]
+      if (output_heads > 0 && shape.size() == 3 && n % output_heads == 0) {  // [B, T, K] -> [B, H, T, N / H]
+        shape.back() = Dim(n / output_heads);
+        shape.insert(shape.begin() + 1, Dim(output_heads));
+        return ctx.SetOutputShape(0, shape);
+      }
+      shape.back() = Dim(n);
       return ctx.SetOutputShape(0, shape);
     } catch (const std::exception& e) {
       return invalid(Format::kName, e.what());

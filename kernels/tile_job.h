@@ -11,6 +11,16 @@ constexpr int64_t kPanel = 16;  // outputs per micro-kernel panel; packed block 
 // Applied to every output in the write-back: y = activation(x W^T + bias) + residual.
 enum class Activation : int { kNone = 0, kRelu = 1, kGeluErf = 2, kGeluTanh = 3 };
 
+// Where X and Y live. heads = 0: row-major [m, width]. heads = h > 0: head-major [B, h, tokens, width / h], and
+// row m = b * tokens + t, column j = i * (width / h) + d is element [b][i][t][d]. An attention's layers read
+// and write it so: q, k and v come out as its matmuls take them, and proj reads their output, with no
+// Transpose or Split between them.
+struct HeadLayout {
+  int64_t tokens = 0;   // rows per image (B = m / tokens) where a layout is head-major
+  int64_t x_heads = 0;  // X's heads
+  int64_t y_heads = 0;  // Y's heads
+};
+
 struct TileJob {
   const float* x;         // [m, k]
   float* y;               // [m, n]
@@ -24,6 +34,7 @@ struct TileJob {
   const float* bias;      // [n]
   const float* residual;  // [m, n] added after the activation, or nullptr
   Activation activation;
+  HeadLayout layout;      // standard unless set (then no activation and no residual with y_heads)
 };
 
 // The int8 kernel (int8_microkernel.h): Y = activation(sx[m] * sw[n] * (sum_k xq[m][k] * wq[n][k]) + bias) +

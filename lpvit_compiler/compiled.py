@@ -100,14 +100,17 @@ class CompiledModel(nn.Module):
         """{module name in the original model: bool tensor shaped like its weight, True = kept}."""
         return {name: grid.expand(mask) for name, (grid, mask) in self._block_masks.items()}
 
-    def export(self, path, target: str = "lpvit"):
+    def export(self, path, target: str = "lpvit", head_major_attention: bool = True):
         """Write an ONNX model: ``target="lpvit"`` with ai.lpvit::BlockSparseLinear nodes (run it with
         :func:`lpvit_compiler.InferenceSession`), ``"portable"`` with standard ops only; the plan's data config
-        goes into the metadata (``lpvit eval`` preprocesses with it). Returns the path."""
+        goes into the metadata (``lpvit eval`` preprocesses with it). ``head_major_attention`` (lpvit target):
+        the attentions' layers write q, k, v and read their output head-major, with no transposes between them
+        (lowering/attention_layout.py); False keeps the transposes. Returns the path."""
         from .lowering.onnx_export import DATA_CONFIG_KEY, export_onnx
 
         metadata = {DATA_CONFIG_KEY: json.dumps(self.plan.data_config)} if self.plan.data_config else None
-        return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target, metadata)
+        return export_onnx(self.graph_module, torch.zeros(2, *self.plan.input_shape), path, target, metadata,
+                           head_major_attention)
 
     def save(self, path) -> None:
         """Write a .pt2 archive loadable by :func:`lpvit_compiler.load`."""

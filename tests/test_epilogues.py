@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 import lpvit_compiler as lpvit
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.lowering.onnx_export import single_layer_model
+from lpvit_compiler.lowering.layer_models import single_layer_model
 from lpvit_compiler.runtime.modules import BlockSparseLinear
 from lpvit_compiler.runtime.ops import ACTIVATIONS
 

@@ -21,12 +21,16 @@ def deit_tiny():
 
 def test_deit_tiny_onnx_with_custom_op_matches_torch(deit_tiny, tmp_path):
     compiled, calib = deit_tiny
+    block_sparse = [row for row in compiled.report.layers if row.layout == "bsr"]
+    transposed = onnx.load(compiled.export(tmp_path / "transposed.onnx", head_major_attention=False))
+    custom = [n for n in transposed.graph.node if n.domain == "ai.lpvit"]
+    assert len(custom) == len(block_sparse) > 0 and all(n.op_type == "BlockSparseLinear" for n in custom)
     path = compiled.export(tmp_path / "deit_tiny.onnx")
     model = onnx.load(path)
     onnx.checker.check_model(model)
-    custom = [n for n in model.graph.node if n.domain == "ai.lpvit"]
-    block_sparse = [row for row in compiled.report.layers if row.layout == "bsr"]
-    assert len(custom) == len(block_sparse) > 0 and all(n.op_type == "BlockSparseLinear" for n in custom)
+    heads = {name: sorted(a.i for n in model.graph.node for a in n.attribute if a.name == name and a.i)
+             for name in ("input_heads", "output_heads")}  # every attention head-major: q, k, v and proj
+    assert heads == {"input_heads": [3] * 12, "output_heads": [3] * 36}
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("ai.lpvit", 1)}
     session = lpvit.InferenceSession(path, intra_op_num_threads=2)
     for batch in (1, 3):  # the batch dimension stays dynamic

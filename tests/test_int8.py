@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import lpvit_compiler as lpvit
 from lpvit_compiler import quantization
 from lpvit_compiler.blocks import BlockGrid
-from lpvit_compiler.lowering.onnx_export import single_layer_model
+from lpvit_compiler.lowering.layer_models import single_layer_model
 from lpvit_compiler.runtime import ops
 from lpvit_compiler.runtime.modules import BlockSparseLinearInt8
 from test_kernels import ISA_CPU_FLAGS, _cpu_flags

@@ -15,7 +15,7 @@ CONCURRENT_RUNS = textwrap.dedent("""
     import numpy as np, onnx, torch
     import lpvit_compiler as lpvit
     from lpvit_compiler.blocks import BlockGrid
-    from lpvit_compiler.lowering.onnx_export import single_layer_model
+    from lpvit_compiler.lowering.layer_models import single_layer_model
     from lpvit_compiler.runtime.modules import BlockSparseLinear
 
     WEIGHTS_AS_INPUTS = {weights_as_inputs}

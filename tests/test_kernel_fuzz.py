@@ -2,7 +2,8 @@
 
 Each case starts from a valid random layer — float (``BlockSparseLinear``) or int8 (``BlockSparseLinearInt8``:
 int8 ``values`` and float ``scales``) — with or without a fused epilogue (``activation`` attribute,
-``residual`` input, the bias slot left empty as ``""`` before a residual), applies a few mutations (lengths and
+``residual`` input, the bias slot left empty as ``""`` before a residual), some float ones reading or writing a
+head-major layout (``input_heads`` / ``output_heads``), applies a few mutations (lengths and
 contents of ``row_ptr``, ``col_idx``, ``values``, ``bias`` and ``residual``, the attributes, dtypes) and feeds
 the weights as initializers or as graph inputs. The oracle is an independent numpy statement of the op's
 contract: where it says the inputs are malformed, onnxruntime must return an error; where it says they are
@@ -48,10 +49,15 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activation=None, residual=None,
-                    scales=None):
+                    scales=None, input_heads=0, output_heads=0):
     """activation(X·Wᵀ + b) + residual if the inputs satisfy the op's contract, else None (the op must then
-    return an error). ``activation`` None means the attribute is absent; ``scales`` given: the int8 op."""
+    return an error). ``activation`` None means the attribute is absent; ``scales`` given: the int8 op; head
+    layouts as ``ops.bsr_linear`` states them."""
     int8 = scales is not None
+    heads = _head_layouts(n, k, block_shape, x, activation, residual, int8, input_heads, output_heads)
+    if heads is None:
+        return None
+    rows, reshape_output = heads
     if int8 and not (scales.dtype == np.float32 and scales.ndim == 1 and scales.size == n and
                      np.isfinite(scales).all() and values.dtype == np.int8 and k <= 65536):
         return None
@@ -59,7 +65,7 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
         return None
     if activation is not None and activation not in ACTIVATIONS:
         return None
-    if residual is not None and (residual.dtype != np.float32 or residual.shape != (x.shape[0], n)):
+    if residual is not None and (residual.dtype != np.float32 or residual.shape != (*rows.shape[:-1], n)):
         return None
     bh, bw = block_shape
     if not (1 <= n < 2**31 and 1 <= k < 2**31 and 1 <= bh <= 4096 and 1 <= bw <= 4096):
@@ -67,7 +73,7 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
     if row_ptr.dtype != np.int64 or col_idx.dtype != np.int64 or values.dtype != (np.int8 if int8 else np.float32) or \
             (bias is not None and bias.dtype != np.float32):
         return None
-    if values.ndim != 3 or values.shape[1:] != (bh, bw) or x.shape[-1] != k:
+    if values.ndim != 3 or values.shape[1:] != (bh, bw) or rows.shape[-1] != k:
         return None
     block_rows, block_cols, nnz = math.ceil(n / bh), math.ceil(k / bw), values.shape[0]
     if row_ptr.ndim != 1 or row_ptr.size != block_rows + 1 or col_idx.ndim != 1 or col_idx.size != nnz:
@@ -84,13 +90,39 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
         for b, c in zip(range(row_ptr[r], row_ptr[r + 1]), cols):
             dense[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = values[b]
     with np.errstate(all="ignore"):  # NaN and inf entries are part of the campaign
+        flat = rows.reshape(-1, k)
         if int8:  # exact integer sums, dequantised by both scales
-            xq, sx = quantize_rows(x)
+            xq, sx = quantize_rows(flat)
             product = (xq @ dense[:n, :k].T) * sx[:, None].astype(np.float64) * scales[None, :]
         else:
-            product = x.astype(np.float64) @ dense[:n, :k].T
+            product = flat.astype(np.float64) @ dense[:n, :k].T
+        product = product.reshape(*rows.shape[:-1], n)
         y = ACTIVATIONS[activation or "none"](product + (bias if bias is not None else 0))
-        return y + residual if residual is not None else y
+        return reshape_output(y + residual if residual is not None else y)
+
+
+def _head_layouts(n, k, block_shape, x, activation, residual, int8, input_heads, output_heads):
+    """(X as the rows the op multiplies, Y's row-major -> its layout), or None where the layouts break the op's
+    contract: H >= 0; input_heads H: X [B, H, T, K/H], K/H a multiple of bw; output_heads H: N/H a multiple of bh,
+    X [B, T, K] (or head-major), no activation, no residual; int8: no head layout at all."""
+    if not (input_heads or output_heads):
+        return x, lambda y: y
+    if int8 or input_heads < 0 or output_heads < 0 or not (isinstance(block_shape, list) and len(block_shape) == 2):
+        return None
+    bh, bw = block_shape
+    if bh < 1 or bw < 1:
+        return None
+    if input_heads:
+        if not (k >= 1 and k % input_heads == 0 and k // input_heads % bw == 0 and x.ndim == 4 and
+                x.shape[1] == input_heads and x.shape[3] * input_heads == k):
+            return None
+        x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], k)
+    if not output_heads:
+        return x, lambda y: y
+    if not (n >= 1 and n % output_heads == 0 and n // output_heads % bh == 0 and activation in (None, "none") and
+            residual is None and x.ndim == 3):
+        return None
+    return x, lambda y: y.reshape(y.shape[0], y.shape[1], output_heads, -1).transpose(0, 2, 1, 3)
 
 
 def valid_layer(rng):
@@ -107,7 +139,29 @@ def valid_layer(rng):
     bias = rng.standard_normal(n).astype(np.float32) if rng.random() < 0.7 else None
     activation = [None, *ACTIVATIONS][int(rng.integers(len(ACTIVATIONS) + 1))]
     return dict(n=n, k=k, block_shape=[bh, bw], row_ptr=row_ptr, col_idx=col_idx, values=values, scales=scales,
-                bias=bias, activation=activation, residual=rng.random() < 0.3)
+                bias=bias, activation=activation, residual=rng.random() < 0.3, input_heads=0, output_heads=0)
+
+
+def head_major_layer(rng):
+    """A valid float layer of an attention: q, k or v (output_heads) or proj (input_heads), or both."""
+    bh, bw = BLOCKS[rng.integers(len(BLOCKS))]
+    layouts = [(0, int(rng.integers(1, 4))), (int(rng.integers(1, 4)), 0), (int(rng.integers(1, 4)),) * 2]
+    input_heads, output_heads = layouts[int(rng.integers(3))]
+    n = (output_heads or 1) * bh * int(rng.integers(1, 3)) if output_heads else int(rng.integers(1, 70))
+    k = input_heads * bw * int(rng.integers(1, 3)) if input_heads else int(rng.integers(1, 70))
+    case = valid_layer(rng)
+    while case["scales"] is not None:  # head layouts are the float op's
+        case = valid_layer(rng)
+    block_rows, block_cols = math.ceil(n / bh), math.ceil(k / bw)
+    keep = rng.random((block_rows, block_cols)) < rng.choice([0.0, 0.5, 1.0])
+    case.update(n=n, k=k, block_shape=[bh, bw], row_ptr=np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64),
+                col_idx=np.nonzero(keep)[1].astype(np.int64),
+                values=rng.standard_normal((int(keep.sum()), bh, bw)).astype(np.float32),
+                bias=rng.standard_normal(n).astype(np.float32) if case["bias"] is not None else None,
+                input_heads=input_heads, output_heads=output_heads)
+    if output_heads:
+        case.update(activation=None, residual=False)
+    return case
 
 
 def _poke(rng, array):
@@ -154,6 +208,12 @@ MUTATIONS = [
     lambda rng, c: c.update(scales=c["scales"][None] if c["scales"] is not None else None),
     lambda rng, c: c.update(values=np.clip(np.nan_to_num(c["values"], posinf=0, neginf=0), -128, 127)
                             .astype(np.float32 if c["scales"] is not None else np.int8)),
+    # head layouts: counts that do not divide, negative or huge; X of another rank; an epilogue on q, k, v
+    lambda rng, c: c.update(input_heads=int(rng.choice([-1, 0, 2, 3, 5, 2**40]))),
+    lambda rng, c: c.update(output_heads=int(rng.choice([-1, 0, 2, 3, 5, 2**40]))),
+    lambda rng, c: c.update(x=c["x"].reshape(-1, c["x"].shape[-1])),
+    lambda rng, c: c.update(x=c["x"][None]),
+    lambda rng, c: c.update(activation="relu"),
 ]
 
 
@@ -171,9 +231,10 @@ def build_model(case, as_inputs: bool) -> tuple[onnx.ModelProto, dict]:
         names.pop()
     tensors = {name: case[name] for name in names[1:] if name and name != "residual"}
     attributes = {"activation": case["activation"]} if case["activation"] is not None else {}
+    attributes.update({name: case[name] for name in ("input_heads", "output_heads") if case[name]})
     node = helper.make_node("BlockSparseLinearInt8" if int8 else "BlockSparseLinear", names, ["Y"], domain="ai.lpvit",
                             block_shape=[int(v) for v in case["block_shape"]], N=case["n"], K=case["k"], **attributes)
-    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", case["x"].shape[1]])
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, None)
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     feeds = {"X": case["x"]}
     inputs = [x]
@@ -193,15 +254,18 @@ def build_model(case, as_inputs: bool) -> tuple[onnx.ModelProto, dict]:
 def run_case(seed: int, options: ort.SessionOptions) -> str:
     """'rejected' or 'computed'; raises AssertionError when the op's behaviour breaks the contract."""
     rng = np.random.default_rng(seed)
-    case = valid_layer(rng)
-    case["x"] = rng.standard_normal((int(rng.integers(1, 9)), case["k"])).astype(np.float32)
-    case["residual"] = rng.standard_normal((len(case["x"]), case["n"])).astype(np.float32) if case["residual"] \
-        else None
+    case = head_major_layer(rng) if rng.random() < 0.25 else valid_layer(rng)
+    batch, tokens, heads = int(rng.integers(1, 4)), int(rng.integers(1, 6)), case["input_heads"]
+    shape = (batch, heads, tokens, case["k"] // heads) if heads else (batch, tokens, case["k"]) \
+        if case["output_heads"] else (int(rng.integers(1, 9)), case["k"])
+    case["x"] = rng.standard_normal(shape).astype(np.float32)
+    rows = (batch, tokens) if heads else shape[:-1]
+    case["residual"] = rng.standard_normal((*rows, case["n"])).astype(np.float32) if case["residual"] else None
     for _ in range(int(rng.integers(0, 4))):
         MUTATIONS[int(rng.integers(len(MUTATIONS)))](rng, case)
     expected = expected_output(case["n"], case["k"], case["block_shape"], case["row_ptr"], case["col_idx"],
                                case["values"], case["bias"], case["x"], case["activation"], case["residual"],
-                               case["scales"])
+                               case["scales"], case["input_heads"], case["output_heads"])
     model, feeds = build_model(case, as_inputs=bool(rng.integers(2)))
     try:
         got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]) \

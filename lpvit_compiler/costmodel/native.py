@@ -33,7 +33,7 @@ from ..runtime.kernels import kernel_int8_isa, kernel_isa
 from ..runtime.sessions import default_threads, ort_session
 from ..tools.timing import interleaved
 from ..blocks import BlockGrid
-from ..lowering.onnx_export import dense_layer_model, single_layer_model
+from ..lowering.layer_models import dense_layer_model, single_layer_model
 from .profiles import HardwareProfile, this_cpu
 from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 

@@ -27,12 +27,12 @@ import torch
 from torch import fx
 
 from ..errors import LpvitError
-from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8, DenseEpilogueLinear, linear_from
+from ..runtime.modules import BlockSparseLinear, DenseEpilogueLinear, linear_from
+from .attention_layout import head_major_attention as head_major_layout
+from .layer_models import DOMAIN, OPSET
 
-DOMAIN = "ai.lpvit"
 ORT_CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's own contrib ops, which the lpvit target may use too
 DATA_CONFIG_KEY = "lpvit.data_config"  # ONNX metadata: the preprocessing the model expects (timm data config)
-OPSET = 18
 TARGETS = ("lpvit", "portable")
 
 
@@ -47,6 +47,9 @@ def _register_schema() -> None:
                   schema.Attribute("activation", onnx.helper.make_attribute("activation", "none"),
                                    "fused epilogue applied before the residual add: none | relu | gelu (erf form) | "
                                    "gelu_tanh; absent means none")]
+    heads = [schema.Attribute(name, onnx.helper.make_attribute(name, 0), doc) for name, doc in (
+        ("input_heads", "H > 0: X is head-major [B, H, T, K/H] (an attention's output); 0 or absent: [..., K]"),
+        ("output_heads", "H > 0: Y is head-major [B, H, T, N/H] (q, k or v), X [B, T, K]; 0 or absent: [..., N]"))]
     index = [parameter("X", "T"), parameter("row_ptr", "tensor(int64)"), parameter("col_idx", "tensor(int64)")]
     epilogue = [parameter("bias", "T", param_option=optional), parameter("residual", "T", param_option=optional)]
     ops = {
@@ -63,13 +66,14 @@ def _register_schema() -> None:
             onnx.defs.register_schema(schema(name, DOMAIN, 1, doc=doc, inputs=index + weights + epilogue,
                                              outputs=[parameter("Y", "T")],
                                              type_constraints=[("T", ["tensor(float)"], "fp32")],
-                                             attributes=attributes))
+                                             attributes=attributes + (heads if name == "BlockSparseLinear" else [])))
 
 
 def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0,
-                        activation: str = "none", residual=None):
+                        activation: str = "none", residual=None, input_heads: int = 0, output_heads: int = 0):
+    heads = {name: value for name, value in (("input_heads", input_heads), ("output_heads", output_heads)) if value}
     return _lpvit_node("BlockSparseLinear", (x, row_ptr, col_idx, values, bias), values, out_features, in_features,
-                       activation, residual)
+                       activation, residual, **heads)
 
 
 def _bsr_linear_int8_to_onnx(x, row_ptr, col_idx, values, scales, bias=None, out_features: int = 0,
@@ -78,14 +82,15 @@ def _bsr_linear_int8_to_onnx(x, row_ptr, col_idx, values, scales, bias=None, out
                        in_features, activation, residual)
 
 
-def _lpvit_node(op: str, inputs: tuple, values, out_features: int, in_features: int, activation: str, residual):
+def _lpvit_node(op: str, inputs: tuple, values, out_features: int, in_features: int, activation: str, residual,
+                **heads):
     import onnxscript
 
     lpvit_opset = onnxscript.values.Opset(DOMAIN, 1)
     attributes = {"activation": activation} if activation != "none" else {}  # unfused nodes stay as before
     inputs = inputs + ((residual,) if residual is not None else ())
     return getattr(lpvit_opset, op)(*inputs, block_shape=[int(values.shape[1]), int(values.shape[2])],
-                                    N=out_features, K=in_features, **attributes)
+                                    N=out_features, K=in_features, **attributes, **heads)
 
 
 def _gelu_to_ort(x, approximate: str = "none"):
@@ -118,12 +123,18 @@ def _densified(gm: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_onnx(gm: fx.GraphModule, example: torch.Tensor, path, target: str = "lpvit",
-                metadata: dict[str, str] | None = None) -> Path:
-    """Write ``gm`` as ONNX to ``path`` (``metadata`` into the model's metadata_props); returns the path."""
+                metadata: dict[str, str] | None = None, head_major_attention: bool = True) -> Path:
+    """Write ``gm`` as ONNX to ``path`` (``metadata`` into the model's metadata_props); returns the path. For the
+    lpvit target, ``head_major_attention`` lowers each attention's layers to read and write head-major tensors
+    (attention_layout.py: no Transposes or Split around the attention)."""
     if target not in TARGETS:
         raise LpvitError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     _register_schema()
-    model = gm if target == "lpvit" else _densified(gm)
+    if target == "portable":
+        model = _densified(gm)
+    else:
+        rewrite = head_major_attention and isinstance(gm, fx.GraphModule)  # a plain nn.Module: nothing compiled
+        model = head_major_layout(gm, example)[0] if rewrite else gm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter narrates each of its steps as warnings
         program = torch.onnx.export(
@@ -161,50 +172,3 @@ def _clean(proto: onnx.ModelProto) -> onnx.ModelProto:
     del cleaned.opset_import[:]
     cleaned.opset_import.extend(proto.opset_import)
     return cleaned
-
-
-def _layer_model(nodes, tensors: dict, in_features: int, out_features: int, custom_op: bool) -> onnx.ModelProto:
-    from onnx import TensorProto, helper, numpy_helper
-
-    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", in_features])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", out_features])
-    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, 1)] if custom_op else [])
-    initializers = [numpy_helper.from_array(t.detach().numpy(), name) for name, t in tensors.items()]
-    return helper.make_model(helper.make_graph(nodes, "layer", [x], [y], initializers), opset_imports=opsets)
-
-
-def dense_layer_model(weight: torch.Tensor, bias: torch.Tensor | None = None) -> onnx.ModelProto:
-    """``Y [M, N] = X [M, K] @ weight.T + bias`` as MatMul + Add, the way exported dense linears run."""
-    from onnx import helper
-
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
-    nodes = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "bias"], ["Y"])]
-    return _layer_model(nodes, {"W": weight.T.contiguous(), "bias": bias}, weight.shape[1], weight.shape[0], False)
-
-
-def single_layer_model(layer: BlockSparseLinear, dense: bool = False, residual: bool = False) -> onnx.ModelProto:
-    """One layer as an ONNX model, input ``X`` [M, K] -> ``Y`` [M, N]: the ai.lpvit op on the layer's BSR
-    buffers (BlockSparseLinearInt8 for an int8 layer; its ``activation`` attribute set unless "none";
-    ``residual=True`` adds a graph input ``R`` [M, N] fed to the op's residual), or (``dense=True``) MatMul + Add
-    on the same (dequantised) weights densified, without epilogue. For kernel tests and benchmarks."""
-    from onnx import TensorProto, helper
-
-    if dense:
-        return dense_layer_model(layer.to_dense(), layer.bias)
-    int8 = isinstance(layer, BlockSparseLinearInt8)
-    names = ["X", "row_ptr", "col_idx", "values", *(["scales"] if int8 else []),
-             "bias" if layer.bias is not None else "", "R" if residual else ""]
-    while not names[-1]:  # absent optional inputs at the end are left out, in the middle named ""
-        names.pop()
-    attributes = {"activation": layer.activation} if layer.activation != "none" else {}
-    nodes = [helper.make_node("BlockSparseLinearInt8" if int8 else "BlockSparseLinear", names, ["Y"], domain=DOMAIN,
-                              block_shape=list(layer.block_shape), N=layer.out_features, K=layer.in_features,
-                              **attributes)]
-    tensors = {"row_ptr": layer.row_ptr, "col_idx": layer.col_idx, "values": layer.values,
-               **({"scales": layer.scales} if int8 else {})}
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias
-    model = _layer_model(nodes, tensors, layer.in_features, layer.out_features, True)
-    if residual:
-        model.graph.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, ["M", layer.out_features]))
-    return model

@@ -25,7 +25,8 @@ class BlockSparseLinear(nn.Module):
     (W's [out, in] orientation, edge blocks zero-padded), ``bias`` [out_features] or None.
     ``activation``: the fused epilogue, one of ``ops.ACTIVATIONS`` ("none" unless the fuse_epilogues pass set it).
     Input x [..., in_features] and optional residual [..., out_features] -> output [..., out_features], via
-    ``torch.ops.lpvit.bsr_linear``.
+    ``torch.ops.lpvit.bsr_linear``. ``input_heads`` / ``output_heads`` (0 unless the ONNX lowering's attention
+    layout set them): x is head-major [B, H, T, in/H], or the output is [B, H, T, out/H] (ops.from_heads, to_heads).
     """
 
     def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -36,6 +37,7 @@ class BlockSparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
+        self.input_heads = self.output_heads = 0
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_idx", col_idx)
         self.register_buffer("values", values)
@@ -74,12 +76,15 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.lpvit.bsr_linear(x, self.row_ptr, self.col_idx, self.values, self.bias,
-                                          self.out_features, self.in_features, self.activation, residual)
+                                          self.out_features, self.in_features, self.activation, residual,
+                                          self.input_heads, self.output_heads)
 
     def extra_repr(self) -> str:
         bh, bw = self.block_shape
+        heads = "".join(f", {name}={getattr(self, name)}" for name in ("input_heads", "output_heads")
+                        if getattr(self, name))
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_shape=({bh}, {bw}), "
-                f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}, activation={self.activation}")
+                f"nnz_blocks={self.nnz_blocks}, bias={self.bias is not None}, activation={self.activation}{heads}")
 
 
 class BlockSparseLinearInt8(BlockSparseLinear):

@@ -8,6 +8,10 @@ kernels plug in behind.
       activation                        one of ACTIVATIONS (the fused epilogue; "none" by default)
       residual                          Y's shape, or None
 
+``bsr_linear`` also reads and writes the head-major layout of an attention (:func:`from_heads`, :func:`to_heads`):
+``input_heads`` = H takes X as [B, H, T, K/H], ``output_heads`` = H gives Y as [B, H, T, N/H] (no activation, no
+residual), so q, k, v and the input of ``proj`` need no transposes in onnxruntime; 0 (the default) is row-major.
+
 ``bsr_linear_int8`` takes int8 ``values`` and ``scales`` [N] float32 (W = scales[n] * values) and quantizes
 each row of X to int8 with its own scale at run time (:func:`quantize_rows`); the products are summed exactly
 in integers, then dequantised: Y[m, n] = activation(s_m * scales[n] * (xq_m . values_n) + bias[n]) + residual.
@@ -97,6 +101,33 @@ def check_epilogue(activation: str, residual: Optional[Tensor], output_shape: tu
                                          f"{list(output_shape)}")
 
 
+def from_heads(x: Tensor, heads: int) -> Tensor:
+    """Head-major [B, H, T, D] as the row-major [B, T, H * D] it stands for (``heads`` = 0: x unchanged)."""
+    return x if heads == 0 else x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * x.shape[3])
+
+
+def to_heads(y: Tensor, heads: int) -> Tensor:
+    """Row-major [B, T, N] as head-major [B, heads, T, N / heads], contiguous (``heads`` = 0: y unchanged)."""
+    return y if heads == 0 else y.reshape(y.shape[0], y.shape[1], heads, -1).transpose(1, 2).contiguous()
+
+
+def check_heads(x: Tensor, in_features: int, out_features: int, activation: str, residual: Optional[Tensor],
+                input_heads: int, output_heads: int) -> None:
+    """Raise :class:`KernelLibraryError` for head layouts the native op would reject for this X."""
+    def fail(message: str):
+        raise kernels.KernelLibraryError(f"head-major layout: {message}")
+
+    if input_heads < 0 or output_heads < 0:
+        fail(f"input_heads and output_heads must be >= 0, got {input_heads} and {output_heads}")
+    if input_heads and (x.dim() != 4 or x.shape[1] != input_heads or x.shape[3] * input_heads != in_features):
+        fail(f"with input_heads={input_heads}, X must be [B, {input_heads}, T, {in_features // input_heads}], got "
+             f"{list(x.shape)}")
+    if output_heads and (out_features % output_heads or activation != "none" or residual is not None or
+                         (not input_heads and x.dim() != 3)):
+        fail(f"output_heads={output_heads} needs N={out_features} divisible by it, X [B, T, K] and no activation "
+             "or residual")
+
+
 def bsr_linear_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                          out_features: int, in_features: int, activation: str = "none",
                          residual: Optional[Tensor] = None) -> Tensor:
@@ -182,7 +213,9 @@ def _warn_if_unbuilt() -> None:
 @torch.library.custom_op("lpvit::bsr_linear", mutates_args=())
 def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                out_features: int, in_features: int, activation: str = "none",
-               residual: Optional[Tensor] = None) -> Tensor:
+               residual: Optional[Tensor] = None, input_heads: int = 0, output_heads: int = 0) -> Tensor:
+    check_heads(x, in_features, out_features, activation, residual, input_heads, output_heads)
+    x = from_heads(x, input_heads)  # torch runs the row-major kernel: the same products in the same order
     check_epilogue(activation, residual, (*x.shape[:-1], out_features))
     y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
                                   residual)
@@ -190,10 +223,13 @@ def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias
         _warn_if_unbuilt()
         y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
                                  residual)
-    return y
+    return to_heads(y, output_heads)
 
 
 @bsr_linear.register_fake
 def _bsr_linear_fake(x, row_ptr, col_idx, values, bias, out_features, in_features, activation="none",
-                     residual=None):
-    return x.new_empty((*x.shape[:-1], out_features))
+                     residual=None, input_heads=0, output_heads=0):
+    shape = (x.shape[0], x.shape[2], out_features) if input_heads else (*x.shape[:-1], out_features)
+    if output_heads:
+        shape = (shape[0], output_heads, shape[1], out_features // output_heads)
+    return x.new_empty(shape)

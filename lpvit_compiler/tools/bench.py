@@ -79,7 +79,7 @@ def measure_layers(compiled, threads: int | None = None, repeats: int = 5, progr
 
     import torch
 
-    from ..lowering.onnx_export import dense_layer_model, single_layer_model
+    from ..lowering.layer_models import dense_layer_model, single_layer_model
     from ..report import LayerMeasurement
     from ..runtime.modules import BlockSparseLinear
 
