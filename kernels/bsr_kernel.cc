@@ -176,8 +176,8 @@ std::unique_ptr<BsrWeights> BsrWeights::create(int64_t n, int64_t k, int64_t bh,
   return w;
 }
 
-std::string BsrWeights::check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const {
-  const BsrIndex& ix = index_;
+std::string BsrIndex::check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const {
+  const BsrIndex& ix = *this;
   if (x_heads < 0 || y_heads < 0)
     return "input_heads and output_heads must be >= 0, got " + std::to_string(x_heads) + " and " +
            std::to_string(y_heads);
@@ -284,7 +284,7 @@ std::unique_ptr<BsrInt8Weights> BsrInt8Weights::create(int64_t n, int64_t k, int
 }
 
 void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for,
-                         Activation activation, const float* residual) const {
+                         Activation activation, const float* residual, const HeadLayout& layout) const {
   if (m <= 0) return;
   const BsrIndex& ix = index_;
   const bool quads = packing_ == Int8Packing::kQuads;
@@ -299,20 +299,23 @@ void BsrInt8Weights::run(const float* x, int64_t m, float* y, const ParallelFor&
   const int64_t chunks = (m + kRowTile - 1) / kRowTile;  // kRowTile is a multiple of every tile's rows
   parallel_allocating(parallel_for, static_cast<size_t>(chunks), [&](size_t chunk) {
     const int64_t m0 = static_cast<int64_t>(chunk) * kRowTile, m1 = std::min(m, m0 + kRowTile);
+    std::vector<float> gathered(layout.x_heads > 0 ? static_cast<size_t>(ix.k) : 0);  // a head-major row
     if (quads) {
       std::vector<uint8_t> row(static_cast<size_t>(ix.k));
-      quantize_rows_avx512_vnni(x, m0, m1, ix.k, ix.bw, xq_u8.data(), x_scale.data(), row.data());
+      quantize_rows_avx512_vnni(x, m0, m1, ix.k, ix.bw, xq_u8.data(), x_scale.data(), row.data(), layout,
+                                gathered.data());
     } else {
       std::vector<int16_t> row(static_cast<size_t>(ix.k));
       (isa_ == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows_scalar)(x, m0, m1, ix.k, ix.bw, xq_s16.data(),
-                                                                       x_scale.data(), row.data());
+                                                                       x_scale.data(), row.data(), layout,
+                                                                       gathered.data());
     }
   });
   const int64_t panel = quads && ix.bh_padded % kWidePanel == 0 ? kWidePanel : kPanel;
   const Int8TileJob job{xq_u8.data(), xq_s16.data(), x_scale.data(), y, m, ix.n, ix.k, ix.bh, ix.bw,
                         ix.bh_padded, panel, ix.block_cols, tile_stride, block_stride_, ix.row_ptr.data(),
                         ix.col_idx.data(), quads_.data(), pairs_.data(), scales_.data(), correction_.data(),
-                        ix.bias.data(), residual, activation};
+                        ix.bias.data(), residual, activation, layout};
   void (*task_fn)(const Int8TileJob&, int64_t, int64_t, int64_t, int64_t) =
       isa_ == Isa::kAvx512 ? run_int8_task_avx512_vnni : isa_ == Isa::kAvx2 ? run_int8_task_avx2
                                                                             : run_int8_task_scalar;

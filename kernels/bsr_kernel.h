@@ -44,6 +44,11 @@ struct BsrIndex {
   // Copies a validated structure.
   static BsrIndex copy(int64_t n, int64_t k, int64_t bh, int64_t bw, const int64_t* row_ptr, const int64_t* col_idx,
                        int64_t nnz_blocks, const float* bias);
+  // "" when weights of this structure can read X and write Y in head-major layouts of x_heads and y_heads heads
+  // (0: row-major): K = x_heads * D with D a multiple of the block width (a block column then lies within one
+  // head); N = y_heads * D with D a multiple of the block height, and Y plain (no activation or residual: the
+  // attention's q, k, v).
+  std::string check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const;
   // Runs task(m0, m1, block_row, panel) over every row tile x block row x panel of `panel` outputs.
   void for_each_task(int64_t m, int64_t panel, const ParallelFor& parallel_for,
                      const std::function<void(int64_t, int64_t, int64_t, int64_t)>& task) const;
@@ -64,14 +69,13 @@ class BsrWeights {
                                             const float* bias, int64_t bias_len, std::string* error);
 
   // y [m, n] = activation(x [m, k] * W^T + bias) + residual [m, n] (residual may be nullptr), X and Y in
-  // `layout` (tile_job.h; check_layout must have accepted it).
+  // `layout` (tile_job.h; BsrIndex::check_heads must have accepted it).
   void run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for, Isa isa,
            Activation activation = Activation::kNone, const float* residual = nullptr,
            const HeadLayout& layout = {}) const;
-  // "" when these weights can read X and write Y in head-major layouts of x_heads and y_heads heads (0: none):
-  // K = x_heads * D with D a multiple of the block width (a block column then lies within one head); N = y_heads
-  // * D with D a multiple of the block height, and Y plain (no activation or residual: the attention's q, k, v).
-  std::string check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const;
+  std::string check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const {
+    return index_.check_heads(x_heads, y_heads, activation);
+  }
 
   int64_t n() const { return index_.n; }
   int64_t k() const { return index_.k; }
@@ -98,7 +102,11 @@ class BsrInt8Weights {
                                                 int64_t bias_len, Isa isa, std::string* error);
 
   void run(const float* x, int64_t m, float* y, const ParallelFor& parallel_for,
-           Activation activation = Activation::kNone, const float* residual = nullptr) const;
+           Activation activation = Activation::kNone, const float* residual = nullptr,
+           const HeadLayout& layout = {}) const;
+  std::string check_heads(int64_t x_heads, int64_t y_heads, Activation activation) const {
+    return index_.check_heads(x_heads, y_heads, activation);
+  }
 
   int64_t n() const { return index_.n; }
   int64_t k() const { return index_.k; }

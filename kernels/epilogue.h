@@ -122,5 +122,29 @@ inline void write_back(Activation activation, float* tile, int rows, int64_t wid
     write_back_width<PANEL, 0>(activation, tile, rows, width, bias, residual, y, row_stride);
 }
 
+// Offset of row m, column j in a [m, width] tensor of `heads` heads (tile_job.h's HeadLayout; 0: row-major).
+inline int64_t element_offset(int64_t heads, int64_t tokens, int64_t width, int64_t m, int64_t j) {
+  if (heads == 0) return m * width + j;
+  const int64_t depth = width / heads;
+  return ((m / tokens * heads + j / depth) * tokens + m % tokens) * depth + j % depth;
+}
+
+// Rows [m, m + rows) of one output panel (columns out0 .. out0 + width) into Y in `layout`: one write_back of
+// the tile (rows `n` apart) when Y is row-major, else row by row into the heads (a block row lies within one
+// head: its height divides the head's width). Y head-major has no residual (check_heads).
+template <int64_t PANEL>
+inline void write_back_rows(const HeadLayout& layout, Activation activation, float* tile, int rows, int64_t width,
+                            const float* bias, const float* residual, float* y, int64_t m, int64_t out0,
+                            int64_t n) {
+  if (layout.y_heads == 0) {
+    const int64_t offset = m * n + out0;
+    write_back<PANEL>(activation, tile, rows, width, bias, residual ? residual + offset : nullptr, y + offset, n);
+    return;
+  }
+  for (int r = 0; r < rows; ++r)
+    write_back<PANEL>(activation, tile + r * PANEL, 1, width, bias, nullptr,
+                      y + element_offset(layout.y_heads, layout.tokens, n, m + r, out0), 0);
+}
+
 }  // namespace
 }  // namespace lpvit

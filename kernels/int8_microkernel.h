@@ -53,15 +53,24 @@ inline void quantize_rows(const float* x, int64_t rows, int64_t k, Q* q, int64_t
 }
 
 // Quantizes rows [m0, m1) of x [m, k] (the layout's tile rows a divisor of m0) into `packed` (tile_job.h's
-// layout, values + OFFSET) and their scales; `row` is scratch for K values.
+// layout, values + OFFSET) and their scales; `row` is scratch for K values, `gathered` for K floats: a row of
+// head-major X (layout.x_heads > 0) is gathered there from its heads first.
 template <typename Q, int ROWS, int DEPTH, int OFFSET>
 inline void quantize_tiles(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, Q* packed,
-                           float* scales, Q* row) {
+                           float* scales, Q* row, const HeadLayout& layout, float* gathered) {
+  const int64_t heads = layout.x_heads, depth = heads > 0 ? k / heads : 0;
   const int64_t groups = (bw + DEPTH - 1) / DEPTH;
   const int64_t block_cols = (k + bw - 1) / bw;
   const int64_t block_col_stride = groups * ROWS * DEPTH;
   for (int64_t m = m0; m < m1; ++m) {
-    quantize_rows<Q, OFFSET>(x + m * k, 1, k, row, k, scales + m);
+    const float* values = x + m * k;
+    if (heads > 0) {
+      for (int64_t h = 0; h < heads; ++h)
+        __builtin_memcpy(gathered + h * depth, x + element_offset(heads, layout.tokens, k, m, h * depth),
+                         depth * sizeof(float));
+      values = gathered;
+    }
+    quantize_rows<Q, OFFSET>(values, 1, k, row, k, scales + m);
     Q* tile = packed + (m / ROWS) * block_cols * block_col_stride + (m % ROWS) * DEPTH;
     for (int64_t c = 0; c < block_cols; ++c) {
       const int64_t width = imin(bw, k - c * bw);
@@ -126,9 +135,8 @@ inline void run_int8_task(const Int8TileJob& job, int64_t m0, int64_t m1, int64_
         out[r][i] = static_cast<float>(acc[r][i] - correction[i]) * (sx * w_scale[i]);
       for (int64_t i = width; i < PANEL; ++i) out[r][i] = 0.0f;
     }
-    const int64_t offset = m * job.n + out0;
-    write_back<PANEL>(job.activation, &out[0][0], rows, width, job.bias + out0,
-               job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
+    write_back_rows<PANEL>(job.layout, job.activation, &out[0][0], rows, width, job.bias + out0, job.residual, job.y,
+                           m, out0, job.n);
   }
 }
 

@@ -47,8 +47,9 @@ void run_task_avx2(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_
 }
 
 void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
-                        float* scales, int16_t* row) {
-  quantize_tiles<int16_t, kInt8RowsAvx2, 2, 0>(x, m0, m1, k, bw, packed, scales, row);
+                        float* scales, int16_t* row, const HeadLayout& layout, float* gathered) {
+  quantize_tiles<int16_t, kInt8RowsAvx2, 2, 0>(x, m0, m1, k, bw, packed, scales, row, layout,
+                                               gathered);
 }
 
 void run_int8_task_avx2(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {

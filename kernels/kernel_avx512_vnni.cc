@@ -31,8 +31,9 @@ struct Avx512Quads {
 }  // namespace
 
 void quantize_rows_avx512_vnni(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, uint8_t* packed,
-                               float* scales, uint8_t* row) {
-  quantize_tiles<uint8_t, kInt8RowsAvx512, 4, 128>(x, m0, m1, k, bw, packed, scales, row);
+                               float* scales, uint8_t* row, const HeadLayout& layout, float* gathered) {
+  quantize_tiles<uint8_t, kInt8RowsAvx512, 4, 128>(x, m0, m1, k, bw, packed, scales, row, layout,
+                                                   gathered);
 }
 
 void run_int8_task_avx512_vnni(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {

@@ -38,8 +38,9 @@ void run_task_scalar(const TileJob& job, float* xp, int64_t m0, int64_t m1, int6
 }
 
 void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
-                          float* scales, int16_t* row) {
-  quantize_tiles<int16_t, kInt8RowsScalar, 2, 0>(x, m0, m1, k, bw, packed, scales, row);
+                          float* scales, int16_t* row, const HeadLayout& layout, float* gathered) {
+  quantize_tiles<int16_t, kInt8RowsScalar, 2, 0>(x, m0, m1, k, bw, packed, scales, row, layout,
+                                                 gathered);
 }
 
 void run_int8_task_scalar(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel) {

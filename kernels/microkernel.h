@@ -27,13 +27,6 @@ namespace {
 
 constexpr int64_t min2(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Offset of row m, column j in a [m, width] tensor of `heads` heads (tile_job.h's HeadLayout; 0: row-major).
-inline int64_t element_offset(int64_t heads, int64_t tokens, int64_t width, int64_t m, int64_t j) {
-  if (heads == 0) return m * width + j;
-  const int64_t depth = width / heads;
-  return ((m / tokens * heads + j / depth) * tokens + m % tokens) * depth + j % depth;
-}
-
 // Rows [m0, m1) of X [m, k] into xp in the layout above (ROWS rows per tile). BW: the block width as a constant
 // (each block's row is then one fixed-size copy: with a run-time size the compiler emitted `rep movsq`, whose
 // start-up cost was a sixth of the kernel's time at 25% density), or 0 for the run-time width bw. Head-major X
@@ -125,16 +118,8 @@ inline void run_rows(const TileJob& job, float* xp, int64_t m0, int64_t m1, int6
           panel_tile<V, ROWS, ROWS, PANEL, BW>(job, xt, cols, blocks, packed, out);
         else
           panel_tail<V, ROWS, ROWS - 1, PANEL>(job, rows, xt, cols, blocks, packed, out);
-        const int64_t heads = job.layout.y_heads;
-        if (heads == 0) {
-          const int64_t offset = m * job.n + out0;
-          write_back<PANEL>(job.activation, &out[0][0], rows, width, job.bias + out0,
-                            job.residual ? job.residual + offset : nullptr, job.y + offset, job.n);
-        } else {  // row by row into the heads; a block row lies within one head (its height divides the head's)
-          for (int r = 0; r < rows; ++r)
-            write_back<PANEL>(job.activation, &out[r][0], 1, width, job.bias + out0, nullptr,
-                              job.y + element_offset(heads, job.layout.tokens, job.n, m + r, out0), 0);
-        }
+        write_back_rows<PANEL>(job.layout, job.activation, &out[0][0], rows, width, job.bias + out0, job.residual,
+                               job.y, m, out0, job.n);
       }
     }
   }

@@ -7,8 +7,8 @@
 //   (bsr_kernel.h states the arithmetic); inputs X, row_ptr, col_idx, values (int8), scales [N] float, bias,
 //   residual
 // Attributes of both: block_shape = [bh, bw], N, K; activation = "none" (default, also when absent: models
-// written before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh".
-// BlockSparseLinear only, both optional (absent or 0: row-major X [..., K] and Y [..., N]):
+// written before the attribute existed run unchanged) | "relu" | "gelu" (erf form) | "gelu_tanh";
+// and, both optional (absent or 0: row-major X [..., K] and Y [..., N]):
 //   input_heads = H:  X is head-major [B, H, T, K/H] (an attention's output as its last matmul writes it);
 //                     Y [B, T, N], row b*T + t reading X[b, :, t, :] as its K columns
 //   output_heads = H: Y is head-major [B, H, T, N/H] (q, k or v as the attention's matmuls read them), from X
@@ -91,9 +91,6 @@ struct FloatFormat {
                   lpvit::Activation act, const float* residual, const lpvit::HeadLayout& layout) {
     w.run(x, m, y, pf, isa, act, residual, layout);
   }
-  static std::string check_heads(const Weights& w, const Attributes& a) {
-    return w.check_heads(a.input_heads, a.output_heads, a.activation);
-  }
 };
 
 // The int8 op: values int8 and one float scale per output channel.
@@ -110,11 +107,8 @@ struct Int8Format {
                            w.has_bias ? w.bias.data : nullptr, w.has_bias ? w.bias.size : 0, isa, error);
   }
   static void run(const Weights& w, const float* x, int64_t m, float* y, const lpvit::ParallelFor& pf, lpvit::Isa,
-                  lpvit::Activation act, const float* residual, const lpvit::HeadLayout&) {
-    w.run(x, m, y, pf, act, residual);
-  }
-  static std::string check_heads(const Weights&, const Attributes& a) {
-    return a.input_heads != 0 || a.output_heads != 0 ? "takes no input_heads or output_heads (float op only)" : "";
+                  lpvit::Activation act, const float* residual, const lpvit::HeadLayout& layout) {
+    w.run(x, m, y, pf, act, residual, layout);
   }
 };
 
@@ -140,7 +134,7 @@ std::unique_ptr<typename Format::Weights> pack(const Attributes& a, const Weight
     return nullptr;
   }
   auto weights = Format::create(a, w, isa, error);
-  if (weights) *error = Format::check_heads(*weights, a);
+  if (weights) *error = weights->check_heads(a.input_heads, a.output_heads, a.activation);
   return error->empty() ? std::move(weights) : nullptr;
 }
 

@@ -68,6 +68,7 @@ struct Int8TileJob {
   const float* bias;        // [n]
   const float* residual;    // [m, n] or nullptr
   Activation activation;
+  HeadLayout layout;        // as TileJob's
 };
 
 // One entry per ISA translation unit: packs rows [m0, m1) of X into xp (microkernel.h's layout, rows padded to
@@ -77,13 +78,14 @@ void run_task_scalar(const TileJob& job, float* xp, int64_t m0, int64_t m1, int6
 void run_task_avx2(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1);
 void run_task_avx512(const TileJob& job, float* xp, int64_t m0, int64_t m1, int64_t row0, int64_t row1);
 // Rows [m0, m1) of X quantized for the int8 kernel (BsrInt8Weights states the rule) by each ISA's code, into the
-// packed tiles (m0 a multiple of the tile rows; kQuads: + 128) and scales [m]; `row` is scratch for K values.
+// packed tiles (m0 a multiple of the tile rows; kQuads: + 128) and scales [m]; `row` is scratch for K values,
+// `gathered` for K floats (used where X is head-major).
 void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
-                          float* scales, int16_t* row);
+                          float* scales, int16_t* row, const HeadLayout& layout, float* gathered);
 void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, int16_t* packed,
-                        float* scales, int16_t* row);
+                        float* scales, int16_t* row, const HeadLayout& layout, float* gathered);
 void quantize_rows_avx512_vnni(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t bw, uint8_t* packed,
-                               float* scales, uint8_t* row);
+                               float* scales, uint8_t* row, const HeadLayout& layout, float* gathered);
 void run_int8_task_scalar(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_int8_task_avx2(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);
 void run_int8_task_avx512_vnni(const Int8TileJob& job, int64_t m0, int64_t m1, int64_t block_row, int64_t panel);

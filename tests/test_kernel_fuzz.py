@@ -2,8 +2,8 @@
 
 Each case starts from a valid random layer — float (``BlockSparseLinear``) or int8 (``BlockSparseLinearInt8``:
 int8 ``values`` and float ``scales``) — with or without a fused epilogue (``activation`` attribute,
-``residual`` input, the bias slot left empty as ``""`` before a residual), some float ones reading or writing a
-head-major layout (``input_heads`` / ``output_heads``), applies a few mutations (lengths and
+``residual`` input, the bias slot left empty as ``""`` before a residual), some reading or writing a head-major
+layout (``input_heads`` / ``output_heads``), applies a few mutations (lengths and
 contents of ``row_ptr``, ``col_idx``, ``values``, ``bias`` and ``residual``, the attributes, dtypes) and feeds
 the weights as initializers or as graph inputs. The oracle is an independent numpy statement of the op's
 contract: where it says the inputs are malformed, onnxruntime must return an error; where it says they are
@@ -54,7 +54,7 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
     return an error). ``activation`` None means the attribute is absent; ``scales`` given: the int8 op; head
     layouts as ``ops.bsr_linear`` states them."""
     int8 = scales is not None
-    heads = _head_layouts(n, k, block_shape, x, activation, residual, int8, input_heads, output_heads)
+    heads = _head_layouts(n, k, block_shape, x, activation, residual, input_heads, output_heads)
     if heads is None:
         return None
     rows, reshape_output = heads
@@ -101,13 +101,13 @@ def expected_output(n, k, block_shape, row_ptr, col_idx, values, bias, x, activa
         return reshape_output(y + residual if residual is not None else y)
 
 
-def _head_layouts(n, k, block_shape, x, activation, residual, int8, input_heads, output_heads):
+def _head_layouts(n, k, block_shape, x, activation, residual, input_heads, output_heads):
     """(X as the rows the op multiplies, Y's row-major -> its layout), or None where the layouts break the op's
     contract: H >= 0; input_heads H: X [B, H, T, K/H], K/H a multiple of bw; output_heads H: N/H a multiple of bh,
-    X [B, T, K] (or head-major), no activation, no residual; int8: no head layout at all."""
+    X [B, T, K] (or head-major), no activation, no residual."""
     if not (input_heads or output_heads):
         return x, lambda y: y
-    if int8 or input_heads < 0 or output_heads < 0 or not (isinstance(block_shape, list) and len(block_shape) == 2):
+    if input_heads < 0 or output_heads < 0 or not (isinstance(block_shape, list) and len(block_shape) == 2):
         return None
     bh, bw = block_shape
     if bh < 1 or bw < 1:
@@ -143,20 +143,21 @@ def valid_layer(rng):
 
 
 def head_major_layer(rng):
-    """A valid float layer of an attention: q, k or v (output_heads) or proj (input_heads), or both."""
+    """A valid layer (float or int8) of an attention: q, k or v (output_heads) or proj (input_heads), or both."""
     bh, bw = BLOCKS[rng.integers(len(BLOCKS))]
     layouts = [(0, int(rng.integers(1, 4))), (int(rng.integers(1, 4)), 0), (int(rng.integers(1, 4)),) * 2]
     input_heads, output_heads = layouts[int(rng.integers(3))]
     n = (output_heads or 1) * bh * int(rng.integers(1, 3)) if output_heads else int(rng.integers(1, 70))
     k = input_heads * bw * int(rng.integers(1, 3)) if input_heads else int(rng.integers(1, 70))
     case = valid_layer(rng)
-    while case["scales"] is not None:  # head layouts are the float op's
-        case = valid_layer(rng)
     block_rows, block_cols = math.ceil(n / bh), math.ceil(k / bw)
     keep = rng.random((block_rows, block_cols)) < rng.choice([0.0, 0.5, 1.0])
+    shape, int8 = (int(keep.sum()), bh, bw), case["scales"] is not None
     case.update(n=n, k=k, block_shape=[bh, bw], row_ptr=np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64),
                 col_idx=np.nonzero(keep)[1].astype(np.int64),
-                values=rng.standard_normal((int(keep.sum()), bh, bw)).astype(np.float32),
+                values=rng.integers(-128, 128, shape).astype(np.int8) if int8 else
+                rng.standard_normal(shape).astype(np.float32),
+                scales=(rng.random(n) * 0.02).astype(np.float32) if int8 else None,
                 bias=rng.standard_normal(n).astype(np.float32) if case["bias"] is not None else None,
                 input_heads=input_heads, output_heads=output_heads)
     if output_heads:

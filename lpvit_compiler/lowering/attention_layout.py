@@ -23,9 +23,10 @@ identities on the way from the transpose to proj are passed.) A block-sparse lay
 addresses: its products and sums are the ones it computed before. A layer kept dense (nn.Linear) becomes a
 BlockSparseLinear holding every block, 32 x 32 (16 x 16 where 32 does not divide the head width), and runs on
 the lpvit kernel instead of onnxruntime's GEMM (the same products, summed in another order). A head layout needs
-a block to lie within one head (D divisible by bh for output_heads, by bw for input_heads); other layers, int8
-layers (their kernel quantizes row-major X), q, k, v with a fused epilogue, and graphs whose layers are not
-modules (a loaded .pt2: torch.export inlined them) keep their transposes.
+a block to lie within one head (D divisible by bh for output_heads, by bw for input_heads). int8 layers stay int8:
+q, k and v hold qkv's rows of codes and scales, and each row of X is quantized as before (gathered from its heads
+for proj). Other layers, q, k, v with a fused epilogue, and graphs whose layers are not modules (a loaded .pt2:
+torch.export inlined them) keep their transposes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..frontend.attention import SDPA, UnsupportedModel, expose_probabilities
 from ..frontend.patterns import is_inference_identity
+from ..runtime import ops
 from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 
 _DENSE_BLOCKS = (32, 16)  # block edge of a dense layer given a head layout: the first that divides the head width
@@ -87,12 +89,10 @@ def _swaps_heads_and_tokens(node: fx.Node) -> bool:
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The float linear ``node`` calls (BlockSparseLinear or a dense nn.Linear), else None."""
+    """The linear ``node`` calls (a BlockSparseLinear, float or int8, or a dense nn.Linear), else None."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
-    if isinstance(module, BlockSparseLinearInt8):
-        return None
     return module if isinstance(module, BlockSparseLinear) or type(module) is nn.Linear else None
 
 
@@ -100,9 +100,11 @@ def _with_heads(module: nn.Module, head_width: int, rows: slice | None = None, i
                 output_heads: int = 0) -> BlockSparseLinear | None:
     """``module`` (rows ``rows`` of it) as a BlockSparseLinear with these head layouts, or None where its blocks
     would cross heads."""
-    if isinstance(module, BlockSparseLinear):
-        weight, mask, block = module.to_dense(), module.element_mask(), module.block_shape
-        activation = module.activation
+    int8 = isinstance(module, BlockSparseLinearInt8)
+    if isinstance(module, BlockSparseLinear):  # int8: its integer codes, the scales sliced alongside
+        weight = ops.bsr_to_dense(module.row_ptr, module.col_idx, module.values.float(), module.out_features,
+                                  module.in_features) if int8 else module.to_dense()
+        mask, block, activation = module.element_mask(), module.block_shape, module.activation
     else:
         edge = next((b for b in _DENSE_BLOCKS if head_width % b == 0), None)
         if edge is None:
@@ -111,10 +113,12 @@ def _with_heads(module: nn.Module, head_width: int, rows: slice | None = None, i
         mask = torch.ones_like(weight, dtype=torch.bool)
     if (output_heads and head_width % block[0]) or (input_heads and head_width % block[1]):
         return None
-    bias = module.bias
+    bias, scales = module.bias, module.scales if int8 else None
     if rows is not None:
         weight, mask, bias = weight[rows], mask[rows], bias[rows] if bias is not None else None
-    layer = BlockSparseLinear.from_masked_weight(weight, bias, mask, block, activation)
+        scales = scales[rows] if int8 else None
+    layer = BlockSparseLinearInt8.from_quantized(weight, scales, bias, mask, block, activation) if int8 else \
+        BlockSparseLinear.from_masked_weight(weight, bias, mask, block, activation)
     layer.input_heads, layer.output_heads = input_heads, output_heads
     return layer
 

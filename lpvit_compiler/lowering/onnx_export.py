@@ -66,31 +66,33 @@ def _register_schema() -> None:
             onnx.defs.register_schema(schema(name, DOMAIN, 1, doc=doc, inputs=index + weights + epilogue,
                                              outputs=[parameter("Y", "T")],
                                              type_constraints=[("T", ["tensor(float)"], "fp32")],
-                                             attributes=attributes + (heads if name == "BlockSparseLinear" else [])))
+                                             attributes=attributes + heads))
 
 
 def _bsr_linear_to_onnx(x, row_ptr, col_idx, values, bias=None, out_features: int = 0, in_features: int = 0,
                         activation: str = "none", residual=None, input_heads: int = 0, output_heads: int = 0):
-    heads = {name: value for name, value in (("input_heads", input_heads), ("output_heads", output_heads)) if value}
     return _lpvit_node("BlockSparseLinear", (x, row_ptr, col_idx, values, bias), values, out_features, in_features,
-                       activation, residual, **heads)
+                       activation, residual, input_heads, output_heads)
 
 
 def _bsr_linear_int8_to_onnx(x, row_ptr, col_idx, values, scales, bias=None, out_features: int = 0,
-                             in_features: int = 0, activation: str = "none", residual=None):
+                             in_features: int = 0, activation: str = "none", residual=None, input_heads: int = 0,
+                             output_heads: int = 0):
     return _lpvit_node("BlockSparseLinearInt8", (x, row_ptr, col_idx, values, scales, bias), values, out_features,
-                       in_features, activation, residual)
+                       in_features, activation, residual, input_heads, output_heads)
 
 
 def _lpvit_node(op: str, inputs: tuple, values, out_features: int, in_features: int, activation: str, residual,
-                **heads):
+                input_heads: int, output_heads: int):
     import onnxscript
 
     lpvit_opset = onnxscript.values.Opset(DOMAIN, 1)
     attributes = {"activation": activation} if activation != "none" else {}  # unfused nodes stay as before
+    attributes |= {name: value for name, value in (("input_heads", input_heads), ("output_heads", output_heads))
+                   if value}
     inputs = inputs + ((residual,) if residual is not None else ())
     return getattr(lpvit_opset, op)(*inputs, block_shape=[int(values.shape[1]), int(values.shape[2])],
-                                    N=out_features, K=in_features, **attributes, **heads)
+                                    N=out_features, K=in_features, **attributes)
 
 
 def _gelu_to_ort(x, approximate: str = "none"):

@@ -116,7 +116,8 @@ class BlockSparseLinearInt8(BlockSparseLinear):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.lpvit.bsr_linear_int8(x, self.row_ptr, self.col_idx, self.values, self.scales, self.bias,
-                                               self.out_features, self.in_features, self.activation, residual)
+                                               self.out_features, self.in_features, self.activation, residual,
+                                               self.input_heads, self.output_heads)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", int8"

@@ -8,7 +8,7 @@ kernels plug in behind.
       activation                        one of ACTIVATIONS (the fused epilogue; "none" by default)
       residual                          Y's shape, or None
 
-``bsr_linear`` also reads and writes the head-major layout of an attention (:func:`from_heads`, :func:`to_heads`):
+Both also read and write the head-major layout of an attention (:func:`from_heads`, :func:`to_heads`):
 ``input_heads`` = H takes X as [B, H, T, K/H], ``output_heads`` = H gives Y as [B, H, T, N/H] (no activation, no
 residual), so q, k, v and the input of ``proj`` need no transposes in onnxruntime; 0 (the default) is row-major.
 
@@ -183,25 +183,44 @@ def bsr_linear_int8_reference(x: Tensor, row_ptr: Tensor, col_idx: Tensor, value
     return apply_epilogue(y.reshape(*x.shape[:-1], out_features), activation, residual)
 
 
+def _in_head_layouts(x: Tensor, in_features: int, out_features: int, activation: str, residual: Optional[Tensor],
+                     input_heads: int, output_heads: int, row_major) -> Tensor:
+    """``row_major(x)`` (the op on row-major X) with X and Y in these head layouts. torch runs the row-major
+    kernel on X rearranged: the same products in the same order as the native head-major run."""
+    check_heads(x, in_features, out_features, activation, residual, input_heads, output_heads)
+    x = from_heads(x, input_heads)
+    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
+    return to_heads(row_major(x), output_heads)
+
+
+def _fake_output(x: Tensor, out_features: int, input_heads: int, output_heads: int) -> Tensor:
+    shape = (x.shape[0], x.shape[2], out_features) if input_heads else (*x.shape[:-1], out_features)
+    if output_heads:
+        shape = (shape[0], output_heads, shape[1], out_features // output_heads)
+    return x.new_empty(shape)
+
+
 @torch.library.custom_op("lpvit::bsr_linear_int8", mutates_args=())
 def bsr_linear_int8(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Tensor,
                     bias: Optional[Tensor], out_features: int, in_features: int, activation: str = "none",
-                    residual: Optional[Tensor] = None) -> Tensor:
-    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
+                    residual: Optional[Tensor] = None, input_heads: int = 0, output_heads: int = 0) -> Tensor:
     check_scales(values, scales, out_features)
-    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
-                                  residual, scales)
-    if y is None:
-        _warn_if_unbuilt()
-        y = bsr_linear_int8_reference(x, row_ptr, col_idx, values, scales, bias, out_features, in_features,
-                                      activation, residual)
-    return y
+
+    def row_major(rows: Tensor) -> Tensor:
+        y = kernels.native_bsr_linear(rows, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                      residual, scales)
+        if y is None:
+            _warn_if_unbuilt()
+            y = bsr_linear_int8_reference(rows, row_ptr, col_idx, values, scales, bias, out_features, in_features,
+                                          activation, residual)
+        return y
+    return _in_head_layouts(x, in_features, out_features, activation, residual, input_heads, output_heads, row_major)
 
 
 @bsr_linear_int8.register_fake
 def _bsr_linear_int8_fake(x, row_ptr, col_idx, values, scales, bias, out_features, in_features, activation="none",
-                          residual=None):
-    return x.new_empty((*x.shape[:-1], out_features))
+                          residual=None, input_heads=0, output_heads=0):
+    return _fake_output(x, out_features, input_heads, output_heads)
 
 
 def _warn_if_unbuilt() -> None:
@@ -214,22 +233,18 @@ def _warn_if_unbuilt() -> None:
 def bsr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Optional[Tensor],
                out_features: int, in_features: int, activation: str = "none",
                residual: Optional[Tensor] = None, input_heads: int = 0, output_heads: int = 0) -> Tensor:
-    check_heads(x, in_features, out_features, activation, residual, input_heads, output_heads)
-    x = from_heads(x, input_heads)  # torch runs the row-major kernel: the same products in the same order
-    check_epilogue(activation, residual, (*x.shape[:-1], out_features))
-    y = kernels.native_bsr_linear(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
-                                  residual)
-    if y is None:
-        _warn_if_unbuilt()
-        y = bsr_linear_reference(x, row_ptr, col_idx, values, bias, out_features, in_features, activation,
-                                 residual)
-    return to_heads(y, output_heads)
+    def row_major(rows: Tensor) -> Tensor:
+        y = kernels.native_bsr_linear(rows, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                      residual)
+        if y is None:
+            _warn_if_unbuilt()
+            y = bsr_linear_reference(rows, row_ptr, col_idx, values, bias, out_features, in_features, activation,
+                                     residual)
+        return y
+    return _in_head_layouts(x, in_features, out_features, activation, residual, input_heads, output_heads, row_major)
 
 
 @bsr_linear.register_fake
 def _bsr_linear_fake(x, row_ptr, col_idx, values, bias, out_features, in_features, activation="none",
                      residual=None, input_heads=0, output_heads=0):
-    shape = (x.shape[0], x.shape[2], out_features) if input_heads else (*x.shape[:-1], out_features)
-    if output_heads:
-        shape = (shape[0], output_heads, shape[1], out_features // output_heads)
-    return x.new_empty(shape)
+    return _fake_output(x, out_features, input_heads, output_heads)
