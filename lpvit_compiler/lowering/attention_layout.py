@@ -18,12 +18,12 @@ which, for every attention that matches one of these forms (shapes from one Shap
 The last because onnxruntime folds that k^T and scale into one FusedMatMul, where the ONNX exporter's own SDPA
 decomposition (k^T, then q and k^T each times sqrt(scale)) leaves a Transpose of k and two Muls to run.
 
-(ops.bsr_linear states the layouts; torch-level and aten nodes both match, and copies (contiguous) and inference
-identities on the way from the transpose to proj are passed.) A block-sparse layer's kernel only reads and writes other
-addresses: its products and sums are the ones it computed before. A layer kept dense (nn.Linear) becomes a
-BlockSparseLinear holding every block, 32 x 32 (16 x 16 where 32 does not divide the head width), and runs on
-the lpvit kernel instead of onnxruntime's GEMM (the same products, summed in another order). A head layout needs
-a block to lie within one head (D divisible by bh for output_heads, by bw for input_heads). int8 layers stay int8:
+ops.bsr_linear states the layouts. Torch-level and aten nodes both match, and copies (contiguous) and inference
+identities on the way from the transpose to proj are passed. A block-sparse layer's kernel only reads and writes
+other addresses: its products and sums are the ones it computed before. A layer kept dense (nn.Linear) becomes a
+BlockSparseLinear holding every block, 32 x 32 (16 x 16 where 32 does not divide the head width), and runs on the
+lpvit kernel instead of onnxruntime's GEMM (the same products, summed in another order). A head layout needs a
+block to lie within one head (D divisible by bh for output_heads, by bw for input_heads). int8 layers stay int8:
 q, k and v hold qkv's rows of codes and scales, and each row of X is quantized as before (gathered from its heads
 for proj). Other layers, q, k, v with a fused epilogue, and graphs whose layers are not modules (a loaded .pt2:
 torch.export inlined them) keep their transposes.
@@ -44,8 +44,6 @@ from ..runtime import ops
 from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 
 _DENSE_BLOCKS = (32, 16)  # block edge of a dense layer given a head layout: the first that divides the head width
-
-
 _ATEN = torch.ops.aten
 # the same op as a torch-level node (symbolic trace: method or function) or an aten node (torch.export capture)
 _RESHAPES = ("reshape", "view", torch.reshape, _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default)
@@ -55,10 +53,11 @@ _UNBINDS = ("unbind", torch.unbind, _ATEN.unbind.int)
 _CONTIGUOUS = ("contiguous", _ATEN.clone.default)
 
 
-def _is(node: fx.Node, ops: tuple) -> bool:
+def _is(node: fx.Node, targets: tuple) -> bool:
+    """``node`` calls one of ``targets`` (method names, or functions)."""
     if node.op == "call_method":
-        return node.target in ops
-    return node.op == "call_function" and any(node.target is op for op in ops if not isinstance(op, str))
+        return node.target in targets
+    return node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -161,9 +160,9 @@ def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool
 
 def _read_heads(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
     """The proj form of the module docstring: True when ``node`` was rewritten."""
-    def back(value, ops=_CONTIGUOUS):  # past single-user identities and copies
+    def back(value):  # past single-user identities and copies
         while isinstance(value, fx.Node) and len(value.users) == 1 and (is_inference_identity(gm, value) or
-                                                                        _is(value, ops)):
+                                                                        _is(value, _CONTIGUOUS)):
             value = value.args[0]
         return value
 

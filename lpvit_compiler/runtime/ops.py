@@ -113,7 +113,8 @@ def to_heads(y: Tensor, heads: int) -> Tensor:
 
 def check_heads(x: Tensor, in_features: int, out_features: int, activation: str, residual: Optional[Tensor],
                 input_heads: int, output_heads: int) -> None:
-    """Raise :class:`KernelLibraryError` for head layouts the native op would reject for this X."""
+    """Raise :class:`KernelLibraryError` for head layouts whose shapes the native op would reject for this X (its
+    other rule, a block within one head, is about the native kernel's addressing; torch rearranges X instead)."""
     def fail(message: str):
         raise kernels.KernelLibraryError(f"head-major layout: {message}")
 
