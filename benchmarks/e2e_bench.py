@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{meta['int8_isa']}), {args.threads} threads, median of {args.repeats} interleaved runs; random "
              "weights.", "",
              "Speedups are over the fastest dense float32 model (standard ONNX ops as torch lowers them, the same "
-             "after onnxruntime's transformer optimizer, or through our lowering, GELU as onnxruntime's op). "
+             "after onnxruntime's transformer optimizer, or through our lowering: GELU as onnxruntime's op, attention "
+             "head-major). "
              "unfused: the compiled model without epilogue fusion; transposed: the compiled model exported "
              "with its attention transposes (head_major_attention=False); ORT int8: onnxruntime's "
              "quantize_dynamic of the dense model; lpvit int8: quantize='int8'.", ""]
