@@ -87,6 +87,10 @@ def test_compile_writes_every_artefact(compiled_run, image_dir):
                  "dumps/report.json", "triton/lpvit_model/config.pbtxt"):
         assert (work / name).is_file(), name
     assert "compiled vs dense" in done.stdout and "speedup" in done.stdout
+    # the dense model --bench compares with went through the same lowering: its attentions head-major too
+    import onnx
+    dense_nodes = onnx.load(str(work / "model-dense.onnx")).graph.node
+    assert any(a.name == "output_heads" and a.i > 0 for n in dense_nodes for a in n.attribute)
     assert "budget (FLOPs kept): target 0.500, achieved 0.5" in done.stdout
     # the exported model computes what the saved torch model computes
     saved = lpvit.load(work / "model.pt2")
