@@ -129,8 +129,9 @@ def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool
     reshape = _only_user(node)
     shape = _shape(reshape) if reshape is not None and _is(reshape, _RESHAPES) else None
     swap = _only_user(reshape) if shape is not None else None
-    if swap is None or shape[-2] * shape[-1] * (shape[2] if len(shape) == 5 else 1) != module.out_features:
-        return False
+    if swap is None or len(shape) not in (4, 5) or shape[:2] != (_shape(node) or ())[:2] or \
+            shape[-2] * shape[-1] * (shape[2] if len(shape) == 5 else 1) != module.out_features:
+        return False  # not [B, T, N] -> [B, T, (S,) H, D]
     heads, width = shape[-2], shape[-1]
     if len(shape) == 4 and _swaps_heads_and_tokens(swap):  # one of q, k, v
         layer = _with_heads(module, width, output_heads=heads)
@@ -174,8 +175,9 @@ def _read_heads(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
         return False
     source = swap.args[0]
     shape = _shape(source) if isinstance(source, fx.Node) else None
-    if shape is None or shape[1] * shape[3] != module.in_features:
-        return False
+    if shape is None or shape[1] * shape[3] != module.in_features or \
+            _shape(reshape) != (shape[0], shape[2], shape[1] * shape[3]):
+        return False  # not [B, H, T, D] -> [B, T, H, D] -> [B, T, H * D]
     heads, width = shape[1], shape[3]
     if isinstance(module, BlockSparseLinear) and width % module.block_shape[1] == 0:
         module.input_heads = heads
