@@ -122,6 +122,21 @@ def _with_heads(module: nn.Module, head_width: int, rows: slice | None = None, i
     return layer
 
 
+def _give_heads(gm: fx.GraphModule, node: fx.Node, module: nn.Module, head_width: int, input_heads: int = 0,
+                output_heads: int = 0) -> bool:
+    """Make ``node``'s whole layer read or write these head layouts: a BlockSparseLinear whose blocks fit the
+    heads takes them as it is, a dense nn.Linear is replaced (_with_heads). False where the blocks do not fit."""
+    if not isinstance(module, BlockSparseLinear):
+        layer = _with_heads(module, head_width, input_heads=input_heads, output_heads=output_heads)
+        if layer is not None:
+            gm.set_submodule(node.target, layer)
+        return layer is not None
+    if (output_heads and head_width % module.block_shape[0]) or (input_heads and head_width % module.block_shape[1]):
+        return False
+    module.input_heads, module.output_heads = input_heads or module.input_heads, output_heads or module.output_heads
+    return True
+
+
 def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
     """The two q/k/v forms of the module docstring: True when ``node`` was rewritten."""
     if len(node.args) != 1 or node.kwargs or getattr(module, "activation", "none") != "none":
@@ -134,10 +149,8 @@ def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool
         return False  # not [B, T, N] -> [B, T, (S,) H, D]
     heads, width = shape[-2], shape[-1]
     if len(shape) == 4 and _swaps_heads_and_tokens(swap):  # one of q, k, v
-        layer = _with_heads(module, width, output_heads=heads)
-        if layer is None:
+        if not _give_heads(gm, node, module, width, output_heads=heads):
             return False
-        gm.set_submodule(node.target, layer)
         swap.replace_all_uses_with(node)
         return True
     unbind = _only_user(swap) if len(shape) == 5 and _is(swap, _PERMUTES) else None
@@ -178,14 +191,8 @@ def _read_heads(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
     if shape is None or shape[1] * shape[3] != module.in_features or \
             _shape(reshape) != (shape[0], shape[2], shape[1] * shape[3]):
         return False  # not [B, H, T, D] -> [B, T, H, D] -> [B, T, H * D]
-    heads, width = shape[1], shape[3]
-    if isinstance(module, BlockSparseLinear) and width % module.block_shape[1] == 0:
-        module.input_heads = heads
-    else:
-        layer = _with_heads(module, width, input_heads=heads) if type(module) is nn.Linear else None
-        if layer is None:
-            return False
-        gm.set_submodule(node.target, layer)
+    if not _give_heads(gm, node, module, shape[3], input_heads=shape[1]):
+        return False
     node.replace_input_with(node.args[0], source)
     return True
 
