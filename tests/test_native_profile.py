@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import lpvit_compiler as lpvit
-from lpvit_compiler.costmodel.native import SHAPES, fit_terms
+from lpvit_compiler.costmodel.native import BLOCK_MEMORY_OPS, SHAPES, block_memory_model, fit_terms
 from lpvit_compiler.costmodel.profiles import this_cpu
 
 
@@ -34,10 +34,25 @@ def test_fit_never_returns_negative_terms():
     assert peak > 0 and 0.05 <= efficiency <= 2.0 and per_output >= 0 and per_input >= 0
 
 
+def testblock_memory_model_counts_what_its_ops_move():
+    """Each op's inputs and output once, by costmodel.flops' rule: checked against the shapes, op by op."""
+    import onnx
+
+    serialized, feed, moved = block_memory_model()
+    model = onnx.load_from_string(serialized)
+    assert [n.op_type for n in model.graph.node] == [op for op, _ in BLOCK_MEMORY_OPS]
+    rows, width, hidden, probabilities = 1576, 384, 1536, 8 * 6 * 197 * 197
+    layer_norm = 2 * rows * width + 2 * width  # x and y, scale and shift
+    assert moved == 4 * (2 * layer_norm + 2 * probabilities + 2 * rows * hidden + 2 * 3 * rows * width)
+    assert set(feed) == {i.name for i in model.graph.input}
+
+
 def test_native_profile_is_measured_and_usable(model, calib):
     profile = lpvit.get_profile("native")
     assert profile.name == "native" and "measured on this machine" in profile.calibration
     assert 1e8 < profile.peak_flops < 1e13 and 0.05 <= profile.sparse_efficiency <= 2.0
+    # measured with the linears (not the cpu profile's figure), in the range a CPU's memory-bound ops reach
+    assert 1e8 < profile.elementwise_bandwidth < 1e12 and "memory-bound ops" in profile.calibration
     assert lpvit.get_profile("native") is profile  # measured once per process (and block shape)
     assert profile.block_shape == (16, 16) and lpvit.get_profile("native", (32, 32)).block_shape == (32, 32)
     compiled = lpvit.compile(model, hw="native", flops_keep=0.5, calib=calib, progress=False)
