@@ -34,7 +34,7 @@ def test_fit_never_returns_negative_terms():
     assert peak > 0 and 0.05 <= efficiency <= 2.0 and per_output >= 0 and per_input >= 0
 
 
-def testblock_memory_model_counts_what_its_ops_move():
+def test_block_memory_model_counts_what_its_ops_move():
     """Each op's inputs and output once, by costmodel.flops' rule: checked against the shapes, op by op."""
     import onnx
 

@@ -48,9 +48,10 @@ from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 # (rows, in, out): a classifier head on 8 images, and DeiT-S's block linears on 8 images of 197 tokens
 SHAPES = ((8, 384, 1000), (1576, 384, 384), (1576, 384, 1152), (1576, 384, 1536), (1576, 1536, 384))
 # one DeiT-S block's memory-bound ops on those 8 images: (op type, its input shapes; the output is the first's)
-_ROWS, _WIDTH, _HIDDEN = 1576, 384, 1536
+_IMAGES, _TOKENS, _HEADS, _WIDTH, _HIDDEN = 8, 197, 6, 384, 1536
+_ROWS = _IMAGES * _TOKENS
 BLOCK_MEMORY_OPS = (("LayerNormalization", [(_ROWS, _WIDTH)]), ("LayerNormalization", [(_ROWS, _WIDTH)]),
-                    ("Softmax", [(8, 6, 197, 197)]), ("Gelu", [(_ROWS, _HIDDEN)]),
+                    ("Softmax", [(_IMAGES, _HEADS, _TOKENS, _TOKENS)]), ("Gelu", [(_ROWS, _HIDDEN)]),
                     ("Add", [(_ROWS, _WIDTH), (_ROWS, _WIDTH)]), ("Add", [(_ROWS, _WIDTH), (_ROWS, _WIDTH)]))
 DENSITIES = (0.25, 0.5, 0.9)
 REPEATS = 7
