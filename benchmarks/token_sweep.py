@@ -2,7 +2,8 @@
 pruning, over token modes, schedules and head counts.
 
     python benchmarks/token_sweep.py [--patch-keep 0.7 0.5] [--first-stage 1 4] [--modes cascade merge]
-                                     [--head-keep 0.5] [--repeats 3] [--out benchmarks/results/token_sweep]
+                                     [--head-keep 0.5] [--head-criteria refit score] [--repeats 3]
+                                     [--out benchmarks/results/token_sweep]
 
 Every row compiles with ``flops_keep=1.0``, ``reconstruct=False`` and ``importance="magnitude"``: no weight block
 is pruned, so the criterion decides nothing, and the rows measure the token reducers alone, without the refit
@@ -41,8 +42,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patch-keep", nargs="+", type=float, default=[0.7, 0.5])
     parser.add_argument("--first-stage", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--modes", nargs="+", default=["cascade", "merge"])
+    parser.add_argument("--modes", nargs="*", default=["cascade", "merge"])
     parser.add_argument("--head-keep", nargs="*", type=float, default=[0.5])
+    parser.add_argument("--head-criteria", nargs="+", default=["refit"], choices=["refit", "score"],
+                        help="head_criterion for the head rows")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--test-images", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
     configs = [(f"{mode}, patch_keep {keep}, from block {first}",
                 {"token_pruning": mode, "patch_keep": keep, "first_token_stage": first})
                for mode in args.modes for first in args.first_stage for keep in args.patch_keep]
-    configs += [(f"heads, head_keep {keep}", {"head_keep": keep}) for keep in args.head_keep]
+    configs += [(f"heads, head_keep {keep}, {criterion}", {"head_keep": keep, "head_criterion": criterion})
+                for keep in args.head_keep for criterion in args.head_criteria]
     for name, options in configs:
         compiled = lpvit.compile(model, flops_keep=1.0, calib=calib, reconstruct=False, importance="magnitude",
                                  progress=False, **options)

@@ -23,6 +23,7 @@ POWER_MODELS = ("energy", "lpvit")
 QUANTIZE_MODES = (None, "int8")
 TOKEN_PRUNING_MODES = (None, "cascade", "merge", "auto")
 ALLOCATIONS = ("auto", "sequential", "dense")
+HEAD_CRITERIA = ("score", "refit")
 DEFAULT_HW = "cpu"
 DEFAULT_FLOPS_KEEP = 0.5
 DEFAULT_PATCH_KEEP = 0.5
@@ -153,7 +154,12 @@ class CompileOptions:
     first_token_stage: int = _option(1, _positive_int, "token_pruning: the first block (0-based) whose input is "
                                                        "pruned; blocks before it only score")
     head_keep: float = _option(1.0, _number(0.0, 1.0, low_open=True),
-                               "fraction of each block's attention heads kept (the lowest-scoring go; proj refitted)")
+                               "fraction of the attention heads kept (round(head_keep * heads) per block counted "
+                               "over all blocks); the others' q, k, v rows and proj columns go, proj is refitted")
+    head_criterion: str = _option("refit", _choice(HEAD_CRITERIA),
+                                  "head_keep: which heads go — 'refit' (greedily the head whose removal proj's refit "
+                                  "makes good best, and across blocks where that costs least) or 'score' (CP-ViT's "
+                                  "cumulative attention score, the lowest in every block)")
     prefix_tokens: int | None = _option(None, lambda n, v: None if v is None else _count(n, v),
                                         "token_pruning: class/distillation/register tokens before the patches, "
                                         "never pruned (None: the model's num_prefix_tokens)")

@@ -1,17 +1,28 @@
-"""Head pruning: remove each block's least informative attention heads structurally (pass 03, ``head_keep`` < 1).
+"""Head pruning: remove the attention heads the blocks miss least, structurally (pass 03, ``head_keep`` < 1).
 
 Input: the GraphModule after token pruning; every numbered block holds timm's attention form — a prunable
 ``qkv`` linear [3 H D, C] reshaped to (3, H, D), one attention (SDPA or explicit softmax) and a reshape back to
-H D channels feeding a prunable ``proj`` linear [C_out, H D]. Output: per block, round(head_keep * H) >= 1 heads
-kept; the others' q, k and v rows leave ``qkv`` and their columns leave ``proj``, the reshapes take the new head
-count, and ``proj`` is refitted by ridge least squares to the unpruned block's projection:
+H D channels feeding a prunable ``proj`` linear [C_out, H D]. Output: sum over blocks of keep = round(head_keep * H)
+heads kept, at least one per block (``"score"``: keep in every block); the others' q, k and v rows leave ``qkv``
+and their columns leave ``proj``, the reshapes take the new head count, and ``proj`` is refitted by ridge least
+squares to the unpruned block's projection:
 
     score_h = mean over calibration images of sum_j max_i A_h[i, j]     (CP-ViT's cumulative score, per head)
     min_{W', b'} || X_K W'^T + b' - (X W^T + b) ||^2 + lambda ||W'||^2   (X: proj's input on calibration tokens,
                                                                           K: the kept heads' columns)
 
-with lambda = ``hessian_damping`` * mean(diag(X_K^T X_K)), the reconstruction's damping. Without the refit
-(``refit=False`` in :func:`remove_heads`) the block computes exactly what it computed with the removed heads'
+with lambda = ``hessian_damping`` * mean(diag(X_K^T X_K)), the reconstruction's damping. Which heads go:
+
+    head_criterion="score": in every block, its H - keep lowest score_h
+    head_criterion="refit": within a block, heads leave greedily, each time the one whose removal leaves the
+        least error after that refit,
+            e_l(k) = min_h  min_{W', b'} || X_{K minus h} W'^T + b' - (X W^T + b) ||^2 / || x_l ||^2
+        (K: the heads kept after k - 1 removals; x_l: the residual stream entering block l on the same tokens,
+        so errors compare across blocks); across blocks, the sum over blocks of (H - keep) removals go where
+        they cost least: repeatedly the block whose next removal adds the least, e_l(k) - e_l(k - 1), while it
+        keeps at least one head. Blocks then keep different head counts.
+
+Without the refit (``proj_inputs=None`` in :func:`remove_heads`) the block computes exactly what it computed with the removed heads'
 outputs set to zero. ``state.layers`` gets the smaller qkv and proj grids, so every later pass sees the
 pruned shapes; the hardware pass compares with the unpruned model (``CompileState.unpruned``).
 """
@@ -26,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..blocks import BlockGrid
 from ..errors import ConfigError
-from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record
+from ..frontend.attention import UnsupportedModel, attention_site, expose_probabilities, record, tensor_shape
 from ..frontend.patterns import is_inference_identity
 from ..frontend.regions import BlockRegion, block_regions
 from ..pass_manager import PassResult, compiler_pass
@@ -120,6 +131,58 @@ def _refit(x: torch.Tensor, columns: torch.Tensor, weight: torch.Tensor, bias: t
     return solution[: len(columns)].T.contiguous(), None if bias is None else solution[len(columns)]
 
 
+def refit_order(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int, remove: int,
+                damping: float) -> tuple[list[int], list[float]]:
+    """Heads removed greedily by the least refit error (module docstring) and that error after each removal:
+    the sum over tokens of the squared error of proj's output; ``x`` [T, H D] in float64."""
+    head_dim = x.shape[1] // heads
+    target = x @ weight.T + (0 if bias is None else bias)
+    removed, errors = [], []
+    for _ in range(remove):
+        best = None
+        for h in (h for h in range(heads) if h not in removed):
+            kept = [k for k in range(heads) if k not in removed and k != h]
+            columns = torch.cat([torch.arange(k * head_dim, (k + 1) * head_dim) for k in kept])
+            new_weight, new_bias = _refit(x, columns, weight, bias, damping)
+            error = float(((x[:, columns] @ new_weight.T + (0 if new_bias is None else new_bias) - target) ** 2).sum())
+            if best is None or error < best[1]:
+                best = (h, error)
+        removed.append(best[0])
+        errors.append(best[1])
+    return removed, errors
+
+
+def _refit_order_of(gm: fx.GraphModule, layout: HeadLayout, x: torch.Tensor, stream: torch.Tensor | None,
+                    damping: float) -> tuple[list[int], list[float]]:
+    """refit_order of one block for up to H - 1 removals, errors relative to the energy of the residual stream
+    entering it (of proj's output where the stream was not found)."""
+    proj = gm.get_submodule(layout.proj)
+    weight = proj.weight.detach().double()
+    bias = None if proj.bias is None else proj.bias.detach().double()
+    order, errors = refit_order(x.double(), weight, bias, layout.heads, layout.heads - 1, damping)
+    reference = stream.double() if stream is not None else x.double() @ weight.T + (0 if bias is None else bias)
+    energy = max(float((reference ** 2).sum()), 1e-30)
+    return order, [e / energy for e in errors]
+
+
+def allocate_removals(errors: list[list[float]], total: int) -> list[int]:
+    """How many heads each block loses: ``total`` removals, each time in the block whose next removal (in its
+    greedy order, cumulative ``errors[l]``) adds the least error; a block loses at most len(errors[l])."""
+    counts = [0] * len(errors)
+    for _ in range(min(total, sum(map(len, errors)))):
+        open_blocks = [l for l in range(len(errors)) if counts[l] < len(errors[l])]
+        step = {l: errors[l][counts[l]] - (errors[l][counts[l] - 1] if counts[l] else 0.0) for l in open_blocks}
+        counts[min(open_blocks, key=step.__getitem__)] += 1
+    return counts
+
+
+def _stream(gm: fx.GraphModule, region: BlockRegion, layout: HeadLayout) -> fx.Node | None:
+    """The residual stream entering ``region``: its token input [B, N, C] of proj's output width (ShapeProp)."""
+    width = gm.get_submodule(layout.proj).out_features
+    return next((n for n in region.inputs if (tensor_shape(n) or ())[-1:] == (width,) and len(tensor_shape(n)) == 3),
+                None)
+
+
 @compiler_pass(requires=("graph", "layers"), provides=("heads",))
 def head_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     opts = state.options
@@ -137,21 +200,33 @@ def head_pruning(gm: fx.GraphModule, state: CompileState) -> PassResult:
     state.remember_unpruned(gm)
     gm.recompile()
     inputs = [next(iter(gm.graph.find_nodes(op="call_module", target=layout.proj))).args[0] for layout in layouts]
-    values = record(gm, [layout.probabilities for layout in layouts] + inputs, images)
+    streams = [_stream(gm, region, layout) for region, layout in zip(regions, layouts)]
+    wanted = [layout.probabilities for layout in layouts] + inputs + [n for n in streams if n is not None]
+    values = dict(zip(wanted, record(gm, wanted, images)))
+    keeps = [max(1, round(opts.head_keep * layout.heads)) for layout in layouts]
+    proj_inputs = [values[node].reshape(-1, layout.heads * layout.head_dim) for node, layout in zip(inputs, layouts)]
+    orders = errors = [None] * len(layouts)
+    if opts.head_criterion == "refit":
+        orders, errors = zip(*(_refit_order_of(gm, layout, x, values.get(stream), opts.hessian_damping)
+                               for layout, x, stream in zip(layouts, proj_inputs, streams)))
+        counts = allocate_removals(list(errors), sum(layout.heads - keep for layout, keep in zip(layouts, keeps)))
+        keeps = [layout.heads - count for layout, count in zip(layouts, counts)]
     decisions = {}
-    for i, layout in enumerate(layouts):
-        scores = head_scores(values[i])
-        keep = max(1, round(opts.head_keep * layout.heads))
-        kept = sorted(scores.argsort(descending=True)[:keep].tolist())
-        proj_inputs = values[len(layouts) + i].reshape(-1, layout.heads * layout.head_dim)
-        remove_heads(gm, layout, kept, proj_inputs, opts.hessian_damping)
+    for layout, keep, x, order, error in zip(layouts, keeps, proj_inputs, orders, errors):
+        scores = head_scores(values[layout.probabilities])
+        if order is not None:
+            kept = sorted(set(range(layout.heads)) - set(order[:layout.heads - keep]))
+        else:
+            kept = sorted(scores.argsort(descending=True)[:keep].tolist())
+        remove_heads(gm, layout, kept, x, opts.hessian_damping)
         for name in (layout.qkv, layout.proj):
             linear = gm.get_submodule(name)
             state.layers[name] = LayerState(name, BlockGrid(linear.out_features, linear.in_features,
                                                             state.layers[name].grid.block_shape))
         state.heads_kept[layout.block] = kept
         decisions[layout.block] = {"heads": layout.heads, "kept": kept,
-                                   "scores": [round(float(v), 4) for v in scores]}
+                                   "scores": [round(float(v), 4) for v in scores],
+                                   "refit_order": order, "relative_refit_error_after_each_removal": error}
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, True, {"enabled": True, "head_keep": opts.head_keep, "blocks": decisions})
