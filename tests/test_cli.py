@@ -166,6 +166,18 @@ def test_quiet_prints_nothing(tmp_path):
     assert done.stdout == "" and done.stderr == "" and (tmp_path / "m.onnx").is_file()
 
 
+def test_compile_flags_become_compile_options():
+    from lpvit_compiler.cli import build_parser
+    from lpvit_compiler.cli.compile_cmd import compile_options
+
+    args = build_parser().parse_args(["compile", MODEL, "--out", "x.onnx", "--head-keep", "0.84", "--head-criterion",
+                                      "score", "--token-pruning", "merge", "--patch-keep", "0.5"])
+    options = compile_options(args)
+    assert (options["head_keep"], options["head_criterion"]) == (0.84, "score")
+    assert (options["token_pruning"], options["patch_keep"]) == ("merge", 0.5)
+    assert "head_keep" not in compile_options(build_parser().parse_args(["compile", MODEL, "--out", "x.onnx"]))
+
+
 @pytest.mark.parametrize("args, expected", [
     (("compile", "deit_smal_patch16_224", "--out", "x.onnx"),
      ["unknown model 'deit_smal_patch16_224'", "did you mean deit_small_patch16_224"]),
@@ -176,6 +188,7 @@ def test_quiet_prints_nothing(tmp_path):
     (("compile", MODEL, "--recovery-tflops", "-1", "--out", "x.onnx"), ["recovery_tflops must be in [0, inf], got -1"]),
     (("compile", MODEL, "--model-recovery-tflops", "-2", "--out", "x.onnx"),
      ["model_recovery_tflops must be in [0, inf], got -2"]),
+    (("compile", MODEL, "--head-keep", "0", "--out", "x.onnx"), ["head_keep must be in (0, 1], got 0"]),
     (("compile", MODEL, "--calib", "no/such/dir", "--out", "x.onnx"), ["no/such/dir is not a directory"]),
     (("compile", MODEL, "--calib", "random:zero", "--out", "x.onnx"), ["count after ':' must be a positive integer"]),
     (("compile", MODEL, "--hw", "tpu", "--out", "x.onnx"), ["unknown hardware profile 'tpu'"]),

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--patch-keep", type=float, help="with --token-pruning: share of patch tokens left after the "
                                                     f"last stage (default {DEFAULT_PATCH_KEEP:g}; with "
                                                     "--target-speedup or --power-keep chosen with the blocks)")
+    c.add_argument("--head-keep", type=float, help="share of the attention heads kept (default 1.0: all); the "
+                                                   "others leave qkv and proj, and proj is refitted")
+    c.add_argument("--head-criterion", choices=("refit", "score"),
+                   help="with --head-keep: which heads go — refit (default: those proj's refit makes good best, "
+                        "allocated across blocks) or score (CP-ViT's attention score, the lowest in every block)")
     c.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
                    help="with --quantize: round weights to nearest instead of GPTQ's error compensation")
     c.add_argument("--calib", default="random:32", metavar="SPEC",

@@ -18,7 +18,8 @@ def compile_options(args) -> dict:
     tuning = dict(importance=args.importance, allocation=args.allocation, reconstruct=args.reconstruct,
                   gptq=args.gptq, block_recovery=args.block_recovery, recovery_tflops=args.recovery_tflops,
                   recovery_seconds=args.recovery_seconds, model_recovery_tflops=args.model_recovery_tflops,
-                  token_pruning=args.token_pruning, patch_keep=args.patch_keep)
+                  token_pruning=args.token_pruning, patch_keep=args.patch_keep, head_keep=args.head_keep,
+                  head_criterion=args.head_criterion)
     return dict(flops_keep=args.flops_keep, target_speedup=args.target_speedup, power_keep=args.power_keep,
                 block_shape=args.block, preset=args.preset, prune_heads=args.prune_heads, verify=args.verify,
                 quantize=args.quantize, **{name: value for name, value in tuning.items() if value is not None})
