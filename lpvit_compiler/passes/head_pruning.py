@@ -22,9 +22,9 @@ with lambda = ``hessian_damping`` * mean(diag(X_K^T X_K)), the reconstruction's 
         they cost least: repeatedly the block whose next removal adds the least, e_l(k) - e_l(k - 1), while it
         keeps at least one head. Blocks then keep different head counts.
 
-Without the refit (``proj_inputs=None`` in :func:`remove_heads`) the block computes exactly what it computed with the removed heads'
-outputs set to zero. ``state.layers`` gets the smaller qkv and proj grids, so every later pass sees the
-pruned shapes; the hardware pass compares with the unpruned model (``CompileState.unpruned``).
+Without the refit (``proj_inputs=None`` in :func:`remove_heads`) the block computes exactly what it computed with
+the removed heads' outputs set to zero. ``state.layers`` gets the smaller qkv and proj grids, so every later pass
+sees the pruned shapes; the hardware pass compares with the unpruned model (``CompileState.unpruned``).
 """
 
 from __future__ import annotations
@@ -178,9 +178,8 @@ def allocate_removals(errors: list[list[float]], total: int) -> list[int]:
 
 def _stream(gm: fx.GraphModule, region: BlockRegion, layout: HeadLayout) -> fx.Node | None:
     """The residual stream entering ``region``: its token input [B, N, C] of proj's output width (ShapeProp)."""
-    width = gm.get_submodule(layout.proj).out_features
-    return next((n for n in region.inputs if (tensor_shape(n) or ())[-1:] == (width,) and len(tensor_shape(n)) == 3),
-                None)
+    shape = (gm.get_submodule(layout.proj).out_features,)
+    return next((n for n in region.inputs if len(tensor_shape(n) or ()) == 3 and tensor_shape(n)[-1:] == shape), None)
 
 
 @compiler_pass(requires=("graph", "layers"), provides=("heads",))
