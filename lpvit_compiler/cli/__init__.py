@@ -17,8 +17,8 @@ import sys
 
 from ..costmodel import known_profiles
 from ..errors import LpvitError
-from ..options import (ALLOCATIONS, DEFAULT_FLOPS_KEEP, DEFAULT_HW, DEFAULT_PATCH_KEEP, IMPORTANCE_CRITERIA, PRESETS,
-                       CompileOptions)
+from ..options import (ALLOCATIONS, DEFAULT_FLOPS_KEEP, DEFAULT_HW, DEFAULT_PATCH_KEEP, HEAD_CRITERIA,
+                       IMPORTANCE_CRITERIA, PRESETS, CompileOptions)
 from .bench_cmd import cmd_bench
 from .compile_cmd import cmd_compile
 from .eval_cmd import cmd_eval
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "--target-speedup or --power-keep chosen with the blocks)")
     c.add_argument("--head-keep", type=float, help="share of the attention heads kept (default 1.0: all); the "
                                                    "others leave qkv and proj, and proj is refitted")
-    c.add_argument("--head-criterion", choices=("refit", "score"),
+    c.add_argument("--head-criterion", choices=HEAD_CRITERIA,
                    help="with --head-keep: which heads go — refit (default: those proj's refit makes good best, "
                         "allocated across blocks) or score (CP-ViT's attention score, the lowest in every block)")
     c.add_argument("--no-gptq", dest="gptq", action="store_false", default=None,
