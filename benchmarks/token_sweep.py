@@ -34,6 +34,7 @@ import real_vit  # noqa: E402
 
 import lpvit_compiler as lpvit  # noqa: E402
 from lpvit_compiler.lowering.onnx_export import export_onnx  # noqa: E402
+from lpvit_compiler.options import HEAD_CRITERIA  # noqa: E402
 from lpvit_compiler.runtime.sessions import ort_session  # noqa: E402
 from lpvit_compiler.tools.bench import compare_sessions  # noqa: E402
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--first-stage", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--modes", nargs="*", default=["cascade", "merge"])
     parser.add_argument("--head-keep", nargs="*", type=float, default=[0.5])
-    parser.add_argument("--head-criteria", nargs="+", default=["refit"], choices=["refit", "score"],
+    parser.add_argument("--head-criteria", nargs="+", default=["refit"], choices=HEAD_CRITERIA,
                         help="head_criterion for the head rows")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--test-images", type=int, default=5000)

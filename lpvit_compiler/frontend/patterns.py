@@ -13,6 +13,11 @@ ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, torch.relu, torch.ta
                          torch.ops.aten.dropout.default, torch.ops.aten.tanh.default, torch.ops.aten.sigmoid.default}
 
 
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node that reads ``node``'s value, or None where none or several do."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
 def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A per-element op (activation, dropout, identity) of one tensor, with a single user."""
     if len(node.users) != 1 or any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):

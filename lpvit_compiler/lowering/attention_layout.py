@@ -38,8 +38,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..frontend.attention import SDPA, UnsupportedModel, expose_probabilities
-from ..frontend.patterns import is_inference_identity
+from ..frontend.attention import SDPA, UnsupportedModel, expose_probabilities, tensor_shape
+from ..frontend.patterns import is_inference_identity, only_user
 from ..runtime import ops
 from ..runtime.modules import BlockSparseLinear, BlockSparseLinearInt8
 
@@ -60,15 +60,6 @@ def _is(node: fx.Node, targets: tuple) -> bool:
     return node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _dims(node: fx.Node) -> tuple:
     """The int arguments of x.permute(*dims) / x.transpose(a, b) / x.unbind(dim), as a tuple."""
     args = node.args[1:]
@@ -79,7 +70,7 @@ def _dims(node: fx.Node) -> tuple:
 
 def _swaps_heads_and_tokens(node: fx.Node) -> bool:
     """[B, H, T, D] <-> [B, T, H, D]: transpose(1, 2) or permute(0, 2, 1, 3) of a 4-D tensor."""
-    shape = _shape(node)
+    shape = tensor_shape(node)
     if shape is None or len(shape) != 4:
         return False
     if _is(node, _TRANSPOSES):
@@ -141,10 +132,10 @@ def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool
     """The two q/k/v forms of the module docstring: True when ``node`` was rewritten."""
     if len(node.args) != 1 or node.kwargs or getattr(module, "activation", "none") != "none":
         return False
-    reshape = _only_user(node)
-    shape = _shape(reshape) if reshape is not None and _is(reshape, _RESHAPES) else None
-    swap = _only_user(reshape) if shape is not None else None
-    if swap is None or len(shape) not in (4, 5) or shape[:2] != (_shape(node) or ())[:2] or \
+    reshape = only_user(node)
+    shape = tensor_shape(reshape) if reshape is not None and _is(reshape, _RESHAPES) else None
+    swap = only_user(reshape) if shape is not None else None
+    if swap is None or len(shape) not in (4, 5) or shape[:2] != (tensor_shape(node) or ())[:2] or \
             shape[-2] * shape[-1] * (shape[2] if len(shape) == 5 else 1) != module.out_features:
         return False  # not [B, T, N] -> [B, T, (S,) H, D]
     heads, width = shape[-2], shape[-1]
@@ -153,7 +144,7 @@ def _split_outputs(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool
             return False
         swap.replace_all_uses_with(node)
         return True
-    unbind = _only_user(swap) if len(shape) == 5 and _is(swap, _PERMUTES) else None
+    unbind = only_user(swap) if len(shape) == 5 and _is(swap, _PERMUTES) else None
     if unbind is None or _dims(swap) != (2, 0, 3, 1, 4) or not _is(unbind, _UNBINDS) or \
             _dims(unbind) not in ((), (0,)) or any(u.target is not operator.getitem for u in unbind.users):
         return False
@@ -187,9 +178,9 @@ def _read_heads(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
     if not isinstance(swap, fx.Node) or len(swap.users) != 1 or not _swaps_heads_and_tokens(swap):
         return False
     source = swap.args[0]
-    shape = _shape(source) if isinstance(source, fx.Node) else None
+    shape = tensor_shape(source) if isinstance(source, fx.Node) else None
     if shape is None or shape[1] * shape[3] != module.in_features or \
-            _shape(reshape) != (shape[0], shape[2], shape[1] * shape[3]):
+            tensor_shape(reshape) != (shape[0], shape[2], shape[1] * shape[3]):
         return False  # not [B, H, T, D] -> [B, T, H, D] -> [B, T, H * D]
     if not _give_heads(gm, node, module, shape[3], input_heads=shape[1]):
         return False

@@ -26,7 +26,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import first_line
-from ..frontend.patterns import is_inference_identity
+from ..frontend.attention import tensor_shape
+from ..frontend.patterns import is_inference_identity, only_user
 from ..pass_manager import PassResult, compiler_pass
 from ..runtime.modules import BlockSparseLinear
 from ..state import CompileState
@@ -51,23 +52,14 @@ def _activation(node: fx.Node, gm: fx.GraphModule) -> str | None:
     return None
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _skip_identities(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, list[fx.Node]]:
     """Follow single-user identities from ``node``: (the first non-identity user or None, identities passed)."""
     passed = []
-    user = _only_user(node)
+    user = only_user(node)
     while user is not None and is_inference_identity(gm, user):
         passed.append(user)
-        user = _only_user(user)
+        user = only_user(user)
     return user, passed
-
-
-def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _residual_operand(add: fx.Node, value: fx.Node) -> fx.Node | None:
@@ -75,7 +67,8 @@ def _residual_operand(add: fx.Node, value: fx.Node) -> fx.Node | None:
     if add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2 or add.kwargs:
         return None
     other = add.args[1] if add.args[0] is value else add.args[0] if add.args[1] is value else None
-    if not isinstance(other, fx.Node) or other is value or _shape(other) is None or _shape(other) != _shape(value):
+    shape = tensor_shape(other)
+    if not isinstance(other, fx.Node) or other is value or shape is None or shape != tensor_shape(value):
         return None
     return other
 
